@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make quickstart` and `make test`.
+# Each creates .venv if missing, installs torch==2.13.0 first (a local file on the CPU machines here, the
+# normal wheel elsewhere), then lmlab with its pinned dependencies.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lmlab-installed
+
+.PHONY: install quickstart test test-all test-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(PY) -m lmlab.quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m 'not gpu'
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) exp/quickstart
