@@ -4,9 +4,14 @@ Every op in `lmlab.kernels` has a PyTorch implementation that runs anywhere (the
 have an accelerated one (fla's Triton kernels, flash-attn, ...). `choose(op, tensor)` returns the name of
 the backend to use, after health checks (device, library presence, known-bad version combinations). The
 user override comes from `set_backend` (the model config's `backend` key or `--model.backend`):
-  auto  - the accelerated backend when it is healthy, else torch (one warning saying why)
+  auto  - the first healthy accelerated backend of the op, else torch (one warning saying why)
   torch - always the PyTorch implementation
   fla   - fla's kernel; an error if it cannot run here
+  flash - flash-attn (attention only); an error if it cannot run here
+  flex  - PyTorch's flex_attention (attention with windows or packed documents); an error if it cannot run
+An op may have several accelerated backends, registered in priority order. A process-wide request for a
+backend that an op does not have (e.g. "fla" for attention) means "auto" for that op; the same request
+passed to one call (`backend=`) is an error.
 """
 from __future__ import annotations
 
@@ -17,15 +22,16 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "fla")
+BACKENDS = ("auto", "torch", "fla", "flash", "flex")
 _requested = "auto"
-# op name -> health check returning None when the accelerated backend can run, else the reason it cannot.
-_health_checks: dict[str, Callable[[torch.Tensor], str | None]] = {}
+# op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
+# backend can run on the given input, else the reason it cannot.
+_health_checks: dict[str, dict[str, Callable[[torch.Tensor], str | None]]] = {}
 _warned: set[tuple[str, str]] = set()
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide backend request (auto | torch | fla)."""
+    """Set the process-wide backend request (one of BACKENDS)."""
     global _requested
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -36,9 +42,19 @@ def get_backend() -> str:
     return _requested
 
 
-def register_health_check(op: str, check: Callable[[torch.Tensor], str | None]) -> None:
-    """Register the check deciding whether `op`'s accelerated backend can run on a given input."""
-    _health_checks[op] = check
+def describe() -> str:
+    """One line for the training log: the requested backend and, on CUDA, what fla can do."""
+    reason = fla_unavailable_reason()
+    return f"backend={_requested}" + ("" if reason is None else f" (fla kernels unavailable: {reason})")
+
+
+def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], backend: str = "fla") -> None:
+    """Register the check deciding whether `op`'s accelerated `backend` can run on a given input.
+
+    Backends registered first are preferred by "auto"."""
+    if backend not in BACKENDS or backend in ("auto", "torch"):
+        raise ValueError(f"not an accelerated backend: {backend!r}")
+    _health_checks.setdefault(op, {})[backend] = check
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,17 +70,28 @@ def fla_unavailable_reason() -> str | None:
 
 
 def choose(op: str, x: torch.Tensor, requested: str | None = None) -> str:
-    """Return "torch" or the accelerated backend's name ("fla") for running `op` on input `x`."""
-    requested = requested or _requested
+    """Return "torch" or the name of the accelerated backend for running `op` on input `x`."""
+    checks = _health_checks.get(op, {})
+    if requested is None:
+        requested = _requested if _requested in checks or _requested == "torch" else "auto"
+    elif requested not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "torch":
         return "torch"
-    check = _health_checks.get(op)
-    reason = "no accelerated backend for this op" if check is None else check(x)
-    if reason is None:
-        return "fla"
-    if requested == "fla":
-        raise RuntimeError(f"backend 'fla' requested for {op} but it cannot run here: {reason}")
-    if x.is_cuda and (op, reason) not in _warned:
+    if requested != "auto":
+        check = checks.get(requested)
+        reason = "no such backend for this op" if check is None else check(x)
+        if reason is not None:
+            raise RuntimeError(f"backend {requested!r} requested for {op} but it cannot run here: {reason}")
+        return requested
+    reasons = []
+    for name, check in checks.items():
+        reason = check(x)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    reason = "; ".join(reasons)
+    if reasons and x.is_cuda and (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"lmlab: {op} falls back to the PyTorch kernel: {reason}", stacklevel=2)
+        warnings.warn(f"lmlab: {op} falls back to the PyTorch kernel ({reason})", stacklevel=2)
     return "torch"

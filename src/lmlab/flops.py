@@ -1,0 +1,119 @@
+"""Training FLOPs per token by architecture, and the bf16 matmul peak of the device, for MFU.
+
+flame used the Transformer formula 6·N + 12·L·H·d·ctx for every model, which over-counts linear models
+(MFU > 100%). Here each layer counts what it computes, forward, then x3 for forward + backward:
+- dense matmuls: 2 FLOPs per weight of every projection and of the LM head (embedding lookups are free);
+- softmax attention: QKᵀ and AV, 2·2·d per (query, key) pair per head, over the keys a query really
+  sees: (T+1)/2 on average with a causal mask, at most `window_size` with a sliding window;
+- chunkwise linear recurrences (chunk C = 64): intra-chunk scores and values 2·C·(dk + dv), the
+  inter-chunk read-out and state update 2·2·dk·dv, and for the delta rules the WY/UT correction
+  (another 2·C·(dk + dv) + 2·dk·dv), per token and head.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import PretrainedConfig
+
+CHUNK = 64
+
+
+def _linear_weights(config: PretrainedConfig) -> int:
+    """Weights of all matmuls (projections, MLPs, LM head), counted by building the model on 'meta'."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += module.weight.numel()
+    embeddings = model.get_output_embeddings()
+    if embeddings is not None and not isinstance(embeddings, torch.nn.Linear):
+        total += embeddings.weight.numel()
+    return total
+
+
+def _attention_layers(config: PretrainedConfig) -> tuple[set[int], int, int, int | None]:
+    """(layer indices using softmax attention, heads, head dim, window) of a config."""
+    layers = config.num_hidden_layers
+    if config.model_type == "transformer" or not hasattr(config, "attn"):
+        heads = getattr(config, "num_heads", None) or getattr(config, "num_attention_heads")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return set(range(layers)), heads, head_dim, getattr(config, "window_size", None)
+    attn = config.attn
+    if not attn:
+        return set(), 0, 0, None
+    spec = attn[0] if isinstance(attn, list) else attn
+    heads = spec["num_heads"]
+    return set(spec["layers"]), heads, config.hidden_size // heads, spec.get("window_size")
+
+
+def _recurrent_dims(config: PretrainedConfig) -> tuple[int, int, int, bool]:
+    """(heads, key dim per head, value dim per head, uses the delta rule) of a linear-attention layer."""
+    h = config.hidden_size
+    if config.model_type == "gated_deltanet":
+        heads = getattr(config, "num_v_heads", None) or config.num_heads
+        return heads, config.head_dim, int(config.head_dim * config.expand_v), True
+    heads = config.num_heads
+    key_dim = int(h * getattr(config, "expand_k", 1.0))
+    value_dim = int(h * getattr(config, "expand_v", 1.0))
+    return heads, key_dim // heads, value_dim // heads, config.model_type == "delta_net"
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token at sequence length `seq_len`."""
+    return _flops_per_token(config.to_json_string(), seq_len)
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_per_token(config_json: str, seq_len: int) -> float:
+    import json
+
+    from transformers import AutoConfig
+
+    values = json.loads(config_json)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    forward = 2.0 * _linear_weights(config)
+    attn_layers, heads, head_dim, window = _attention_layers(config)
+    keys_seen = (seq_len + 1) / 2 if window is None else min(window, (seq_len + 1) / 2)
+    forward += len(attn_layers) * heads * 4.0 * head_dim * keys_seen
+    recurrent_layers = config.num_hidden_layers - len(attn_layers)
+    if recurrent_layers and config.model_type != "transformer" and hasattr(config, "attn"):
+        rheads, dk, dv, delta = _recurrent_dims(config)
+        per_head = 2.0 * CHUNK * (dk + dv) + 4.0 * dk * dv
+        if delta:
+            per_head += 2.0 * CHUNK * (dk + dv) + 2.0 * dk * dv
+        forward += recurrent_layers * rheads * per_head
+    return 3.0 * forward
+
+
+def dense_flops_per_token(n_params: int) -> float:
+    """The plain 6·N estimate, printed beside the architecture-aware figure."""
+    return 6.0 * n_params
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(device_index: int) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=f"cuda:{device_index}", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=f"cuda:{device_index}", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    iters = 20
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2.0 * n**3 * iters / (start.elapsed_time(end) / 1e3)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Measured bf16 dense matmul FLOP/s of a CUDA device (None on CPU: MFU is not reported there)."""
+    if device.type != "cuda":
+        return None
+    return _measured_peak(device.index or 0)

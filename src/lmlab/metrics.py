@@ -1,0 +1,97 @@
+"""Training metrics: a console line, JSONL (`<dump>/metrics.jsonl`), tensorboard events, a progress bar.
+
+Only the main rank writes. The JSONL file is the source of truth for `lmlab plot` and `lmlab report`;
+one JSON object per logged step.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lmlab.config import Metrics
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class MetricLogger:
+    def __init__(self, dump_folder: Path, cfg: Metrics, total_steps: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.file = open(dump_folder / METRICS_FILE, "a")
+        if cfg.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(dump_folder / cfg.save_tb_folder))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+        self.color = not cfg.disable_color_printing and sys.stdout.isatty()
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+        self._print(step, values)
+
+    def _print(self, step: int, v: dict[str, Any]) -> None:
+        parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}", f"loss {v['loss']:.4f}"]
+        parts.append(f"lr {v['lr']:.3g}")
+        parts.append(f"gnorm {v['grad_norm']:.3f}")
+        parts.append(f"tok/s/dev {v['tokens_per_second_per_device']:,.0f}")
+        if "mfu" in v:
+            parts.append(f"mfu {v['mfu']:.1%}")
+        if "memory_gib" in v:
+            parts.append(f"mem {v['memory_gib']:.1f}GiB")
+        if v.get("skipped_steps"):
+            parts.append(f"skipped {v['skipped_steps']}")
+        parts.append(f"elapsed {format_duration(v['elapsed_seconds'])} eta {format_duration(v['eta_seconds'])}")
+        line = " | ".join(parts)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(f"loss {v['loss']:.4f}", refresh=True)
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(dump_folder: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (the last record wins for a step logged twice, e.g. a resume)."""
+    path = Path(dump_folder) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {dump_folder} an lmlab dump folder?")
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,304 @@
+"""The training loop. Launched by `train.sh` through torchrun (`python -m lmlab.train <flags>`).
+
+Reads top to bottom: config -> distributed setup -> tokenizer, model, optimizer, data -> resume ->
+the loop (gradient accumulation, clipping, non-finite skipping, logging, checkpoints) -> HF export.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import lmlab  # noqa: F401  (registers lmlab's model families with transformers' Auto classes)
+from lmlab.checkpoint import Checkpointer, export_hf
+from lmlab.config import JobConfig, parse_args
+from lmlab.data import build_dataloader
+from lmlab.distributed import Dist, init_distributed, parallelize
+from lmlab.flops import flops_per_token, peak_flops
+from lmlab.kernels import dispatch
+from lmlab.metrics import MetricLogger
+from lmlab.errors import UserError
+from lmlab.modeling import build_model, import_custom_models, load_tokenizer
+from lmlab.optim import build_lr_scheduler, build_optimizer
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters that must survive a restart; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    elapsed_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, type(getattr(self, key))(value))
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the run can save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
+    if seed is None:
+        return
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same on every rank: identical initial weights
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
+    """Create the dump folder and record the resolved config; refuse to mix two different runs."""
+    dump = Path(cfg.job.dump_folder)
+    saved = dump / "job_config.toml"
+    checkpoints = dump / cfg.checkpoint.folder
+    if dist.is_main:
+        dump.mkdir(parents=True, exist_ok=True)
+        has_run = checkpoints.is_dir() and any(checkpoints.glob("step-*"))
+        if has_run and saved.is_file() and not cfg.job.overwrite:
+            previous = saved.read_text()
+            if _run_defining(previous) != _run_defining(cfg.to_toml()):
+                raise UserError(
+                    f"{dump} holds checkpoints of a different run (model/data config differ from {saved}); "
+                    "use another --job.dump_folder, or --job.overwrite to start over there"
+                )
+        if cfg.job.overwrite and checkpoints.is_dir():
+            import shutil
+
+            shutil.rmtree(checkpoints)
+        saved.write_text(cfg.to_toml())
+    dist.barrier()
+    return dump
+
+
+def _run_defining(toml_text: str) -> tuple:
+    """The parts of a job config that must match to resume a run (model and data, not the schedule)."""
+    import tomllib
+
+    data = tomllib.loads(toml_text)
+    model = {k: data["model"].get(k) for k in ("config", "tokenizer_path")}
+    training = {k: data["training"].get(k) for k in ("dataset", "dataset_name", "seq_len", "varlen")}
+    return tuple(sorted(model.items())), tuple(sorted(training.items()))
+
+
+def train(cfg: JobConfig) -> int:
+    dist = init_distributed(cfg)
+    seed_everything(cfg.training.seed, dist.rank, cfg.training.deterministic)
+    dispatch.set_backend(cfg.model.backend)
+    dump = prepare_dump_folder(cfg, dist)
+    if cfg.job.print_args and dist.is_main:
+        print(cfg.to_toml(), flush=True)
+
+    # --- model, tokenizer, optimizer, data ---------------------------------------------------------
+    import_custom_models(cfg.experimental.custom_model_path)
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, vocab_size=len(tokenizer), device=dist.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    model_flops_per_token = flops_per_token(model.config, cfg.training.seq_len)
+    model = parallelize(model, cfg, dist)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
+    dataloader = build_dataloader(cfg.training, tokenizer, rank=dist.rank, world_size=dist.world_size)
+    train_state = TrainState()
+
+    # --- resume ------------------------------------------------------------------------------------
+    checkpointer = Checkpointer(dump, cfg.checkpoint, dist)
+    states = {
+        "model": model,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "dataloader": dataloader,
+        "train_state": train_state,
+    }
+    train_state.step = checkpointer.load(states)
+    if dist.is_main:
+        where = f"resumed from step {train_state.step}" if train_state.step else "starting from scratch"
+        print(
+            f"lmlab: {model.config.model_type} with {n_params / 1e6:.2f}M parameters on {dist.world_size} x "
+            f"{dist.device.type}, {where}; kernels: {dispatch.describe()}",
+            flush=True,
+        )
+
+    # --- the loop ----------------------------------------------------------------------------------
+    t = cfg.training
+    use_bf16 = dist.device.type == "cuda" and t.mixed_precision_param == "bfloat16" and dist.world_size == 1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main)
+    stop = StopRequested()
+    data_iter = iter(dataloader)
+    peak = peak_flops(dist.device)
+    window = _Window()
+    consecutive_skips = 0
+    last_saved = train_state.step
+    model.train()
+    gc.disable()  # collect on a fixed schedule instead, so every rank pauses at the same step
+    while train_state.step < t.steps:
+        step = train_state.step + 1
+        if step % t.gc_freq == 0:
+            gc.collect()
+        micro_batches = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
+        # FSDP averages gradients over ranks, so each rank divides its token sum by global_tokens / world.
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        global_tokens = int(dist.all_reduce(torch.tensor(float(local_tokens), device=dist.device), "sum"))
+        denominator = global_tokens / dist.world_size
+        loss_sum = forward_backward(model, micro_batches, dist.device, denominator, autocast)
+        grad_norm = clip_grad_norm(model, t.max_norm)
+        loss_value = float(dist.all_reduce(loss_sum, "sum")) / global_tokens
+        rank_loss_max = float(dist.all_reduce(loss_sum / max(local_tokens, 1), "max"))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            consecutive_skips = 0
+        elif t.skip_nan_inf:
+            train_state.skipped_steps += 1
+            consecutive_skips += 1
+            if dist.is_main:
+                print(f"lmlab: step {step}: non-finite loss {loss_value} or grad norm {grad_norm}; skipped", flush=True)
+            if consecutive_skips >= t.max_consecutive_skips:
+                raise UserError(
+                    f"step {step}: {consecutive_skips} consecutive non-finite steps (--training.max_consecutive_skips); "
+                    f"stopping without saving; resume from the last checkpoint with a lower lr or other data"
+                )
+        else:
+            raise UserError(
+                f"step {step}: non-finite loss {loss_value} / grad norm {grad_norm}; stopping without saving "
+                "(pass --training.skip_nan_inf to skip such steps)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        train_state.step = step
+        train_state.tokens_seen += global_tokens
+        window.add(global_tokens)
+
+        if step % cfg.metrics.log_freq == 0 or step == t.steps or step == 1:
+            seconds, tokens = window.take()
+            train_state.elapsed_seconds += seconds
+            tokens_per_second = tokens / max(seconds, 1e-9) / dist.world_size
+            values: dict[str, Any] = {
+                "loss": loss_value,
+                "loss_max_rank": rank_loss_max,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_second_per_device": tokens_per_second,
+                "tokens_seen": train_state.tokens_seen,
+                "skipped_steps": train_state.skipped_steps,
+                "elapsed_seconds": train_state.elapsed_seconds,
+                "eta_seconds": train_state.elapsed_seconds / step * (t.steps - step),
+                "tflops_per_device": tokens_per_second * model_flops_per_token / 1e12,
+            }
+            if peak:
+                values["mfu"] = values["tflops_per_device"] * 1e12 / peak
+            if dist.device.type == "cuda":
+                values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if hasattr(dataloader, "epoch"):
+                values["epoch"] = dataloader.epoch
+            logger.log(step, values)
+
+        if checkpointer.should_save(step, t.steps):
+            checkpointer.save(step, states)
+            last_saved = step
+        if dist.all_reduce(torch.tensor(float(stop.signal_name is not None), device=dist.device), "max"):
+            if last_saved != step:
+                checkpointer.save(step, states, force=True)
+            if dist.is_main:
+                print(
+                    f"lmlab: {stop.signal_name or 'stop signal'} received; saved step {step}. Resume with the same command "
+                    "(--checkpoint.load_step -1 picks the newest checkpoint).",
+                    flush=True,
+                )
+            logger.close()
+            return 0
+
+    logger.close()
+    export_hf(model, tokenizer, dump, cfg.checkpoint.export_dtype, dist)
+    if dist.is_main:
+        print(f"lmlab: done; {train_state.tokens_seen:,} tokens in {train_state.step} steps; HF model in {dump}", flush=True)
+    return 0
+
+
+def forward_backward(
+    model: torch.nn.Module, micro_batches: list[dict], device: torch.device, denominator: float, autocast
+) -> torch.Tensor:
+    """Accumulate the gradients of one step; return the summed token loss of these micro-batches.
+
+    Each micro-batch's loss is its token sum divided by `denominator` (the step's token count per rank),
+    so the accumulated gradient is the mean over all tokens of the step whatever the accumulation split.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # cu_seqlens (varlen) only when the batch has it: other causal LMs don't take the argument.
+        varlen = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
+        with autocast:
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=denominator, **varlen)
+        out.loss.backward()
+        loss_sum += out.loss.detach() * denominator
+    return loss_sum
+
+
+class _Window:
+    """Tokens and wall time since the last log line (throughput of the recent steps, not of the run)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> tuple[float, int]:
+        now = time.perf_counter()
+        seconds, tokens = now - self.start, self.tokens
+        self.start, self.tokens = now, 0
+        return seconds, tokens
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip gradients to `max_norm` (0 = only measure) and return the total norm as a float."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+        return train(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        error_file = os.environ.get("LMLAB_ERROR_FILE")
+        if error_file:
+            Path(error_file).write_text(json.dumps({"message": str(exc), "exit_code": 2}))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

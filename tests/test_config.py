@@ -1,0 +1,122 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmlab.config import ConfigError, JobConfig, parse_args
+from paper_command import TRAIN
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_command_parses_every_flag(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = parse_args(TRAIN)
+    assert cfg.job.dump_folder == "exp/mymodel"
+    assert cfg.model.config == "configs/<model>.json"
+    assert cfg.model.tokenizer_path == "fla-hub/transformer-1.3B-100B"
+    assert (cfg.optimizer.name, cfg.optimizer.eps, cfg.optimizer.lr) == ("AdamW", 1e-15, 1e-3)
+    s = cfg.lr_scheduler
+    assert (s.warmup_steps, s.lr_min, s.decay_type) == (1024, 0.1, "cosine")
+    t = cfg.training
+    assert (t.batch_size, t.seq_len, t.gradient_accumulation_steps, t.steps) == (16, 2048, 4, 28672)
+    assert t.max_norm == 1.0 and t.skip_nan_inf and t.compile
+    assert (t.dataset, t.dataset_name, t.dataset_split) == ("HuggingFaceFW/fineweb-edu", "sample-100BT", "train")
+    assert (t.num_workers, t.prefetch_factor, t.seed) == (12, 2, 42)
+    c = cfg.checkpoint
+    assert (c.interval, c.load_step, c.keep_latest_k) == (2048, -1, 2)
+    assert cfg.metrics.log_freq == 1
+    # values that only the TOML sets
+    assert c.enable_checkpoint and cfg.metrics.enable_tensorboard and cfg.job.print_args
+
+
+def test_precedence_cli_over_toml_over_defaults(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert JobConfig().training.batch_size == 8
+    assert parse_args(["--job.config_file", "flame/models/fla.toml"]).training.batch_size == 32
+    args = ["--training.batch_size", "4", "--job.config_file", "flame/models/fla.toml"]
+    assert parse_args(args).training.batch_size == 4  # the CLI wins wherever config_file appears
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--training.compile"], True),
+        (["--training.compile", "true"], True),
+        (["--training.compile=true"], True),
+        (["--training.compile", "false"], False),
+        (["--training.compile=false"], False),
+        (["--training.compile", "--training.seq_len", "8"], True),
+    ],
+)
+def test_boolean_forms(args, expected):
+    assert parse_args(args).training.compile is expected
+
+
+def test_toml_true_can_be_switched_off(monkeypatch):
+    monkeypatch.chdir(REPO)
+    base = ["--job.config_file", "flame/models/fla.toml"]
+    assert parse_args(base).training.skip_nan_inf is True
+    assert parse_args(base + ["--training.skip_nan_inf", "false"]).training.skip_nan_inf is False
+    assert parse_args(base + ["--checkpoint.enable_checkpoint=false"]).checkpoint.enable_checkpoint is False
+
+
+def test_equals_form_and_negative_numbers():
+    cfg = parse_args(["--optimizer.lr=2e-4", "--checkpoint.load_step", "-1", "--lr_scheduler.decay_ratio", "0.2"])
+    assert cfg.optimizer.lr == 2e-4 and cfg.checkpoint.load_step == -1 and cfg.lr_scheduler.decay_ratio == 0.2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--training.seqlen", "8"], "unknown option --training.seqlen (did you mean training.seq_len?)"),
+        (["--trainin.steps", "8"], "did you mean training.steps?"),
+        (["--optimiser.lr", "1"], "did you mean optimizer.lr?"),
+        (["--training.steps"], "--training.steps is missing its value"),
+        (["--training.steps", "--training.seq_len", "3"], "--training.steps is missing its value"),
+        (["--training.steps", "many"], "--training.steps expects an integer, got 'many'"),
+        (["--optimizer.lr", "fast"], "--optimizer.lr expects a number"),
+        (["--training.compile=maybe"], "--training.compile expects true or false"),
+        (["--optimizer.name", "SGD"], "--optimizer.name must be one of Adam, AdamW"),
+        (["--lr_scheduler.decay_type", "step"], "must be one of linear, sqrt, cosine"),
+        (["--checkpoint.keep_latest_k", "1"], "keep_latest_k 1 is unsafe"),
+        (["--training.batch_size", "0"], "--training.batch_size must be positive"),
+        (["--lr_scheduler.lr_min", "2"], "lr_min is a ratio"),
+        (["positional"], "unexpected argument 'positional'"),
+        (["--job.config_file", "missing.toml"], "no such file"),
+    ],
+)
+def test_errors_are_one_line_with_suggestion(args, message):
+    with pytest.raises(ConfigError) as info:
+        parse_args(args)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_toml_key_is_an_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nseq_length = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown option --training.seq_length \(did you mean training.seq_len\?\)"):
+        parse_args(["--job.config_file", str(bad)])
+    bad.write_text("[training]\nsteps = 'ten'\n")
+    with pytest.raises(ConfigError, match="expects an integer"):
+        parse_args(["--job.config_file", str(bad)])
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = parse_args(["--training.steps", "7", "--training.compile", "--optimizer.eps", "1e-15"])
+    path = tmp_path / "saved.toml"
+    path.write_text(cfg.to_toml())
+    again = parse_args(["--job.config_file", str(path)])
+    again.job.config_file = cfg.job.config_file
+    assert again == cfg
+
+
+def test_train_sh_rejects_bad_flag_with_exit_code_2(tmp_path):
+    result = subprocess.run(
+        ["bash", str(REPO / "train.sh"), "--job.dump_folder", str(tmp_path), "--training.seqlen", "8"],
+        capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown option --training.seqlen (did you mean training.seq_len?)"
