@@ -7,3 +7,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (paper_command, ...)
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A local training corpus (train.jsonl + held-out docs) and a 4096-token BPE tokenizer folder."""
+    from lmlab.quickstart import train_tokenizer, write_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    train_path, valid_docs = write_corpus(root / "data")
+    texts = [line for line in train_path.read_text().splitlines()[:400]]
+    train_tokenizer(texts, root / "tokenizer")
+    return {"train": train_path, "valid": valid_docs, "tokenizer": root / "tokenizer"}

@@ -5,6 +5,7 @@ the loop (gradient accumulation, clipping, non-finite skipping, logging, checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -15,7 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ import torch
 import lmlab  # noqa: F401  (registers lmlab's model families with transformers' Auto classes)
 from lmlab.checkpoint import Checkpointer, export_hf
 from lmlab.config import JobConfig, parse_args
-from lmlab.data import build_dataloader
+from lmlab.data import build_dataloader, data_epoch
 from lmlab.distributed import Dist, init_distributed, parallelize
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
@@ -51,15 +52,31 @@ class TrainState:
 
 
 class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag checked between steps, so the run can save and exit cleanly."""
+    """While active, SIGTERM/SIGINT set a flag checked between steps, so the run can save and exit cleanly."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "StopRequested":
         self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def scheduled_gc() -> Iterator[None]:
+    """Disable automatic garbage collection; the loop collects every `gc_freq` steps on every rank at once."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
@@ -106,7 +123,7 @@ def _run_defining(toml_text: str) -> tuple:
     return tuple(sorted(model.items())), tuple(sorted(training.items()))
 
 
-def train(cfg: JobConfig) -> int:
+def train(cfg: JobConfig, stop: StopRequested) -> int:
     dist = init_distributed(cfg)
     seed_everything(cfg.training.seed, dist.rank, cfg.training.deterministic)
     dispatch.set_backend(cfg.model.backend)
@@ -149,14 +166,12 @@ def train(cfg: JobConfig) -> int:
     use_bf16 = dist.device.type == "cuda" and t.mixed_precision_param == "bfloat16" and dist.world_size == 1
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
     logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main)
-    stop = StopRequested()
     data_iter = iter(dataloader)
     peak = peak_flops(dist.device)
     window = _Window()
     consecutive_skips = 0
     last_saved = train_state.step
     model.train()
-    gc.disable()  # collect on a fixed schedule instead, so every rank pauses at the same step
     while train_state.step < t.steps:
         step = train_state.step + 1
         if step % t.gc_freq == 0:
@@ -215,16 +230,18 @@ def train(cfg: JobConfig) -> int:
                 values["mfu"] = values["tflops_per_device"] * 1e12 / peak
             if dist.device.type == "cuda":
                 values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if hasattr(dataloader, "epoch"):
-                values["epoch"] = dataloader.epoch
+            values["epoch"] = data_epoch(dataloader)
             logger.log(step, values)
 
+        if step == 1:
+            dist.use_train_timeout()  # the first step may compile; later ones must be quick
         if checkpointer.should_save(step, t.steps):
-            checkpointer.save(step, states)
+            checkpointer.save(step, states, final=step == t.steps)
             last_saved = step
         if dist.all_reduce(torch.tensor(float(stop.signal_name is not None), device=dist.device), "max"):
             if last_saved != step:
-                checkpointer.save(step, states, force=True)
+                checkpointer.save(step, states)
+            checkpointer.close()
             if dist.is_main:
                 print(
                     f"lmlab: {stop.signal_name or 'stop signal'} received; saved step {step}. Resume with the same command "
@@ -232,12 +249,15 @@ def train(cfg: JobConfig) -> int:
                     flush=True,
                 )
             logger.close()
+            dist.close()
             return 0
 
     logger.close()
+    checkpointer.close()
     export_hf(model, tokenizer, dump, cfg.checkpoint.export_dtype, dist)
     if dist.is_main:
         print(f"lmlab: done; {train_state.tokens_seen:,} tokens in {train_state.step} steps; HF model in {dump}", flush=True)
+    dist.close()
     return 0
 
 
@@ -291,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_args(argv)
-        return train(cfg)
+        with StopRequested() as stop, scheduled_gc():
+            return train(cfg, stop)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         error_file = os.environ.get("LMLAB_ERROR_FILE")
