@@ -8,7 +8,6 @@ user override comes from `set_backend` (the model config's `backend` key or `--m
   torch - always the PyTorch implementation
   fla   - fla's kernel; an error if it cannot run here
   flash - flash-attn (attention only); an error if it cannot run here
-  flex  - PyTorch's flex_attention (attention with windows or packed documents); an error if it cannot run
 An op may have several accelerated backends, registered in priority order. A process-wide request for a
 backend that an op does not have (e.g. "fla" for attention) means "auto" for that op; the same request
 passed to one call (`backend=`) is an error.
@@ -22,7 +21,7 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "fla", "flash", "flex")
+BACKENDS = ("auto", "torch", "fla", "flash")
 _requested = "auto"
 # op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
 # backend can run on the given input, else the reason it cannot.
@@ -91,7 +90,8 @@ def choose(op: str, x: torch.Tensor, requested: str | None = None) -> str:
             return name
         reasons.append(f"{name}: {reason}")
     reason = "; ".join(reasons)
-    if reasons and x.is_cuda and (op, reason) not in _warned:
+    # No warning while torch.compile traces: dynamo cannot trace warnings.warn and would break the graph.
+    if reasons and x.is_cuda and (op, reason) not in _warned and not torch.compiler.is_compiling():
         _warned.add((op, reason))
         warnings.warn(f"lmlab: {op} falls back to the PyTorch kernel ({reason})", stacklevel=2)
     return "torch"

@@ -1,0 +1,110 @@
+"""Causal depthwise short convolution (fla's ShortConvolution), with decoding state and packed documents.
+
+Layouts follow fla 0.6.0 so caches are interchangeable: weight `[D, 1, W]` (nn.Conv1d depthwise), state
+`[N, D, W]` holding the last W inputs, oldest first (fla's update kernel shifts the state left by one
+and writes the new input at index W-1, then convolves the whole state with the weight).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.kernels import dispatch
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = "silu",
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y[t] = act(bias + sum_i weight[:, 0, i] * x[t - W + 1 + i]) per channel; x `[B, T, D]`.
+
+    Inputs before the start of a sequence (or document, with `cu_seqlens`) come from `initial_state`
+    (`[N, D, W]`, N = B or the number of documents), zeros without it. Returns (y, final_state or None).
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; choose one of {_ACTIVATIONS}")
+    if cu_seqlens is not None and x.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs a batch of 1 (packed documents), got batch {x.shape[0]}")
+    if dispatch.choose("short_conv", x, backend) == "fla":
+        from fla.modules.causal_conv1d import causal_conv1d
+        return causal_conv1d(x, weight.squeeze(1), bias, initial_state=initial_state,
+                             output_final_state=output_final_state, activation=activation,
+                             cu_seqlens=cu_seqlens)
+    if cu_seqlens is None:
+        y, final_state = _conv_dense(x, weight, bias, initial_state, output_final_state)
+    else:
+        y, final_state = _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens)
+    return (y if activation is None else F.silu(y)), final_state
+
+
+def _conv_dense(x, weight, bias, initial_state, output_final_state):
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    x_t = x.transpose(1, 2)  # [B, D, T], the layout conv1d wants
+    if initial_state is None:
+        history = x_t.new_zeros(B, D, W)
+    else:
+        history = initial_state.to(x.dtype)
+    # The oldest state entry is never read: output t needs only the W-1 inputs before it.
+    padded = torch.cat([history[..., 1:], x_t], dim=-1)
+    y = F.conv1d(padded, weight, bias, groups=D).transpose(1, 2)
+    final_state = torch.cat([history, x_t], dim=-1)[..., -W:].contiguous() if output_final_state else None
+    return y, final_state
+
+
+def _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens):
+    """Sum of W shifted copies of x, each tap masked to stay inside its token's document."""
+    x = x[0]  # [T, D]
+    T, D = x.shape
+    W = weight.shape[-1]
+    cu_seqlens = cu_seqlens.long()
+    pos = torch.arange(T, device=x.device)
+    doc = torch.searchsorted(cu_seqlens[1:], pos, right=True)  # document index of each token
+    offset = pos - cu_seqlens[doc]  # position inside its document
+    y = x.new_zeros(T, D) if bias is None else bias.to(x.dtype).expand(T, D)
+    for lag in range(W):  # tap with weight index W-1-lag reads the input `lag` steps back
+        shifted = F.pad(x, (0, 0, lag, 0))[:T]
+        inside = (offset >= lag)[:, None]
+        if initial_state is None:
+            source = torch.where(inside, shifted, 0)
+        else:
+            # Before the document start, read the state: position -j of a document is state index W-j.
+            state_idx = (offset - lag + W).clamp(0, W - 1)
+            source = torch.where(inside, shifted, initial_state[doc, :, state_idx].to(x.dtype))
+        y = y + source * weight[:, 0, W - 1 - lag]
+    final_state = None
+    if output_final_state:
+        final_state = _varlen_final_state(x, W, initial_state, cu_seqlens)
+    return y[None], final_state
+
+
+def _varlen_final_state(x, W, initial_state, cu_seqlens):
+    """The last W inputs of each document, completed from its initial state (or zeros) when shorter."""
+    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+    rel = (ends - starts)[:, None] - W + torch.arange(W, device=x.device)  # [N, W] position in document
+    tokens = x[(starts[:, None] + rel).clamp(min=0)]  # [N, W, D]
+    if initial_state is None:
+        before = torch.zeros_like(tokens)
+    else:
+        idx = (rel + W).clamp(0, W - 1)  # [N, W]
+        idx = idx[:, None, :].expand(-1, x.shape[1], -1)
+        before = initial_state.to(x.dtype).gather(-1, idx).transpose(1, 2)
+    return torch.where((rel >= 0)[..., None], tokens, before).transpose(1, 2).contiguous()
+
+
+def _fla_conv_unavailable(x: torch.Tensor) -> str | None:
+    if not x.is_cuda:
+        return "input is not on a CUDA device"
+    return dispatch.fla_unavailable_reason()
+
+
+dispatch.register_health_check("short_conv", _fla_conv_unavailable)

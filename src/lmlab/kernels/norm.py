@@ -1,0 +1,44 @@
+"""RMS normalisation, plain and gated (fla's RMSNorm / FusedRMSNormGated with swish).
+
+The statistics and the whole expression are computed in float32 and cast back once, as fla's Triton
+kernels do, so both backends round the same way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmlab.kernels import dispatch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+             backend: str | None = None) -> torch.Tensor:
+    """x / rms(x) * weight over the last dimension; returns x's dtype."""
+    if dispatch.choose("rms_norm", x, backend) == "fla":
+        from fla.modules.layernorm import rms_norm as fla_rms_norm
+        return fla_rms_norm(x, weight, None, eps=eps)
+    return _normalize(x, eps).mul(weight.float()).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """rms_norm(x) * weight * silu(gate); returns x's dtype."""
+    if dispatch.choose("gated_rms_norm", x, backend) == "fla":
+        from fla.modules.fused_norm_gate import rms_norm_gated
+        return rms_norm_gated(x, gate, weight, None, activation="swish", eps=eps)
+    return (_normalize(x, eps) * weight.float() * F.silu(gate.float())).to(x.dtype)
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def _fla_norm_unavailable(x: torch.Tensor) -> str | None:
+    if not x.is_cuda:
+        return "input is not on a CUDA device"
+    return dispatch.fla_unavailable_reason()
+
+
+dispatch.register_health_check("rms_norm", _fla_norm_unavailable)
+dispatch.register_health_check("gated_rms_norm", _fla_norm_unavailable)

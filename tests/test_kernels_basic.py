@@ -1,0 +1,426 @@
+"""The non-recurrent kernels: PyTorch paths against explicit references (CPU), accelerated backends
+against the PyTorch paths (GPU, `pytest -m gpu`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.kernels import dispatch
+from lmlab.kernels.activations import swiglu
+from lmlab.kernels.attention import attention, attention_reference
+from lmlab.kernels.conv import short_conv
+from lmlab.kernels.loss import linear_cross_entropy
+from lmlab.kernels.norm import gated_rms_norm, rms_norm
+
+
+def qkv(B=2, Tq=9, Tk=9, H=4, Hkv=2, D=8, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda T, h: torch.randn(B, T, h, D, generator=g).to(device, dtype)  # noqa: E731
+    return make(Tq, H), make(Tk, Hkv), make(Tk, Hkv)
+
+
+def cu(*lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- attention (CPU)
+
+@pytest.mark.parametrize("Hkv", [4, 2, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_reference(Hkv, causal):
+    q, k, v = qkv(Hkv=Hkv)
+    torch.testing.assert_close(attention(q, k, v, causal=causal), attention_reference(q, k, v, causal=causal))
+
+
+def test_attention_causal_is_causal():
+    q, k, v = qkv(B=1, Tq=8, Tk=8)
+    o = attention(q, k, v)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 5:], v2[:, 5:] = 7.0, 7.0
+    torch.testing.assert_close(attention(q, k2, v2)[:, :5], o[:, :5])
+
+
+def test_attention_decoding_aligns_queries_to_last_keys():
+    q, k, v = qkv(Tq=10, Tk=10)
+    full = attention(q, k, v)
+    for Tq in (1, 3):
+        out = attention(q[:, -Tq:], k, v)
+        torch.testing.assert_close(out, full[:, -Tq:])
+        torch.testing.assert_close(out, attention_reference(q[:, -Tq:], k, v))
+
+
+@pytest.mark.parametrize("Tq", [12, 4, 1])
+def test_attention_window(Tq):
+    q, k, v = qkv(Tq=Tq, Tk=12)
+    out = attention(q, k, v, window_size=3)
+    torch.testing.assert_close(out, attention_reference(q, k, v, window_size=3))
+    # The last query (position 11) sees keys 9, 10, 11: changing key 8 changes nothing, key 9 does.
+    outside, inside = k.clone(), k.clone()
+    outside[:, 8] += 5.0
+    inside[:, 9] += 5.0
+    torch.testing.assert_close(attention(q, outside, v, window_size=3)[:, -1], out[:, -1])
+    assert not torch.allclose(attention(q, inside, v, window_size=3)[:, -1], out[:, -1])
+
+
+def test_attention_window_restricts_exactly():
+    q, k, v = qkv(B=1, Tq=8, Tk=8)
+    out = attention(q, k, v, window_size=3)
+    k2 = k.clone()
+    k2[:, 4] = 9.0  # position 4 is in the windows of queries 4, 5, 6 only
+    changed = (attention(q, k2, v, window_size=3) - out).abs().amax(dim=(0, 2, 3)) > 0
+    assert changed.tolist() == [False] * 4 + [True] * 3 + [False]
+
+
+def test_attention_left_padding():
+    q, k, v = qkv(B=2, Tq=7, Tk=7)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: three padding tokens on the left
+    out = attention(q, k, v, attention_mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, attention_reference(q, k, v, attention_mask=mask))
+    torch.testing.assert_close(out[1, 3:], attention(q[1:, 3:], k[1:, 3:], v[1:, 3:])[0])
+    torch.testing.assert_close(out[0], attention(q[:1], k[:1], v[:1])[0])
+    assert (out[1, :3] == 0).all()
+    # padding keys are never seen, whatever they hold
+    k2 = k.clone()
+    k2[1, :3] = 100.0
+    torch.testing.assert_close(attention(q, k2, v, attention_mask=mask), out)
+
+
+def test_attention_left_padding_decoding_and_grads():
+    q, k, v = qkv(B=2, Tq=2, Tk=6)
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    q.requires_grad_(True)
+    out = attention(q, k, v, attention_mask=mask, window_size=3)
+    torch.testing.assert_close(out, attention_reference(q, k, v, attention_mask=mask, window_size=3))
+    torch.testing.assert_close(out[1], attention(q[1:], k[1:, 2:], v[1:, 2:], window_size=3)[0])
+    out = attention(q, k, v, attention_mask=torch.zeros_like(mask))  # only padding: zeros, finite grads
+    out.sum().backward()
+    assert (out == 0).all() and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("lengths", [(3, 6, 3, 4, 2, 6), (5, 1, 7, 3)])
+@pytest.mark.parametrize("window_size", [None, 2])
+def test_attention_varlen_equals_per_document(lengths, window_size):
+    T = sum(lengths)
+    q, k, v = qkv(B=1, Tq=T, Tk=T)
+    cu_seqlens = cu(*lengths)
+    out = attention(q, k, v, cu_seqlens=cu_seqlens, window_size=window_size)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        s = slice(start, end)
+        torch.testing.assert_close(out[:, s], attention(q[:, s], k[:, s], v[:, s], window_size=window_size))
+    expected = attention_reference(q, k, v, cu_seqlens=cu_seqlens, window_size=window_size)
+    torch.testing.assert_close(out, expected)
+
+
+def test_attention_validates_inputs():
+    q, k, v = qkv(H=3, Hkv=2)
+    with pytest.raises(ValueError):
+        attention(q, k, v)
+    q, k, v = qkv(Tq=5, Tk=4)
+    with pytest.raises(ValueError):
+        attention(q, k, v)
+    with pytest.raises(RuntimeError):
+        attention(*qkv(), backend="flash")  # not on CPU
+
+
+# ---------------------------------------------------------------- short conv (CPU)
+
+def conv_inputs(B=2, T=11, D=6, W=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g), torch.randn(D, 1, W, generator=g), torch.randn(D, generator=g)
+
+
+def conv_reference(x, weight, bias, activation):
+    W = weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight, bias, padding=W - 1, groups=x.shape[-1])[..., :x.shape[1]]
+    y = y.transpose(1, 2)
+    return F.silu(y) if activation else y
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_short_conv_matches_conv1d(activation, use_bias):
+    x, w, b = conv_inputs()
+    b = b if use_bias else None
+    y, state = short_conv(x, w, b, activation=activation)
+    assert state is None
+    torch.testing.assert_close(y, conv_reference(x, w, b, activation))
+
+
+@pytest.mark.parametrize("T", [2, 9])
+def test_short_conv_state_layout_and_decoding(T):
+    x, w, b = conv_inputs(T=T)
+    W = w.shape[-1]
+    y_full, state = short_conv(x, w, b, output_final_state=True)
+    # The state holds the last W inputs, oldest first (zeros before the start), like fla's cache.
+    expected = F.pad(x, (0, 0, W, 0))[:, -W:].transpose(1, 2)
+    torch.testing.assert_close(state, expected)
+    # Prefill 1 token, then decode one token at a time: equals the full recompute.
+    ys, state = [], None
+    for t in range(T):
+        y, state = short_conv(x[:, t:t + 1], w, b, initial_state=state, output_final_state=True)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), y_full)
+    # A chunked prefill continues from the state too.
+    y1, s1 = short_conv(x[:, :T // 2], w, b, output_final_state=True)
+    y2, s2 = short_conv(x[:, T // 2:], w, b, initial_state=s1, output_final_state=True)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full)
+    torch.testing.assert_close(s2, state)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_short_conv_varlen_equals_per_document(with_state):
+    lengths = (5, 1, 2, 8)
+    x, w, b = conv_inputs(B=1, T=sum(lengths))
+    W = w.shape[-1]
+    cu_seqlens = cu(*lengths)
+    states = torch.randn(len(lengths), x.shape[-1], W) if with_state else None
+    y, final = short_conv(x, w, b, cu_seqlens=cu_seqlens, initial_state=states, output_final_state=True)
+    bounds = cu_seqlens.tolist()
+    for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        init = states[n:n + 1] if with_state else None
+        y_doc, s_doc = short_conv(x[:, start:end], w, b, initial_state=init, output_final_state=True)
+        torch.testing.assert_close(y[:, start:end], y_doc)
+        torch.testing.assert_close(final[n:n + 1], s_doc)
+
+
+def test_short_conv_gradients():
+    x, w, b = conv_inputs(T=6)
+    lengths = (2, 4)
+    x = x[:1].requires_grad_(True)
+    w.requires_grad_(True)
+    y, _ = short_conv(x, w, b, cu_seqlens=cu(*lengths))
+    y.sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (conv_reference(x[:, :2], w, b, "silu").sum() + conv_reference(x[:, 2:], w, b, "silu").sum()).backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+# ---------------------------------------------------------------- norms, swiglu (CPU)
+
+def test_norms_and_swiglu():
+    g = torch.Generator().manual_seed(0)
+    x, gate, up = (torch.randn(3, 5, 16, generator=g) for _ in range(3))
+    w = torch.randn(16, generator=g)
+    normed = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), normed)
+    torch.testing.assert_close(gated_rms_norm(x, gate, w, 1e-5), normed * gate * torch.sigmoid(gate))
+    torch.testing.assert_close(swiglu(gate, up), gate * torch.sigmoid(gate) * up)
+    # low precision in, low precision out, statistics in float32
+    xb = x.bfloat16()
+    assert rms_norm(xb, w, 1e-5).dtype == torch.bfloat16
+    torch.testing.assert_close(rms_norm(xb, w, 1e-5).float(), rms_norm(xb.float(), w, 1e-5),
+                               rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------- linear cross entropy (CPU)
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_size", [None, 7, 64])
+def test_linear_cross_entropy_matches_cross_entropy(reduction, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 30, 12, 50
+    hidden = torch.randn(N, D, generator=g, requires_grad=True)
+    weight = torch.randn(V, D, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[0, 3, 17, 29]] = -100
+    loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=chunk_size)
+    (loss * 2.5).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction=reduction)
+    (expected * 2.5).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+
+
+def test_linear_cross_entropy_edge_cases():
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3, requires_grad=True)
+    labels = torch.full((4,), -100)
+    loss = linear_cross_entropy(hidden, weight, labels, reduction="mean")
+    loss.backward()  # only the weight needs a gradient
+    assert loss.item() == 0 and (weight.grad == 0).all()
+    with torch.no_grad():
+        labels[0] = 2
+        expected = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), expected)
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_dispatch_priority_and_requests(monkeypatch):
+    monkeypatch.setattr(dispatch, "_health_checks", {})
+    x = torch.zeros(1)
+    dispatch.register_health_check("op", lambda x: "broken", backend="flash")
+    dispatch.register_health_check("op", lambda x: None, backend="fla")
+    assert dispatch.choose("op", x) == "fla"  # the first healthy one, in registration order
+    assert dispatch.choose("op", x, "torch") == "torch"
+    with pytest.raises(RuntimeError, match="broken"):
+        dispatch.choose("op", x, "flash")
+    with pytest.raises(RuntimeError):
+        dispatch.choose("other_op", x, "fla")  # asked for one call: it must exist
+    monkeypatch.setattr(dispatch, "_requested", "fla")
+    assert dispatch.choose("other_op", x) == "torch"  # process-wide: auto for ops without fla
+    with pytest.raises(ValueError):
+        dispatch.choose("op", x, "cuda")
+
+
+# ---------------------------------------------------------------- accelerated backends (GPU)
+# Realistic sizes: batch 2 x 2048 tokens, hidden 1024, 16 heads of 64; bf16; each accelerated backend
+# against the PyTorch path (outputs and gradients), relative error ||a - b|| / ||b|| < 1e-2. The fla
+# tests need fla importable (not installed on the GPU image: carry .venv/.../site-packages/fla).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def outputs_and_grads(fn, *inputs, seed=0):
+    """fn(*inputs) and the gradients of <out, random> w.r.t. the inputs that require grad."""
+    inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    out = fn(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    g = torch.Generator(device=out.device).manual_seed(seed)
+    out.backward(torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype))
+    return [out] + [x.grad for x in inputs if x.requires_grad]
+
+
+def assert_backends_agree(fn, inputs, backend, tol=1e-2):
+    fast = outputs_and_grads(lambda *a: fn(*a, backend=backend), *inputs)
+    torch_ = outputs_and_grads(lambda *a: fn(*a, backend="torch"), *inputs)
+    for i, (a, b) in enumerate(zip(fast, torch_)):
+        assert torch.isfinite(a).all(), f"tensor {i} of {backend} is not finite"
+        assert rel_err(a, b) < tol, f"tensor {i}: {backend} vs torch rel err {rel_err(a, b):.2e}"
+
+
+def gpu_qkv(B=2, T=2048, H=16, Hkv=16, D=64):
+    q, k, v = qkv(B=B, Tq=T, Tk=T, H=H, Hkv=Hkv, D=D, dtype=torch.bfloat16, device="cuda")
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+def gpu_cu_seqlens(total=4096, row=2048, seed=0):
+    """Random document lengths that never cross a row boundary (the data pipeline's guarantee)."""
+    g = torch.Generator().manual_seed(seed)
+    bounds = [0]
+    for start in range(0, total, row):
+        cuts = torch.randint(1, row, (5,), generator=g).unique().tolist()
+        bounds += [start + c for c in cuts] + [start + row]
+    return torch.tensor(bounds, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["causal", "gqa", "window", "varlen", "decode"])
+def test_gpu_flash_attention_matches_sdpa(case):
+    pytest.importorskip("flash_attn")
+    cu_seqlens = gpu_cu_seqlens() if case == "varlen" else None
+    q, k, v = gpu_qkv(B=1 if cu_seqlens is not None else 2, T=4096 if cu_seqlens is not None else 2048,
+                      Hkv=4 if case == "gqa" else 16)
+    if case == "decode":
+        q = q[:, -5:].detach().requires_grad_(True)
+    window = 256 if case == "window" else None
+    fn = lambda q, k, v, backend: attention(q, k, v, window_size=window,  # noqa: E731
+                                            cu_seqlens=cu_seqlens, backend=backend)
+    assert_backends_agree(fn, [q, k, v], "flash")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["window", "varlen", "padding"])
+def test_gpu_sdpa_matches_reference(case):
+    """The CUDA SDPA kernels with masks agree with the float32 reference (bf16 inputs)."""
+    cu_seqlens = gpu_cu_seqlens(total=2048, row=1024) if case == "varlen" else None
+    q, k, v = gpu_qkv(B=1 if cu_seqlens is not None else 2, Hkv=4)
+    mask = None
+    if case == "padding":
+        mask = torch.ones(2, 2048, dtype=torch.long, device="cuda")
+        mask[1, :300] = 0
+    kwargs = dict(window_size=256 if case == "window" else None, cu_seqlens=cu_seqlens, attention_mask=mask)
+    with torch.no_grad():
+        out = attention(q, k, v, backend="torch", **kwargs)
+        assert rel_err(out, attention_reference(q, k, v, **kwargs)) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["plain", "state", "varlen"])
+def test_gpu_fla_short_conv_matches_torch(case):
+    pytest.importorskip("fla")
+    g = torch.Generator().manual_seed(0)
+    B, T, D, W = (1, 4096, 1024, 4) if case == "varlen" else (2, 2048, 1024, 4)
+    x = torch.randn(B, T, D, generator=g).cuda().bfloat16().requires_grad_(True)
+    w = (torch.randn(D, 1, W, generator=g) / W).cuda().bfloat16().requires_grad_(True)
+    cu_seqlens = gpu_cu_seqlens() if case == "varlen" else None
+    state = torch.randn(B, D, W, generator=g).cuda().bfloat16() if case == "state" else None
+
+    def fn(x, w, backend):
+        y, final = short_conv(x, w, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens,
+                              backend=backend)
+        if backend == "fla":
+            expected = short_conv(x, w, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens,
+                                  backend="torch")[1]
+            torch.testing.assert_close(final, expected)  # the same cache layout
+        return y
+
+    assert_backends_agree(fn, [x, w], "fla")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fla_norms_match_torch():
+    pytest.importorskip("fla")
+    g = torch.Generator().manual_seed(0)
+    x, gate = (torch.randn(2, 2048, 1024, generator=g).cuda().bfloat16().requires_grad_(True)
+               for _ in range(2))
+    w = (1 + 0.1 * torch.randn(1024, generator=g)).cuda().bfloat16().requires_grad_(True)
+    assert_backends_agree(lambda x, w, backend: rms_norm(x, w, 1e-6, backend=backend), [x, w], "fla")
+    # The gated norm as Gated DeltaNet uses it: per head of 64.
+    x, gate = (t.detach().view(2, 2048, 16, 64).requires_grad_(True) for t in (x, gate))
+    w = w.detach()[:64].requires_grad_(True)
+    assert_backends_agree(lambda x, gate, w, backend: gated_rms_norm(x, gate, w, 1e-6, backend=backend),
+                          [x, gate, w], "fla")
+
+
+def loss_inputs(N=4096, D=1024, V=32000):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, D, generator=g).cuda().bfloat16().requires_grad_(True)
+    weight = (torch.randn(V, D, generator=g) / D ** 0.5).cuda().bfloat16().requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g).cuda()
+    labels[::7] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gpu_linear_cross_entropy(reduction):
+    hidden, weight, labels = loss_inputs()
+    expected = outputs_and_grads(
+        lambda h, w: F.cross_entropy((h @ w.T).float(), labels, reduction=reduction), hidden, weight)
+    torch_ = outputs_and_grads(
+        lambda h, w: linear_cross_entropy(h, w, labels, reduction=reduction, backend="torch"), hidden, weight)
+    for a, b in zip(torch_, expected):
+        assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_linear_cross_entropy_memory():
+    N, V = 16384, 32000  # a batch of 8 x 2048 tokens
+    hidden, weight, labels = loss_inputs(N=N, V=V)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_cross_entropy(hidden, weight, labels, backend="torch").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    fp32_logits = N * V * 4
+    assert extra < 0.5 * fp32_logits, f"peak {extra / 2**20:.0f} MiB vs logits {fp32_logits / 2**20:.0f} MiB"
