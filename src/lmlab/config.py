@@ -21,6 +21,7 @@ from typing import Any
 import tomli_w
 
 from lmlab.errors import UserError
+from lmlab.kernels.dispatch import BACKENDS
 
 
 class ConfigError(UserError, ValueError):
@@ -43,7 +44,7 @@ class Model:
     tokenizer_path: str | None = None  # local dir or hub id
     name: str = "fla"
     converters: list[str] = field(default_factory=list)
-    backend: str = "auto"  # lmlab: kernel backend auto | torch | fla
+    backend: str = "auto"  # lmlab: kernel backend auto | torch | fla | flash
     trust_remote_code: bool = False  # lmlab: never run code from a checkpoint unless asked
 
 
@@ -178,7 +179,7 @@ class JobConfig:
 
 # Values restricted to a set of choices, checked after parsing.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.backend": ("auto", "torch", "fla"),
+    "model.backend": BACKENDS,
     "optimizer.name": ("Adam", "AdamW"),
     "optimizer.implementation": ("fused", "foreach", "for-loop"),
     "lr_scheduler.decay_type": ("linear", "sqrt", "cosine"),

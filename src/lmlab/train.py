@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import lmlab  # noqa: F401  (registers lmlab's model families with transformers' Auto classes)
-from lmlab.checkpoint import Checkpointer, export_hf
+from lmlab.checkpoint import Checkpointer, complete_steps, export_hf
 from lmlab.config import JobConfig, parse_args
 from lmlab.data import build_dataloader, data_epoch
 from lmlab.distributed import Dist, init_distributed, parallelize
@@ -96,7 +96,7 @@ def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
     checkpoints = dump / cfg.checkpoint.folder
     if dist.is_main:
         dump.mkdir(parents=True, exist_ok=True)
-        has_run = checkpoints.is_dir() and any(checkpoints.glob("step-*"))
+        has_run = bool(complete_steps(checkpoints))
         if has_run and saved.is_file() and not cfg.job.overwrite:
             previous = saved.read_text()
             if _run_defining(previous) != _run_defining(cfg.to_toml()):
@@ -170,7 +170,6 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     peak = peak_flops(dist.device)
     window = _Window()
     consecutive_skips = 0
-    last_saved = train_state.step
     model.train()
     while train_state.step < t.steps:
         step = train_state.step + 1
@@ -237,14 +236,13 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
             dist.use_train_timeout()  # the first step may compile; later ones must be quick
         if checkpointer.should_save(step, t.steps):
             checkpointer.save(step, states, final=step == t.steps)
-            last_saved = step
         if dist.all_reduce(torch.tensor(float(stop.signal_name is not None), device=dist.device), "max"):
-            if last_saved != step:
-                checkpointer.save(step, states)
+            checkpointer.save(step, states)  # a no-op when this step was just saved
             checkpointer.close()
             if dist.is_main:
+                saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
                 print(
-                    f"lmlab: {stop.signal_name or 'stop signal'} received; saved step {step}. Resume with the same command "
+                    f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Resume with the same command "
                     "(--checkpoint.load_step -1 picks the newest checkpoint).",
                     flush=True,
                 )
@@ -275,7 +273,13 @@ def forward_backward(
         # cu_seqlens (varlen) only when the batch has it: other causal LMs don't take the argument.
         varlen = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
         with autocast:
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=denominator, **varlen)
+            out = model(
+                input_ids=batch["input_ids"],
+                labels=batch["labels"],
+                num_items_in_batch=denominator,
+                use_cache=False,  # no KV cache while training (HF models build one by default)
+                **varlen,
+            )
         out.loss.backward()
         loss_sum += out.loss.detach() * denominator
     return loss_sum

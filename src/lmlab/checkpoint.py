@@ -1,0 +1,552 @@
+"""Crash-safe training checkpoints with torch.distributed.checkpoint (DCP), and the HF export.
+
+Usage (in train.py):
+
+    checkpointer = Checkpointer(dump_folder, cfg.checkpoint, dist)
+    states = {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+              "dataloader": dataloader, "train_state": train_state}    # any subset; RNG states are added
+    step = checkpointer.load(states)              # the step resumed from; 0 when starting fresh
+    while step < last_step:
+        step += 1
+        ...
+        if checkpointer.should_save(step, last_step):     # every `interval` steps and at the last step
+            checkpointer.save(step, states, final=step == last_step)
+    checkpointer.close()                          # waits for an async save to finish
+    export_hf(model, tokenizer, dump_folder, cfg.checkpoint.export_dtype, dist)
+
+Layout: `<dump>/<checkpoint.folder>/step-N/` is a DCP directory. Its flattened keys are
+`model.<name>` (the model's own parameter names, e.g. `model.model.layers.0.attn.q_proj.weight`),
+`optimizer.*` (from `get_optimizer_state_dict`), `lr_scheduler` and `train_state` (one bytes value each),
+and, per rank r, `dataloader.rank<r>` and `rng.rank<r>` (python, numpy, torch and CUDA generators).
+Rank 0 adds `lmlab.json` (step, world size, weights-only flag) and the model's `config.json`.
+Model and optimizer go through DCP's state-dict helpers, so FSDP2-sharded states reshard on load (any
+number of ranks). The per-rank states cannot reshard: loading them with another world size is an error
+that names `--checkpoint.exclude_from_loading dataloader` (RNG states are then left as seeded).
+
+Guarantees:
+- A `step-N` directory is complete or absent: ranks write `step-N.tmp`; after all have finished,
+  rank 0 renames it. Leftover `*.tmp` directories (a killed save) are never loaded or counted, and are
+  removed when the next Checkpointer starts. `keep_latest_k` deletes older complete checkpoints only
+  after a newer one is complete (and renames before deleting, so a half-deleted one is never seen).
+- The checkpoint folder must be on a filesystem that every node sees (as DCP requires).
+- A failing write (read-only or full disk) raises `UserError` with one line on every rank, leaving
+  earlier checkpoints intact.
+- Nothing executes code from a checkpoint: non-tensor values are read with `torch.load(weights_only=True)`
+  and DCP's pickled `.metadata` with an unpickler that admits only DCP's metadata classes.
+
+`load()` picks `load_step` (-1: the newest complete step; N: that step, else an error listing those
+available). With no checkpoint in the dump it warm-starts from `initial_load_path` (a DCP directory:
+a step of another run, the output of `lmlab convert hf-to-dcp`, or a flame checkpoint whose model keys
+lack the `model.` prefix), loading only the model unless `initial_load_model_weights_only` is false.
+`exclude_from_loading` names top-level states to skip. `last_save_model_weights_only` makes the final
+save model-only, in `export_dtype`. `async_mode` async / async_with_pinned_mem overlaps the write with
+training (dcp.async_save); the rename happens at the next save or `close()`.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmlab.config import Checkpoint as CheckpointConfig
+from lmlab.distributed import DTYPES, Dist
+from lmlab.errors import UserError
+
+TMP_SUFFIX = ".tmp"
+META_FILE = "lmlab.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_PER_RANK = ("dataloader", "rng")
+_INTACT = "; earlier checkpoints are intact"
+
+
+# --- safe (de)serialization ------------------------------------------------------------------------
+
+def _pack(obj: Any) -> bytes:
+    """A state dict of arbitrary structure as one DCP value (a template need not match it on load)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner unpickles non-tensor values with weights_only=False; check them with weights_only first.
+
+    A value that passes holds only plain data and tensors, so DCP's own second read runs no pickled code.
+    """
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the classes DCP's `.metadata` file is made of."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def read_metadata(path: Path) -> Metadata:
+    """DCP's metadata of the checkpoint at `path`, read safely; UserError if it is missing or corrupt."""
+    file = path / ".metadata"
+    if not file.is_file():
+        raise UserError(f"{path} is not a DCP checkpoint (no .metadata file)")
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as exc:  # any unpickling failure means a corrupt or foreign file
+        raise UserError(f"{file} is corrupt or not DCP metadata: {_one_line(exc)}") from None
+    if not isinstance(metadata, Metadata):
+        raise UserError(f"{file} is not DCP metadata")
+    return metadata
+
+
+def _one_line(exc: BaseException) -> str:
+    """The root cause of `exc` in one line (DCP wraps per-rank failures in a CheckpointException)."""
+    failures = getattr(exc, "failures", None)
+    if failures:  # {rank: (exception, traceback)}
+        exc = next(iter(failures.values()))[0]
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# --- RNG -------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {**numpy_state, "state": {**numpy_state["state"], "key": torch.from_numpy(numpy_state["state"]["key"])}},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": numpy_state["state"]["key"].numpy()}})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- model weights ---------------------------------------------------------------------------------
+
+def _model_prefix(metadata: Metadata, model_sd: dict[str, torch.Tensor], source: Path) -> str:
+    """'model.' for lmlab's layout; '' for flame/torchtitan checkpoints that store model keys at the top.
+
+    UserError naming a missing weight or a shape mismatch (e.g. weights of another architecture).
+    """
+    saved = metadata.state_dict_metadata
+    prefix = "model." if any(f"model.{k}" in saved for k in model_sd) else ""
+    missing = [k for k in model_sd if prefix + k not in saved]
+    if missing:
+        raise UserError(
+            f"{source} lacks {len(missing)} of the model's {len(model_sd)} weights (e.g. {missing[0]}): "
+            "a checkpoint of another model architecture or config?"
+        )
+    for key, tensor in model_sd.items():
+        entry = saved[prefix + key]
+        if isinstance(entry, TensorStorageMetadata) and tuple(entry.size) != tuple(tensor.shape):
+            raise UserError(
+                f"{source}: {key} has shape {tuple(entry.size)} in the checkpoint but {tuple(tensor.shape)} in the "
+                "model: a checkpoint of another model config?"
+            )
+    return prefix
+
+
+def load_model_weights(model: nn.Module, path: Path) -> None:
+    """Load only the model weights of the DCP checkpoint at `path` (any layout above) into `model`."""
+    metadata = read_metadata(path)
+    model_sd = get_model_state_dict(model)
+    prefix = _model_prefix(metadata, model_sd, path)
+    load_state({"model": model_sd} if prefix else model_sd, path)  # fills model_sd's tensors in place
+    set_model_state_dict(model, model_sd)
+
+
+def load_state(state: dict[str, Any], path: Path) -> None:
+    """dcp.load of `state` (templates, filled in place) from `path`, safely, with one-line errors."""
+    read_metadata(path)  # refuses a .metadata that would run code when DCP unpickles it
+    try:
+        dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        raise UserError(f"cannot load checkpoint {path}: {_one_line(exc)}") from None
+
+
+def _model_config_json(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return config.to_json_string() if hasattr(config, "to_json_string") else None
+
+
+# --- the checkpointer ------------------------------------------------------------------------------
+
+def complete_steps(folder: Path) -> list[int]:
+    """The steps of the complete checkpoints (`step-N` with DCP metadata) in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = (_STEP_DIR.fullmatch(p.name) for p in folder.iterdir() if (p / ".metadata").is_file())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _agree(error: BaseException | None, dist: Dist, what: str, note: str = "") -> None:
+    """Raise on every rank if `error` happened on any (rank-0-only work must not leave others waiting)."""
+    if not dist.all_true(error is None):
+        reason = _one_line(error) if error is not None else "on another rank"
+        raise UserError(f"{what} failed ({reason}){note}")
+
+
+def _begin_write(target: Path, dist: Dist) -> Path:
+    """An empty temporary sibling of `target` for the ranks to write into."""
+    tmp = target.with_name(target.name + TMP_SUFFIX)
+    error = None
+    if dist.is_main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = exc
+    _agree(error, dist, f"saving checkpoint {target}", _INTACT)
+    return tmp
+
+
+def _save_failed(exc: BaseException, tmp: Path, target: Path, dist: Dist) -> UserError:
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return UserError(f"saving checkpoint {target} failed ({_one_line(exc)}){_INTACT}")
+
+
+def _finish_write(tmp: Path, target: Path, meta: dict[str, Any], config_json: str | None, dist: Dist) -> None:
+    """After every rank has written `tmp` (dcp.save returned), rank 0 adds lmlab.json and renames it."""
+    error = None
+    if dist.is_main:
+        try:
+            (tmp / META_FILE).write_text(json.dumps(meta))
+            if config_json is not None:
+                (tmp / "config.json").write_text(config_json)
+            tmp.rename(target)
+        except OSError as exc:
+            error = exc
+            shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error, dist, f"saving checkpoint {target}", _INTACT)
+
+
+def save_model_weights(model: nn.Module, target: Path, dist: Dist) -> None:
+    """Write a weights-only checkpoint at `target` (the layout `Checkpointer.load` and `initial_load_path` read)."""
+    tmp = _begin_write(target, dist)
+    try:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        raise _save_failed(exc, tmp, target, dist) from None
+    meta = {"step": 0, "world_size": dist.world_size, "model_weights_only": True}
+    _finish_write(tmp, target, meta, _model_config_json(model), dist)
+
+
+@dataclass
+class _PendingSave:
+    future: Future
+    tmp: Path
+    target: Path
+    meta: dict[str, Any]
+    config_json: str | None
+
+
+class Checkpointer:
+    """Saves and restores the training state under `<dump_folder>/<cfg.folder>/step-N` (see the module doc)."""
+
+    def __init__(self, dump_folder: str | Path, cfg: CheckpointConfig, dist: Dist) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.folder = Path(dump_folder) / cfg.folder
+        self.enabled = cfg.enable_checkpoint
+        self._pending: _PendingSave | None = None
+        self._writer: dcp.FileSystemWriter | None = None  # reused by async saves (keeps pinned buffers)
+        # An async save's collectives run in a background thread: give them their own group, so they
+        # never interleave with the training loop's collectives on the default one.
+        self._async_group = None
+        if self.enabled and cfg.async_mode != "disabled" and dist.initialized:
+            self._async_group = torch.distributed.new_group(backend="gloo")
+        if self.enabled:
+            if dist.is_main and self.folder.is_dir():
+                for leftover in self.folder.glob(f"*{TMP_SUFFIX}"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            dist.barrier()
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints, oldest first."""
+        return complete_steps(self.folder)
+
+    def step_dir(self, step: int) -> Path:
+        return self.folder / f"step-{step}"
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return self.enabled and (step % self.cfg.interval == 0 or step == last_step)
+
+    # -- saving --
+
+    def save(self, step: int, states: dict[str, Any], *, final: bool = False) -> None:
+        """Write `step-N` (unless checkpointing is off or that step is already saved).
+
+        `final`: the run's last save; model weights only (in `export_dtype`) with `last_save_model_weights_only`.
+        """
+        if not self.enabled:
+            return
+        self.wait()
+        target = self.step_dir(step)
+        if target.is_dir():
+            return
+        weights_only = final and self.cfg.last_save_model_weights_only
+        state = self._state_to_save(states, weights_only)
+        meta = {"step": step, "world_size": self.dist.world_size, "model_weights_only": weights_only}
+        config_json = _model_config_json(states["model"])
+        tmp = _begin_write(target, self.dist)
+        try:
+            if self.cfg.async_mode == "disabled":
+                dcp.save(state, checkpoint_id=tmp)
+            else:
+                if self._writer is None:
+                    pinned = self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available()
+                    self._writer = dcp.FileSystemWriter(tmp, cache_staged_state_dict=pinned)
+                future = dcp.async_save(
+                    state, checkpoint_id=tmp, storage_writer=self._writer, process_group=self._async_group
+                )
+                self._pending = _PendingSave(future, tmp, target, meta, config_json)
+                return
+        except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+            raise _save_failed(exc, tmp, target, self.dist) from None
+        self._complete(tmp, target, meta, config_json)
+
+    def wait(self) -> None:
+        """Finish a pending async save (rename it into place)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+            raise _save_failed(exc, pending.tmp, pending.target, self.dist) from None
+        self._complete(pending.tmp, pending.target, pending.meta, pending.config_json)
+
+    def close(self) -> None:
+        self.wait()
+
+    def _state_to_save(self, states: dict[str, Any], weights_only: bool) -> dict[str, Any]:
+        model = states["model"]
+        model_sd = get_model_state_dict(model)
+        if weights_only:
+            dtype = DTYPES[self.cfg.export_dtype]
+            return {"model": {k: v.to(dtype) for k, v in model_sd.items()}}
+        state: dict[str, Any] = {"model": model_sd}
+        rank_key = f"rank{self.dist.rank}"
+        for name, obj in states.items():
+            if name == "optimizer":
+                state[name] = get_optimizer_state_dict(model, obj)
+            elif name in _PER_RANK:
+                state[name] = {rank_key: _pack(obj.state_dict())}
+            elif name != "model":
+                state[name] = _pack(obj.state_dict())
+        state["rng"] = {rank_key: _pack(_rng_state())}
+        return state
+
+    def _complete(self, tmp: Path, target: Path, meta: dict[str, Any], config_json: str | None) -> None:
+        _finish_write(tmp, target, meta, config_json, self.dist)
+        error = None
+        if self.dist.is_main and self.cfg.keep_latest_k > 0:
+            try:
+                for step in self.steps()[: -self.cfg.keep_latest_k]:
+                    doomed = self.step_dir(step)
+                    # rename first: a deletion cut short leaves a *.tmp directory, never a partial step-N
+                    trash = doomed.with_name(doomed.name + ".deleted" + TMP_SUFFIX)
+                    doomed.rename(trash)
+                    shutil.rmtree(trash)
+            except OSError as exc:
+                error = exc
+        _agree(error, self.dist, f"deleting checkpoints older than {target.name} (keep_latest_k)")
+
+    # -- loading --
+
+    def load(self, states: dict[str, Any]) -> int:
+        """Restore `states` in place from the checkpoint chosen by the config; return its step (0 if none)."""
+        if not self.enabled:
+            return 0
+        unknown = set(self.cfg.exclude_from_loading) - set(states) - {"rng"}
+        if unknown:
+            raise UserError(
+                f"--checkpoint.exclude_from_loading: unknown state {sorted(unknown)[0]!r}; "
+                f"choose from {', '.join(sorted([*states, 'rng']))}"
+            )
+        steps = self.steps()
+        if self.cfg.load_step >= 0:
+            if self.cfg.load_step not in steps:
+                available = ", ".join(map(str, steps)) or "none"
+                raise UserError(
+                    f"--checkpoint.load_step {self.cfg.load_step}: no complete checkpoint step-{self.cfg.load_step} "
+                    f"in {self.folder} (available: {available})"
+                )
+            return self._load_step_dir(self.step_dir(self.cfg.load_step), states)
+        if steps:
+            return self._load_step_dir(self.step_dir(steps[-1]), states)
+        if self.cfg.initial_load_path:
+            path = Path(self.cfg.initial_load_path)
+            if self.cfg.initial_load_model_weights_only:
+                load_model_weights(states["model"], path)
+                return 0
+            return self._load_step_dir(path, states)
+        return 0
+
+    def _load_step_dir(self, path: Path, states: dict[str, Any]) -> int:
+        metadata = read_metadata(path)
+        meta_file = path / META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        step = int(meta.get("step", 0))
+        if meta.get("model_weights_only"):
+            load_model_weights(states["model"], path)
+            return step
+        saved_groups = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+        wanted = [name for name in [*states, "rng"] if name not in self.cfg.exclude_from_loading]
+        if meta.get("world_size", self.dist.world_size) != self.dist.world_size:
+            if "dataloader" in wanted and "dataloader" in saved_groups:
+                raise UserError(
+                    f"{path} was saved by {meta['world_size']} ranks and this run has {self.dist.world_size}: the data "
+                    "loader state cannot be resharded; pass --checkpoint.exclude_from_loading dataloader to restart "
+                    "the data stream (model and optimizer do reshard)"
+                )
+            wanted = [name for name in wanted if name not in _PER_RANK]
+        missing = [name for name in wanted if name not in saved_groups]
+        if missing:
+            raise UserError(
+                f"{path} holds no {missing[0]!r} state; pass --checkpoint.exclude_from_loading {missing[0]} to start it fresh"
+            )
+
+        model = states["model"]
+        rank_key = f"rank{self.dist.rank}"
+        state: dict[str, Any] = {}
+        for name in wanted:
+            if name == "model":
+                model_sd = get_model_state_dict(model)
+                if _model_prefix(metadata, model_sd, path) != "model.":
+                    raise UserError(
+                        f"{path} is not an lmlab checkpoint (model keys at the top level, as flame writes them); "
+                        "load its weights with --checkpoint.initial_load_path"
+                    )
+                state[name] = model_sd
+            elif name == "optimizer":
+                state[name] = get_optimizer_state_dict(model, states[name])
+            elif name in _PER_RANK:
+                state[name] = {rank_key: b""}
+            else:
+                state[name] = b""
+        load_state(state, path)
+
+        for name, value in state.items():
+            if name == "model":
+                set_model_state_dict(model, value)
+            elif name == "optimizer":
+                set_optimizer_state_dict(model, states[name], value)
+            elif name == "rng":
+                _set_rng_state(_unpack(value[rank_key]))
+            elif name in _PER_RANK:
+                states[name].load_state_dict(_unpack(value[rank_key]))
+            else:
+                states[name].load_state_dict(_unpack(value))
+        return step
+
+
+# --- HF export -------------------------------------------------------------------------------------
+
+def write_hf(
+    state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out_dir: str | Path, dtype: str | torch.dtype
+) -> None:
+    """Write `config.json` + `model.safetensors` (+ tokenizer files) into `out_dir`, file by file atomically.
+
+    Files are written into a temporary sibling folder, then moved over the old export's files; any other
+    file in `out_dir` (checkpoints, logs, metrics) is left alone.
+    """
+    out_dir = Path(out_dir)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tmp = out_dir / f".hf-export{TMP_SUFFIX}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, value in state_dict.items():
+            value = value.detach().to("cpu", dtype).contiguous()
+            if value.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+                value = value.clone()
+            seen.add(value.data_ptr())
+            tensors[key] = value
+        safetensors.torch.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = copy.deepcopy(config)  # the live model's config keeps its dtype
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # weights first, config last: a reader never sees a new config next to old weights for long
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(tmp / name, out_dir / name)
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise UserError(f"writing the HF export to {out_dir} failed ({_one_line(exc)}); the previous export is intact") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, dtype: str | torch.dtype, dist: Dist) -> None:
+    """Gather the full weights (a collective: call on every rank); rank 0 writes the HF model into `out_dir`.
+
+    Afterwards `AutoModelForCausalLM.from_pretrained(out_dir)` works (after `import lmlab` for lmlab's types).
+    """
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error = None
+    if dist.is_main:
+        try:
+            write_hf(full, model.config, tokenizer, out_dir, dtype)
+        except UserError as exc:
+            error = exc
+    if not dist.all_true(error is None):
+        raise error if error is not None else UserError(f"writing the HF export to {out_dir} failed on rank 0")
