@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "plot": ("lmlab.plot", "loss and lr curves of runs as a PNG"),
     "report": ("lmlab.eval.report", "a Markdown/CSV table of evaluation results"),
     "convert": ("lmlab.convert", "dcp-to-hf / hf-to-dcp checkpoint conversion"),
-    "bench-data": ("bench.data_bench", "data loader throughput"),
+    "bench-data": ("lmlab.bench_data", "data loader throughput (tokens/s per worker)"),
 }
 
 

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             "LMLAB_ERROR_FILE": str(error_file),
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+            # Each data worker tokenizes on one thread; a thread pool per worker would oversubscribe the CPUs.
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
         }
         command = [
             sys.executable, "-m", "torch.distributed.run",
