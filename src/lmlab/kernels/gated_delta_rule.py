@@ -1,0 +1,117 @@
+"""The gated delta rule (Gated DeltaNet), fla 0.6.0 semantics.
+
+For each sequence and head, with a state S ∈ R^{K×V} (S_0 = initial_state or 0) and a log-decay g_t <= 0:
+    S'_t = exp(g_t) S_{t-1}
+    S_t  = S'_t + β_t k_t (v_t − S'_tᵀ k_t)ᵀ
+    o_t  = S_tᵀ (scale · q_t),   scale = K^{-1/2} by default
+q and k are expected L2-normalised by the caller. Implementations: `gated_delta_rule_recurrent_torch`
+(the specification, step by step), `gated_delta_rule_chunk_torch` (chunkwise WY form, see
+`recurrent_common.delta_chunk_torch`), fla's Triton kernels; `gated_delta_rule` dispatches.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmlab.kernels import dispatch
+from lmlab.kernels.recurrent_common import (
+    CHUNK_SIZE,
+    State,
+    default_scale,
+    delta_chunk_torch,
+    fla_health_check,
+    needs_grad,
+    recurrent_torch,
+    triton_version,
+    use_recurrent,
+    varlen_call,
+)
+
+OP = "gated_delta_rule"
+
+
+def gated_delta_rule_recurrent_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State]:
+    """Step-by-step gated delta rule: the reference, and the fast path for decoding a few tokens."""
+    return varlen_call(
+        recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state,
+        scale=default_scale(q, scale), output_final_state=output_final_state,
+    )
+
+
+def gated_delta_rule_chunk_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, State]:
+    """Chunkwise-parallel gated delta rule (WY representation), float32 inside."""
+    return varlen_call(
+        delta_chunk_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state,
+        scale=default_scale(q, scale), output_final_state=output_final_state, chunk_size=chunk_size,
+    )
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, State]:
+    """Gated delta rule on q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H]; states [N,H,K,V] float32."""
+    recurrent = use_recurrent(q, k, v, g, beta, initial_state)
+    if dispatch.choose(OP, q, backend) == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+        # fla's fused_recurrent kernel has no backward; use_recurrent() only picks it without gradients
+        kernel = fused_recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
+        return kernel(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    kernel = gated_delta_rule_recurrent_torch if recurrent else gated_delta_rule_chunk_torch
+    return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+# fla issue #640: on Hopper GPUs, triton < 3.7.1 miscompiles fla's gated backward (wrong results / raises)
+TRITON_BREAKS_HOPPER_BACKWARD = triton_version() < (3, 7, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def _health_check(x: torch.Tensor) -> str | None:
+    reason = fla_health_check(x)
+    # Only `x` (q) reaches the check; in a model q, k, v, g and beta all require grad together.
+    if reason is None and TRITON_BREAKS_HOPPER_BACKWARD and needs_grad(x) and _is_hopper(x.device.index):
+        reason = "fla's gated delta rule backward is wrong on Hopper GPUs with triton < 3.7.1 (fla issue #640)"
+    return reason
+
+
+dispatch.register_health_check(OP, _health_check)

@@ -1,0 +1,165 @@
+"""Gated linear attention (GLA), fla 0.6.0 semantics.
+
+For each sequence and head, with a state S ∈ R^{K×V} (S_0 = initial_state or 0) and a per-key-dim
+log-decay gk_t ∈ R^K (<= 0):
+    S_t = diag(exp(gk_t)) S_{t-1} + k_t v_tᵀ
+    o_t = S_tᵀ (scale · q_t),   scale = K^{-1/2} by default
+Implementations: `gla_recurrent_torch` (the specification, step by step), `gla_chunk_torch`
+(chunkwise, below), fla's Triton kernels; `gla` dispatches.
+
+Chunkwise form: inside a chunk with start state S0 and cumulative log-decay b_t = Σ_{s<=t} gk_s,
+    o_t = (q_t ⊙ exp(b_t))ᵀ S0 + Σ_{j<=t} A_tj v_j,   A_tj = Σ_d q_td k_jd exp(b_td − b_jd)
+    S_C = diag(exp(b_C)) S0 + Σ_j (k_j ⊙ exp(b_C − b_j)) v_jᵀ
+Every exponent there is <= 0 except inside A, which is computed without overflow as fla does: the
+chunk is cut into sub-chunks; for keys before a query's sub-chunk, A = (q ⊙ exp(b − b_r)) (k ⊙ exp(b_r − b))ᵀ
+with r the first position of the query's sub-chunk (both factors <= 1); on the diagonal sub-chunks the
+[c, c, K] products are formed explicitly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmlab.kernels import dispatch
+from lmlab.kernels.recurrent_common import (
+    CHUNK_SIZE,
+    DocResets,
+    State,
+    causal_mask,
+    default_scale,
+    fla_health_check,
+    from_chunks,
+    recurrent_torch,
+    scan_chunks,
+    to_chunks,
+    use_recurrent,
+    varlen_call,
+)
+
+OP = "gla"
+SUB_CHUNK = 16
+
+
+def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, b: torch.Tensor, sub: int) -> torch.Tensor:
+    """A_tj = Σ_d q_td k_jd exp(b_td − b_jd) for j <= t, else 0; inputs [..., C, K], output [..., C, C]."""
+    *lead, C, K = q.shape
+    n_sub = C // sub
+    ref = b[..., ::sub, :]  # [..., NS, K]: b at the first position of each sub-chunk
+    first = torch.arange(0, C, sub, device=q.device)
+    # keys strictly before each query sub-chunk, rescaled to that sub-chunk's reference point
+    before = torch.arange(C, device=q.device) < first[:, None]  # [NS, C]
+    k_exp = torch.where(before[..., None], ref[..., :, None, :] - b[..., None, :, :], float("-inf")).exp()
+    k_ref = k[..., None, :, :] * k_exp  # [..., NS, C, K]
+    q_sub = q.reshape(*lead, n_sub, sub, K)
+    q_ref = q_sub * (b.reshape(*lead, n_sub, sub, K) - ref[..., None, :]).exp()
+    scores = q_ref @ k_ref.transpose(-1, -2)  # [..., NS, sub, C]
+    # diagonal sub-chunks, exactly
+    b_sub = b.reshape(*lead, n_sub, sub, K)
+    k_sub = k.reshape(*lead, n_sub, sub, K)
+    diag_exp = torch.where(
+        causal_mask(sub, q.device)[..., None], b_sub[..., :, None, :] - b_sub[..., None, :, :], float("-inf")
+    ).exp()
+    diag = torch.einsum("...tk,...jk,...tjk->...tj", q_sub, k_sub, diag_exp)  # [..., NS, sub, sub]
+    eye = torch.eye(n_sub, device=q.device, dtype=q.dtype)
+    scores = scores.reshape(*lead, n_sub, sub, n_sub, sub) + torch.einsum("...atj,ac->...atcj", diag, eye)
+    return scores.reshape(*lead, C, C)
+
+
+def _gla_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+    resets: DocResets | None = None,
+) -> tuple[torch.Tensor, State]:
+    B, T, H, K = k.shape
+    dtype = v.dtype
+    q, k, v = (to_chunks(x, chunk_size) for x in (q * scale, k, v))  # [NC,B,H,C,D]
+    b = to_chunks(gk, chunk_size).cumsum(-2)
+    scores = _intra_chunk_scores(q, k, b, math.gcd(SUB_CHUNK, chunk_size))
+    q_decayed = q * b.exp()
+    kv = (k * (b[..., -1:, :] - b).exp()).transpose(-1, -2) @ v  # [NC,B,H,K,V]
+    chunk_decay = b[..., -1, :, None].exp()  # [NC,B,H,K,1]
+
+    kv, chunk_decay = kv.unbind(0), chunk_decay.unbind(0)  # see delta_chunk_torch
+
+    def step(S: torch.Tensor, i: int) -> tuple[torch.Tensor, None]:
+        return S * chunk_decay[i] + kv[i], None
+
+    S0 = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float()
+    starts, _, S = scan_chunks(S0, step, q.shape[0], resets)
+    o = q_decayed @ starts + scores @ v
+    return from_chunks(o, T, dtype), (S if output_final_state else None)
+
+
+def gla_recurrent_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State]:
+    """Step-by-step GLA: the reference, and the fast path for decoding a few tokens."""
+    return varlen_call(
+        recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, gk=gk), initial_state,
+        scale=default_scale(q, scale), output_final_state=output_final_state,
+    )
+
+
+def gla_chunk_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, State]:
+    """Chunkwise-parallel GLA, float32 inside."""
+    return varlen_call(
+        _gla_chunk, cu_seqlens, dict(q=q, k=k, v=v, gk=gk), initial_state,
+        scale=default_scale(q, scale), output_final_state=output_final_state, chunk_size=chunk_size,
+    )
+
+
+def gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, State]:
+    """GLA on q, k, gk [B,T,H,K], v [B,T,H,V]; states [N,H,K,V] float32."""
+    recurrent = use_recurrent(q, k, v, gk, initial_state)
+    if dispatch.choose(OP, q, backend) == "fla":
+        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+        if recurrent:
+            return fused_recurrent_gla(q, k, v, gk=gk, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return chunk_gla(q, k, v, g=gk, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    kernel = gla_recurrent_torch if recurrent else gla_chunk_torch
+    return kernel(q, k, v, gk, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+dispatch.register_health_check(OP, fla_health_check)

@@ -1,0 +1,345 @@
+"""The recurrent kernels: chunkwise vs step-by-step, varlen, padding, fla's references, dispatch.
+
+CPU tests are fp32 on tiny shapes; `gpu` tests compare the torch kernels with fla's Triton kernels in
+bf16 at 340M-like shapes (fla parts skip when fla is not installed).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.kernels import delta_rule as dr
+from lmlab.kernels import gated_delta_rule as gdr
+from lmlab.kernels import gla as gla_mod
+
+# op -> (dispatching function, recurrent reference, chunk kernel, names of the gate inputs in call order)
+OPS = {
+    "delta_rule": (dr.delta_rule, dr.delta_rule_recurrent_torch, dr.delta_rule_chunk_torch, ("beta",)),
+    "gated_delta_rule": (
+        gdr.gated_delta_rule, gdr.gated_delta_rule_recurrent_torch, gdr.gated_delta_rule_chunk_torch, ("g", "beta")
+    ),
+    "gla": (gla_mod.gla, gla_mod.gla_recurrent_torch, gla_mod.gla_chunk_torch, ("gk",)),
+}
+
+
+def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, *, seed: int = 0, device="cpu",
+                dtype=torch.float32) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x = dict(q=F.normalize(randn(B, T, H, K), dim=-1), k=F.normalize(randn(B, T, H, K), dim=-1), v=randn(B, T, H, V))
+    if op == "gla":
+        x["q"], x["k"] = randn(B, T, H, K), randn(B, T, H, K)
+        x["gk"] = F.logsigmoid(randn(B, T, H, K)) / 4
+    else:
+        x["beta"] = torch.rand(B, T, H, generator=gen)
+    if op == "gated_delta_rule":
+        x["g"] = F.logsigmoid(randn(B, T, H) + 2)
+    return {name: t.to(device=device, dtype=dtype) for name, t in x.items()}
+
+
+def positional(op: str, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (x["q"], x["k"], x["v"], *(x[name] for name in OPS[op][3]))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, absolute below ||b|| = 1 (a gradient can be exactly zero, e.g. d/dg at T = 1)."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1.0)).item()
+
+
+def run_with_grads(fn, op, x, h0, **kwargs):
+    """Outputs, final state and the gradients of a fixed random loss w.r.t. every input and h0."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in x.items()}
+    if h0 is not None:
+        leaves["h0"] = h0.detach().clone().requires_grad_()
+    o, state = fn(*positional(op, leaves), initial_state=leaves.get("h0"), output_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    loss = (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
+    loss = loss + (state * torch.randn(state.shape, generator=gen).to(state.device)).sum()
+    loss.backward()
+    return o, state, {name: t.grad for name, t in leaves.items()}
+
+
+def assert_close_all(got, ref, tol):
+    o, s, grads = got
+    o_ref, s_ref, grads_ref = ref
+    assert rel_err(o, o_ref) < tol, ("output", rel_err(o, o_ref))
+    assert rel_err(s, s_ref) < tol, ("final state", rel_err(s, s_ref))
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < tol, (f"grad {name}", rel_err(grads[name], grads_ref[name]))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T,with_h0", [(1, False), (37, True), (128, False), (130, True)])
+def test_chunk_matches_recurrent(op, T, with_h0):
+    _, recurrent, chunk, _ = OPS[op]
+    B, H, K, V = 2, 2, 16, 24
+    x = make_inputs(op, B, T, H, K, V)
+    h0 = torch.randn(B, H, K, V) if with_h0 else None
+    ref = run_with_grads(recurrent, op, x, h0)
+    assert_close_all(run_with_grads(chunk, op, x, h0), ref, 1e-5)
+    # several chunks even for T = 37, and a chunk size that is not a power of two
+    for chunk_size in (16, 24):
+        assert_close_all(run_with_grads(chunk, op, x, h0, chunk_size=chunk_size), ref, 1e-5)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_does_not_lower_precision(op):
+    """Under bf16 autocast (as in training) the kernels still compute in float32."""
+    _, recurrent, chunk, _ = OPS[op]
+    x = make_inputs(op, 1, 70, 2, 8, 8)
+    for fn in (recurrent, chunk):
+        o, s = fn(*positional(op, x), output_final_state=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o_amp, s_amp = fn(*positional(op, x), output_final_state=True)
+        assert o_amp.dtype == torch.float32 and rel_err(o_amp, o) < 1e-6 and rel_err(s_amp, s) < 1e-6
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "gla"])
+def test_strong_decay_is_stable(op):
+    """Log-decays far below fp32's exp range inside one chunk must not overflow (no NaN/inf)."""
+    _, recurrent, chunk, _ = OPS[op]
+    x = make_inputs(op, 1, 70, 2, 8, 8)
+    gate = "gk" if op == "gla" else "g"
+    x[gate] = torch.full_like(x[gate], -5.0)  # 64 steps of -5: exp(-320) underflows, exp(+320) would overflow
+    h0 = torch.randn(1, 2, 8, 8)
+    got = run_with_grads(chunk, op, x, h0)
+    assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2].values()))
+    # gate gradients come out of a cumsum, which costs a little precision at such decays
+    assert_close_all(got, run_with_grads(recurrent, op, x, h0), 1e-4)
+
+
+VARLEN_LENGTHS = [5, 70, 0, 1, 30]  # an empty document too; with chunk size 16 several share a row
+
+
+def _varlen_inputs(op):
+    lengths = torch.tensor(VARLEN_LENGTHS)
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    x = make_inputs(op, 1, int(lengths.sum()), 2, 8, 12, seed=3)
+    return x, torch.randn(len(VARLEN_LENGTHS), 2, 8, 12), cu_seqlens
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", ["recurrent", "chunk", "chunk16", "dispatch"])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_varlen_equals_separate_documents(op, impl, with_h0):
+    dispatch_fn, recurrent, chunk, _ = OPS[op]
+    fn = {"dispatch": dispatch_fn, "recurrent": recurrent, "chunk": chunk,
+          "chunk16": functools.partial(chunk, chunk_size=16)}[impl]
+    x, h0, cu_seqlens = _varlen_inputs(op)
+    h0 = h0 if with_h0 else None
+    o, states = fn(*positional(op, x), initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    assert o.shape == x["v"].shape and states.shape == (len(VARLEN_LENGTHS), *states.shape[1:])
+    for n, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        doc = {name: t[:, start:end] for name, t in x.items()}
+        h0_doc = None if h0 is None else h0[n:n + 1]
+        o_ref, s_ref = recurrent(*positional(op, doc), initial_state=h0_doc, output_final_state=True)
+        if end > start:
+            assert rel_err(o[:, start:end], o_ref) < 1e-5
+        assert rel_err(states[n:n + 1], s_ref) < 1e-5 if end > start or with_h0 else states[n].abs().max() == 0
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_varlen_chunk_gradients(op):
+    _, recurrent, chunk, _ = OPS[op]
+    x, h0, cu_seqlens = _varlen_inputs(op)
+    ref = run_with_grads(recurrent, op, x, h0, cu_seqlens=cu_seqlens)
+    assert_close_all(run_with_grads(chunk, op, x, h0, cu_seqlens=cu_seqlens, chunk_size=16), ref, 1e-5)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_padding_is_inert(op, impl):
+    """Left padding and holes with k = v = 0, beta = 0, log-decay = 0 change neither state nor outputs."""
+    fn = OPS[op][1] if impl == "recurrent" else OPS[op][2]
+    x = make_inputs(op, 1, 40, 2, 8, 8, seed=5)
+    h0 = torch.randn(1, 2, 8, 8)
+    pad_before, hole_at, hole = 30, 20, 50  # crosses chunk boundaries
+
+    def inert(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
+        filler = t.new_zeros(t.shape[0], n, *t.shape[2:])
+        return filler.normal_() if name == "q" else filler  # queries at padding are arbitrary
+
+    padded = {
+        name: torch.cat([inert(t, pad_before, name), t[:, :hole_at], inert(t, hole, name), t[:, hole_at:]], dim=1)
+        for name, t in x.items()
+    }
+    o, s = fn(*positional(op, x), initial_state=h0, output_final_state=True)
+    o_pad, s_pad = fn(*positional(op, padded), initial_state=h0, output_final_state=True)
+    real = torch.cat([o_pad[:, pad_before:pad_before + hole_at], o_pad[:, pad_before + hole_at + hole:]], dim=1)
+    assert rel_err(s_pad, s) < 1e-5
+    assert rel_err(real, o) < 1e-5
+
+
+def _load_fla_naive(op_dir: str):
+    """fla's pure-PyTorch reference module, loaded from its file so fla's Triton package is not imported."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("fla is not installed")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "ops" / op_dir / "naive.py"
+    if not path.exists():
+        pytest.skip(f"fla has no {path}")
+    if importlib.util.find_spec("einops") is None:
+        pytest.skip("fla's naive references need einops")
+    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{op_dir}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_matches_fla_naive_delta_rule(with_h0):
+    naive = _load_fla_naive("delta_rule")
+    x = make_inputs("delta_rule", 2, 37, 2, 16, 24)
+    h0 = torch.randn(2, 2, 16, 24) if with_h0 else None
+    o, s = dr.delta_rule_chunk_torch(*positional("delta_rule", x), initial_state=h0, output_final_state=True)
+    head_first = [t.transpose(1, 2).contiguous() for t in (x["q"], x["k"], x["v"], x["beta"])]
+    o_ref, s_ref = naive.delta_rule_recurrence(*head_first, initial_state=h0, output_final_state=True)
+    assert rel_err(o, o_ref.transpose(1, 2)) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    # fla's own chunkwise reference (T a multiple of its chunk size, no initial state)
+    x = make_inputs("delta_rule", 2, 64, 2, 16, 24)
+    o, s = dr.delta_rule_chunk_torch(*positional("delta_rule", x), output_final_state=True)
+    head_first = [t.transpose(1, 2).contiguous() for t in (x["q"], x["k"], x["v"], x["beta"])]
+    o_ref, s_ref = naive.delta_rule_chunkwise(*head_first)
+    assert rel_err(o, o_ref.transpose(1, 2)) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_matches_fla_naive_gated_delta_rule(with_h0):
+    naive = _load_fla_naive("gated_delta_rule")
+    x = make_inputs("gated_delta_rule", 2, 70, 2, 16, 24)
+    h0 = torch.randn(2, 2, 16, 24) if with_h0 else None
+    o, s = gdr.gated_delta_rule_chunk_torch(*positional("gated_delta_rule", x), initial_state=h0,
+                                            output_final_state=True)
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    for o_ref, s_ref in (
+        naive.naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True),
+        naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True),
+    ):
+        assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_matches_fla_naive_gla(with_h0):
+    naive = _load_fla_naive("gla")
+    x = make_inputs("gla", 2, 70, 2, 16, 24)
+    h0 = torch.randn(2, 2, 16, 24) if with_h0 else None
+    o, s = gla_mod.gla_chunk_torch(*positional("gla", x), initial_state=h0, output_final_state=True)
+    o_ref, s_ref = naive.naive_recurrent_gla(*positional("gla", x), initial_state=h0, output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_dispatch_on_cpu(op):
+    dispatch_fn, recurrent, _, _ = OPS[op]
+    x = make_inputs(op, 1, 3, 2, 8, 8, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning on CPU
+        o, s = dispatch_fn(*positional(op, x), output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    o_ref, _ = recurrent(*positional(op, x))
+    assert torch.equal(o, o_ref)
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        dispatch_fn(*positional(op, x), backend="fla")
+
+
+def test_gated_delta_rule_hopper_check(monkeypatch):
+    monkeypatch.setattr(gdr, "fla_health_check", lambda x: None)
+    monkeypatch.setattr(gdr, "_is_hopper", lambda index: True)
+    monkeypatch.setattr(gdr, "TRITON_BREAKS_HOPPER_BACKWARD", True)
+    q = torch.zeros(1, 1, 1, 4)
+    assert gdr._health_check(q) is None  # inference needs no backward
+    assert "#640" in gdr._health_check(q.requires_grad_())
+    with torch.no_grad():
+        assert gdr._health_check(q) is None
+    monkeypatch.setattr(gdr, "TRITON_BREAKS_HOPPER_BACKWARD", False)  # triton >= 3.7.1
+    assert gdr._health_check(q) is None
+    monkeypatch.setattr(gdr, "TRITON_BREAKS_HOPPER_BACKWARD", True)
+    monkeypatch.setattr(gdr, "_is_hopper", lambda index: False)
+    assert gdr._health_check(q) is None
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+GPU_SHAPES = {  # 340M-like: B, T, H, K, V
+    "delta_rule": (2, 2048, 8, 128, 128),
+    "gated_delta_rule": (2, 2048, 6, 256, 512),
+    "gla": (2, 2048, 4, 128, 256),
+}
+
+
+def _fla_or_skip():
+    from lmlab.kernels import dispatch
+
+    if dispatch.fla_unavailable_reason() is not None or importlib.util.find_spec("fla") is None:
+        pytest.skip(f"fla cannot run here: {dispatch.fla_unavailable_reason() or 'fla is not installed'}")
+
+
+def _gpu_inputs(op, varlen):
+    B, T, H, K, V = GPU_SHAPES[op]
+    x = make_inputs(op, B, T, H, K, V, seed=7, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    if not varlen:
+        return x, h0, {}
+    x = {name: t.reshape(1, B * T, *t.shape[2:]) for name, t in x.items()}
+    cu_seqlens = torch.tensor([0, 100, 1000, 1001, 2048, 3000, B * T], dtype=torch.int32, device="cuda")
+    return x, torch.randn(len(cu_seqlens) - 1, H, K, V, device="cuda"), {"cu_seqlens": cu_seqlens}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gpu_fla_matches_torch_chunk(op, varlen):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _fla_or_skip()
+    dispatch_fn, _, chunk, _ = OPS[op]
+    x, h0, kwargs = _gpu_inputs(op, varlen)
+    fla_fn = functools.partial(dispatch_fn, backend="fla")
+    if op == "gated_delta_rule" and gdr._health_check(x["q"].detach().requires_grad_()) is not None:
+        # fla's backward is known-bad here (the dispatcher refuses it): compare the forward only
+        with torch.no_grad():
+            o, s = fla_fn(*positional(op, x), initial_state=h0, output_final_state=True, **kwargs)
+            o_ref, s_ref = chunk(*positional(op, x), initial_state=h0, output_final_state=True, **kwargs)
+        assert rel_err(o, o_ref) < 1e-2 and rel_err(s, s_ref) < 1e-2
+        return
+    ref = run_with_grads(chunk, op, x, h0, **kwargs)
+    assert_close_all(run_with_grads(fla_fn, op, x, h0, **kwargs), ref, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gpu_torch_chunk_matches_recurrent(op, varlen):
+    """The torch backend on CUDA (bf16 inputs, fp32 inside) against the step-by-step reference in fp32."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dispatch_fn, recurrent, _, _ = OPS[op]
+    x, h0, kwargs = _gpu_inputs(op, varlen)
+    x = {name: t[:, :512] for name, t in x.items()}  # keeps the step-by-step reference's loop short
+    if varlen:
+        kwargs["cu_seqlens"] = torch.tensor([0, 100, 300, 301, 512], dtype=torch.int32, device="cuda")
+        h0 = h0[:4]
+    ref = run_with_grads(recurrent, op, {n: t.float() for n, t in x.items()}, h0, **kwargs)
+    got = run_with_grads(lambda *a, **kw: dispatch_fn(*a, backend="torch", **kw), op, x, h0, **kwargs)
+    assert got[0].dtype == torch.bfloat16
+    assert_close_all(got, ref, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_chunk_compiles(op):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _, _, chunk, _ = OPS[op]
+    x, h0, _ = _gpu_inputs(op, varlen=False)
+    compiled = torch.compile(chunk, fullgraph=True)
+    ref = run_with_grads(chunk, op, x, h0)
+    assert_close_all(run_with_grads(compiled, op, x, h0), ref, 1e-2)
