@@ -1,0 +1,1 @@
+"""Evaluation entry points: `python -m evals.harness ...` (lm-eval's CLI with lmlab registered)."""

@@ -1,0 +1,132 @@
+"""FDA by the JRT/Based protocol: `launch_hf.py -t based_fda --context_length 1000 --answer_length 50
+--cutting_context --limit -1 -p` (the "Just read twice" repo's launcher, re-implemented).
+
+Per document of hazyresearch/based-fda (validation; fields text, key, value):
+1. with --cutting_context, drop the document if its value is empty or 1 character; strip the text;
+   find the earliest case-insensitive mention of the key or the value; keep a window of at most
+   `context_length - answer_length` tokens starting `window // 2` tokens before it (measured with the
+   model's tokenizer, special tokens included, as the reference script does); when neither is found the
+   anchor is the end of the text less its last character, so roughly the last `window // 2` tokens are
+   kept; decode the window without special tokens;
+2. prompt: remove trailing "<key>:" (case-insensitive), strip "\\n" then "." at both ends, add "." if
+   missing, append " " + the key with its first letter upper-cased + ":" (e.g. "... . Applicant:");
+3. lm-eval's fda request: greedy, at most 48 new tokens, cut at the first "\\n" (and at EOS); the prompt is
+   encoded without BOS (`add_bos_token=False`);
+4. lm-eval's `contains` (case-insensitive search of the escaped value) against the unstripped value.
+
+`--limit N` counts documents after step 1's drop (the reference script counted before). Steps 1-2 are the
+functions below; the task is `based_fda` (lmlab.eval.tasks.recall.BasedFDA), run through lm-eval by
+`lmlab.eval.harness`, so the results JSON and the samples are lm-eval's own. `main` adds a compact
+`records_<task>_<date>.jsonl` (prompt, generation, target, hit) beside lm-eval's samples file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.utils import sanitize_model_name
+from transformers import PreTrainedTokenizerBase
+
+from lmlab.eval import harness
+
+
+def keep_doc(doc: dict[str, Any]) -> bool:
+    """The reference script drops documents whose value is empty or a single character."""
+    return len(doc["value"]) > 1
+
+
+def window_text(tokenizer: PreTrainedTokenizerBase, text: str, needles: list[str], window: int) -> str:
+    """At most `window` tokens of `text` around the earliest case-insensitive mention of any needle."""
+    text = text.strip()
+    ids = tokenizer(text)["input_ids"]
+    found = [m.start() for needle in needles if (m := re.search(re.escape(needle), text, re.IGNORECASE))]
+    position = min(found) if found else -1  # -1: text[:-1] below, the reference script's "not found"
+    anchor = len(tokenizer(text[:position])["input_ids"])
+    start = max(0, anchor - window // 2)
+    end = min(len(ids), start + window)
+    return tokenizer.decode(ids[start:end], skip_special_tokens=True)
+
+
+def prompt(text: str, key: str) -> str:
+    """The JRT/Based FDA prompt: the text, then " Key:"."""
+    suffix = key + ":"
+    while text.lower().endswith(suffix.lower()):
+        text = text[: -len(suffix)]
+    text = text.strip("\n").strip(".")
+    if not text.endswith("."):
+        text += "."
+    return f"{text} {key[0].upper()}{key[1:]}:"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="launch_hf.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", action="append", required=True, help="model path or hub id (repeatable)")
+    parser.add_argument("-t", "--task", action="append", choices=["based_fda"], default=[],
+                        help="based_fda (the only task of this protocol; repeatable as in the original)")
+    parser.add_argument("--batch-size", type=int, default=1, help="1 reproduces the paper")
+    parser.add_argument("--limit", type=int, default=-1, help="documents per task; -1 = all")
+    parser.add_argument("--context_length", type=int, default=1000)
+    parser.add_argument("--answer_length", type=int, default=50)
+    parser.add_argument("--cutting_context", action="store_true", help="window the text (the paper does)")
+    parser.add_argument("--output_dir", default="output")
+    parser.add_argument("-p", "--parallelize", action="store_true",
+                        help="data-parallel over all visible GPUs (one process each); a single job on CPU")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    parser.add_argument("--data_dir", help="local task data (default $LMLAB_EVAL_DATA); see lmlab.eval.harness")
+    return parser.parse_args(argv)
+
+
+def harness_args(args: argparse.Namespace, model: str) -> list[str]:
+    """lm-eval arguments for one model: the window options travel to the task as `--metadata`."""
+    window = {"context_length": args.context_length, "answer_length": args.answer_length,
+              "cutting_context": args.cutting_context}
+    argv = ["--model", "hf", "--model_args", f"pretrained={model},dtype={args.dtype},add_bos_token=False",
+            "--tasks", "based_fda", "--batch_size", str(args.batch_size),
+            "--device", args.device, "--metadata", json.dumps(window), "--output_path", args.output_dir,
+            "--log_samples"]
+    if args.limit >= 0:
+        argv += ["--limit", str(args.limit)]
+    if args.data_dir:
+        argv += ["--data_dir", args.data_dir]
+    return argv
+
+
+def write_records(samples_file: Path) -> Path:
+    """records_<task>_<date>.jsonl: prompt, generation, target and hit of each of lm-eval's samples."""
+    records = samples_file.with_name(samples_file.name.replace("samples_", "records_", 1))
+    with samples_file.open() as src, records.open("w") as dst:
+        for line in src:
+            sample = json.loads(line)
+            record = {"doc_id": sample["doc_id"], "prompt": sample["arguments"]["gen_args_0"]["arg_0"],
+                      "generation": sample["filtered_resps"][0], "target": sample["target"],
+                      "hit": sample["contains"]}
+            dst.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    for model in args.model:
+        hargs = harness_args(args, model)
+        if args.parallelize and gpus > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
+                       "-m", "lmlab.eval.harness", *hargs]
+            code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        else:
+            code = harness.main(hargs)
+        if code:
+            return code
+        out = Path(args.output_dir) / sanitize_model_name(model)
+        samples = max(out.glob("samples_based_fda_*.jsonl"), key=lambda p: p.stat().st_mtime)
+        print(f"based_fda: per-sample records in {write_records(samples)}")
+    return 0

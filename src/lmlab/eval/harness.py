@@ -1,0 +1,177 @@
+"""`python -m evals.harness ...`: lm-eval 0.4.13's own CLI (same flags, same output files) with lmlab's
+model families registered (fla's other types too, on CUDA), lmlab's task definitions, and local data.
+
+Tasks. lmlab's task folder (`lmlab/eval/tasks`) is put first on lm-eval's `--include_path` (a user's
+`--include_path` still comes last and wins). Under the paper's task names:
+- `squad_completion`: stripped text and target (as 0.4.13, lm-eval issue #2690) AND the generation settings
+  of the paper's era: until "\\n", at most 48 new tokens. Stock 0.4.13 generates until "\\n\\n", at most
+  256 new tokens (its task falls back to lm-eval's default generation_kwargs since PR #3795); that variant
+  is `squad_completion_stock`.
+- `swde`, `fda`: the same requests as 0.4.13 (stripped; until "\\n", 48 tokens); lmlab's subclasses accept
+  local data and record those settings as the task's generation_kwargs (0.4.13 records lm-eval's unused
+  defaults, "\\n\\n" / 256, in the results JSON).
+- `based_fda`: FDA by the JRT/Based protocol (lmlab.eval.fda), the task behind `launch_hf.py`.
+- the other tasks (wikitext, lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, ...)
+  are lm-eval's own yaml tasks, unchanged.
+Every metric is computed by lm-eval's own code. BOS: 0.4.13 leaves it to the tokenizer (fla-hub's Llama
+tokenizers add one) unless `add_bos_token=` is in --model_args; the results JSON records the model args.
+
+Local data. `--data_dir DIR` (removed before lm-eval parses the flags) or the environment variable
+`LMLAB_EVAL_DATA=DIR` points tasks at `DIR/<task>/<split>.jsonl` (or `.parquet`), rows in the hub
+dataset's schema (`squad_completion_stock` reads `squad_completion/`, `based_fda` reads `fda/`). A task
+whose evaluated split is there is redirected by a generated yaml (`include:` of its definition, then
+`dataset_path: json|parquet` and `dataset_kwargs.data_files`); its other splits (few-shot sources) are used
+when their files exist and disabled otherwise. A task without local files loads from the hub as usual;
+when that fails (offline), the command exits with code 2 and one line naming the task and the file it
+would have read.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import lm_eval
+import torch
+import yaml
+
+import lmlab.models
+from lmlab.errors import UserError
+
+DATA_ENV = "LMLAB_EVAL_DATA"
+TASKS_DIR = Path(__file__).parent / "tasks"
+LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
+# lm-eval's yaml keys for the standard split names
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    hub: str  # the dataset the task loads from the hub
+    definition: Path  # the yaml that defines the task
+    splits: tuple[str, ...]  # the task's splits, the evaluated one first
+    folder: str = ""  # under --data_dir; default: the task's name
+
+
+TASKS = {
+    "wikitext": TaskData("EleutherAI/wikitext_document_level", LM_EVAL_TASKS / "wikitext/wikitext.yaml",
+                         ("test", "train", "validation")),
+    "lambada_openai": TaskData("EleutherAI/lambada_openai", LM_EVAL_TASKS / "lambada/lambada_openai.yaml",
+                               ("test",)),
+    "piqa": TaskData("baber/piqa", LM_EVAL_TASKS / "piqa/piqa.yaml", ("validation", "train")),
+    "hellaswag": TaskData("Rowan/hellaswag", LM_EVAL_TASKS / "hellaswag/hellaswag.yaml", ("validation", "train")),
+    "winogrande": TaskData("allenai/winogrande", LM_EVAL_TASKS / "winogrande/default.yaml",
+                           ("validation", "train")),
+    "arc_easy": TaskData("allenai/ai2_arc", LM_EVAL_TASKS / "arc/arc_easy.yaml", ("test", "train", "validation")),
+    "arc_challenge": TaskData("allenai/ai2_arc", LM_EVAL_TASKS / "arc/arc_challenge.yaml",
+                              ("test", "train", "validation")),
+    "squad_completion": TaskData("hazyresearch/based-squad", TASKS_DIR / "squad_completion.yaml", ("validation",)),
+    "squad_completion_stock": TaskData("hazyresearch/based-squad", TASKS_DIR / "squad_completion_stock.yaml",
+                                       ("validation",), "squad_completion"),
+    "swde": TaskData("hazyresearch/based-swde-v2", TASKS_DIR / "swde.yaml", ("validation",)),
+    "fda": TaskData("hazyresearch/based-fda", TASKS_DIR / "fda.yaml", ("validation",)),
+    "based_fda": TaskData("hazyresearch/based-fda", TASKS_DIR / "based_fda.yaml", ("validation",), "fda"),
+}
+
+
+def local_file(data_dir: str, task: str, split: str) -> Path | None:
+    """The local file of a task's split, if there is one."""
+    folder = Path(data_dir) / (TASKS[task].folder or task)
+    return next((p for p in (folder / f"{split}.jsonl", folder / f"{split}.parquet") if p.is_file()), None)
+
+
+def write_local_tasks(data_dir: str, out: Path) -> None:
+    """One yaml per task with local data: its definition, read from the local files."""
+    for task, data in TASKS.items():
+        files = {split: local_file(data_dir, task, split) for split in data.splits}
+        if files[data.splits[0]] is None:
+            continue
+        found = {split: str(path) for split, path in files.items() if path is not None}
+        override = {"task": task, "dataset_path": "parquet" if found[data.splits[0]].endswith(".parquet") else "json",
+                    "dataset_name": None, "dataset_kwargs": {"data_files": found}}
+        override |= {SPLIT_KEYS[split]: None for split, path in files.items() if path is None}
+        (out / f"{task}.yaml").write_text(yaml.safe_dump({"include": str(data.definition), **override}))
+        print(f"lmlab: {task} reads {', '.join(found.values())}", file=sys.stderr)
+
+
+def missing_data(exc: OSError, tasks: list[str], data_dir: str | None) -> UserError | None:
+    """A one-line error for a task whose dataset could not be loaded, or None if `exc` is another error."""
+    message = str(exc)
+    for task in tasks:
+        data = TASKS.get(task)
+        served_locally = data_dir is not None and data is not None and local_file(data_dir, task, data.splits[0])
+        if data is not None and data.hub in message and not served_locally:
+            where = Path(data_dir or f"${DATA_ENV}") / (data.folder or task) / f"{data.splits[0]}.jsonl"
+            return UserError(f"task {task}: cannot load {data.hub} ({type(exc).__name__}: {message}); "
+                             f"for local data put {where} (or .parquet) and pass --data_dir or set {DATA_ENV}")
+    return None
+
+
+def register_models() -> None:
+    """`import lmlab` registers lmlab's families (after importing fla where fla's kernels are healthy). On
+    CUDA the harness also imports fla wherever it imports, so that fla's other model types load, and then
+    makes lmlab's classes the choice again for the types both provide."""
+    if torch.cuda.is_available():
+        with contextlib.suppress(ImportError):
+            import fla  # noqa: F401
+        lmlab.models.register()
+
+
+def pop_option(argv: list[str], flag: str) -> str | None:
+    """Remove `flag VALUE` / `flag=VALUE` from argv and return VALUE."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg[len(flag) + 1 :]
+    return None
+
+
+def run(argv: list[str], data_dir: str | None) -> None:
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    register_models()
+    setup_logging()
+    cli = HarnessCLI()
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's parser reads sys.argv
+    try:
+        args = cli.parse_args()
+    finally:
+        sys.argv = saved
+    with tempfile.TemporaryDirectory() as local_tasks:
+        paths = [str(TASKS_DIR)]
+        if data_dir:
+            write_local_tasks(data_dir, Path(local_tasks))
+            paths.append(local_tasks)
+        if getattr(args, "include_path", None):
+            paths.append(args.include_path)
+        args.include_path = paths
+        try:
+            cli.execute(args)
+        except OSError as exc:
+            error = missing_data(exc, getattr(args, "tasks", None) or [], data_dir)
+            if error is None:
+                raise
+            raise error from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
+    try:
+        run(argv, data_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # for torchrun (launch_hf.py -p): python -m torch.distributed.run -m lmlab.eval.harness
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""`lmlab report RESULTS... [--csv PATH]`: one Markdown table row per model, in the paper's column order.
+
+RESULTS are lm-eval results JSON files or folders searched for `results*.json` (`python -m evals.harness
+--output_path`, `launch_hf.py --output_dir`, a dump folder). A model is its `pretrained` model argument;
+when several files hold the same task for a model, the newest (lm-eval's `date`) counts.
+Columns: Wiki ppl (word_perplexity), LMB ppl, LMB acc, PIQA acc, Hella acc_norm, Wino acc, ARC-e acc,
+ARC-c acc_norm, Avg (mean of those six accuracies), SWDE, SQuAD (squad_completion), FDA (based_fda, the
+JRT protocol; lm-eval's `fda` marked "*" when only that was run) — `contains`; accuracies in %.
+Params: lm-eval's `model_num_parameters`, else the model folder's safetensors. Tokens: the last
+`tokens_seen` of the model folder's metrics.jsonl (a dump), else "-".
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from lmlab.errors import UserError
+
+# (column, task, metric, scale): lm-eval's "<metric>,none" value of the task, times scale
+COLUMNS = [
+    ("Wiki ppl", "wikitext", "word_perplexity", 1),
+    ("LMB ppl", "lambada_openai", "perplexity", 1),
+    ("LMB acc", "lambada_openai", "acc", 100),
+    ("PIQA acc", "piqa", "acc", 100),
+    ("Hella acc_n", "hellaswag", "acc_norm", 100),
+    ("Wino acc", "winogrande", "acc", 100),
+    ("ARC-e acc", "arc_easy", "acc", 100),
+    ("ARC-c acc_n", "arc_challenge", "acc_norm", 100),
+    ("SWDE", "swde", "contains", 100),
+    ("SQuAD", "squad_completion", "contains", 100),
+    ("FDA", "based_fda", "contains", 100),
+]
+AVERAGED = ["LMB acc", "PIQA acc", "Hella acc_n", "Wino acc", "ARC-e acc", "ARC-c acc_n"]
+HEADER = ["Model", "Params", "Tokens", *[c[0] for c in COLUMNS[:8]], "Avg", *[c[0] for c in COLUMNS[8:]]]
+
+
+def result_files(paths: list[str]) -> list[Path]:
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.rglob("results*.json"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not files:
+        raise UserError(f"no results*.json in {' '.join(paths)}")
+    return files
+
+
+def model_name(result: dict[str, Any]) -> str:
+    args = result.get("config", {}).get("model_args")
+    if isinstance(args, str):  # older lm-eval: "pretrained=...,dtype=..."
+        args = dict(item.split("=", 1) for item in args.split(",") if "=" in item)
+    return (args or {}).get("pretrained") or result.get("model_name") or "?"
+
+
+def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
+    """Per model: its task results (newest file wins) and the number of parameters lm-eval counted."""
+    models: dict[str, dict[str, Any]] = {}
+    for result in sorted((json.loads(f.read_text()) for f in files), key=lambda r: float(r.get("date", 0))):
+        model = models.setdefault(model_name(result), {"tasks": {}, "params": None})
+        model["tasks"].update(result.get("results", {}))
+        model["params"] = result.get("config", {}).get("model_num_parameters") or model["params"]
+    return models
+
+
+def safetensors_params(folder: Path) -> int | None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                numel = 1
+                for size in f.get_slice(key).get_shape():
+                    numel *= size
+                total += numel
+    return total
+
+
+def tokens_trained(folder: Path) -> int | None:
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]).get("tokens_seen") if lines else None
+
+
+def human(count: int | None) -> str:
+    if not count:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+def row(name: str, model: dict[str, Any]) -> list[str]:
+    tasks, folder = model["tasks"], Path(name)
+    values: dict[str, float] = {}
+    for column, task, metric, scale in COLUMNS:
+        value = tasks.get(task, {}).get(f"{metric},none")
+        if value is not None:
+            values[column] = value * scale
+    cells = {column: f"{value:.2f}" for column, value in values.items()}
+    if "FDA" not in values and "contains,none" in tasks.get("fda", {}):
+        cells["FDA"] = f"{tasks['fda']['contains,none'] * 100:.2f}*"
+    if all(column in values for column in AVERAGED):
+        cells["Avg"] = f"{sum(values[c] for c in AVERAGED) / len(AVERAGED):.2f}"
+    params = model["params"] or (safetensors_params(folder) if folder.is_dir() else None)
+    cells |= {"Model": name, "Params": human(params), "Tokens": human(tokens_trained(folder))}
+    return [cells.get(column, "-") for column in HEADER]
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if any(r[-1].endswith("*") for r in rows):
+        lines.append("\n\\* FDA from lm-eval's `fda` task, not the JRT protocol of launch_hf.py (`based_fda`).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmlab report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="lm-eval results JSON files or folders holding them")
+    parser.add_argument("--csv", help="also write the table as CSV to this path")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rows = [row(name, model) for name, model in collect(result_files(args.results)).items()]
+    print(markdown(rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            csv.writer(f).writerows([HEADER, *rows])
+    return 0

@@ -1,0 +1,214 @@
+"""`python -m evals.harness` and `launch_hf.py` end to end on tiny lmlab models with local data (no network).
+
+Fixtures: a byte-level BPE tokenizer that adds BOS, a tiny Gated DeltaNet (recurrent) and a tiny hybrid
+(one softmax-attention layer), and 2-3 documents per task in the hub datasets' schemas.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import lmlab  # noqa: F401  (registers the model families)
+from lmlab.eval import harness
+from lmlab.eval.tasks import recall
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_HARNESS = """--model hf --model_args pretrained=exp/mymodel,dtype=bfloat16 \
+  --tasks wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challenge,squad_completion,swde \
+  --batch_size 1 --num_fewshot 0 --device cuda --show_config"""
+PAPER_FDA = """--batch-size 1 -m exp/mymodel -t based_fda --output_dir out --context_length 1000 \
+  --answer_length 50 --cutting_context --limit -1 -p"""
+
+ARC = [{"id": "a1", "question": "Which animal is quick?", "answerKey": "B",
+        "choices": {"text": ["the dog", "the fox", "the jar", "the lid"], "label": ["A", "B", "C", "D"]}},
+       {"id": "a2", "question": "What dries hair?", "answerKey": "1",
+        "choices": {"text": ["a towel", "a fox", "water"], "label": ["1", "2", "3"]}}]
+DATA = {
+    "wikitext/test": [{"page": " = Foxes = \n The quick brown fox jumps over the lazy dog . \n"},
+                      {"page": " = Dogs = \n A dog sleeps . The dog is lazy , and the fox is not @-@ lazy . \n"}],
+    "lambada_openai/test": [{"text": "the quick brown fox jumps over the lazy dog"},
+                            {"text": "a fox is quick and brown"},
+                            {"text": "the lazy dog sleeps all day while the quick fox runs in the forest"}],
+    "piqa/validation": [{"goal": "open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+                        {"goal": "dry wet hair quickly", "sol1": "use a fox", "sol2": "use a towel", "label": 1}],
+    "hellaswag/validation": [
+        {"ind": 1, "activity_label": "Walking a dog", "ctx_a": "A man walks a dog.", "ctx_b": "the dog",
+         "ctx": "A man walks a dog. the dog", "endings": ["runs.", "flies [title] away.", "sleeps.", "eats a jar."],
+         "source_id": "x", "split": "val", "split_type": "indomain", "label": "0"},
+        {"ind": 2, "activity_label": "Opening a jar", "ctx_a": "A woman holds a jar.", "ctx_b": "she",
+         "ctx": "A woman holds a jar. she", "endings": ["twists the lid.", "eats it.", "sings.", "runs away."],
+         "source_id": "y", "split": "val", "split_type": "indomain", "label": "0"}],
+    "winogrande/validation": [
+        {"sentence": "The fox jumped over the dog because _ was quick.", "option1": "the fox",
+         "option2": "the dog", "answer": "1"},
+        {"sentence": "The jar was hard to open because _ was tight.", "option1": "the lid",
+         "option2": "the hand", "answer": "1"}],
+    "arc_easy/test": ARC,
+    "arc_challenge/test": ARC[::-1],
+    "squad_completion/validation": [
+        {"text": "  The fox lives in the forest. Where does the fox live? The fox lives in the", "value": " forest "},
+        {"text": "Acme makes dog food. Who makes dog food?", "value": "Acme"}],
+    "swde/validation": [{"text": "Movie: The Quick Fox. Director: Ann Lee. Director:", "value": " Ann Lee"},
+                        {"text": "University: Fox State. Phone: 555 0100. Phone:", "value": "555 0100"}],
+    "fda/validation": [
+        {"text": "Applicant: Acme Inc. Device name: fox meter. applicant:", "key": "applicant", "value": "Acme Inc."},
+        {"text": "The device name is dog scope, made by Acme.", "key": "device name", "value": "dog scope"},
+        {"text": "Product code: x", "key": "product code", "value": "x"}],  # dropped by based_fda (1 char)
+}
+TASKS = "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challenge,squad_completion,swde"
+
+
+def write_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [json.dumps(doc) for docs in DATA.values() for doc in docs]
+    tok.train_from_iterator(texts * 5, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf.save_pretrained(path)
+    return hf
+
+
+def write_model(path: Path, tokenizer: PreTrainedTokenizerFast, attn: dict | None) -> str:
+    config = AutoConfig.for_model("gated_deltanet", hidden_size=32, num_heads=2, head_dim=16, num_hidden_layers=2,
+                                  vocab_size=len(tokenizer), attn=attn, bos_token_id=0, eos_token_id=1,
+                                  pad_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tokenizer = write_tokenizer(root / "tokenizer")
+    for name, docs in DATA.items():
+        (root / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "data" / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    return {"root": root, "data": str(root / "data"),
+            "recurrent": write_model(root / "gdn", tokenizer, attn=None),
+            "hybrid": write_model(root / "hybrid", tokenizer, attn={"layers": [1], "num_heads": 2})}
+
+
+def paper_args(command: str, model: str) -> list[str]:
+    return shlex.split(command.replace("exp/mymodel", model).replace("--device cuda", "--device cpu"))
+
+
+def results_and_samples(out: Path) -> tuple[dict, dict[str, list[dict]]]:
+    (results,) = out.rglob("results_*.json")
+    samples = {f.name.split("_20")[0].removeprefix("samples_"): [json.loads(line) for line in f.open()]
+               for f in out.rglob("samples_*.jsonl")}
+    return json.loads(results.read_text()), samples
+
+
+def test_paper_command_runs_every_task_on_local_data(work):
+    """The paper's command verbatim (model path, --device cpu), plus fda."""
+    out = work["root"] / "paper"
+    args = paper_args(PAPER_HARNESS, work["recurrent"])
+    args[args.index(TASKS)] = TASKS + ",fda"
+    proc = subprocess.run([sys.executable, "-m", "evals.harness", *args, "--data_dir", work["data"],
+                           "--output_path", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, _ = results_and_samples(out)
+    r = results["results"]
+    for task, metric in [("wikitext", "word_perplexity"), ("lambada_openai", "perplexity"),
+                         ("lambada_openai", "acc"), ("piqa", "acc"), ("hellaswag", "acc_norm"), ("winogrande", "acc"),
+                         ("arc_easy", "acc"), ("arc_challenge", "acc_norm"), ("squad_completion", "contains"),
+                         ("swde", "contains"), ("fda", "contains")]:
+        assert isinstance(r[task][f"{metric},none"], float), (task, metric)
+    expected_docs = {"lambada_openai": 3, "fda": 3, "arc_challenge": 2, "hellaswag": 2, "wikitext": 2}
+    assert all(results["n-samples"][t]["effective"] == n for t, n in expected_docs.items())
+    configs = results["configs"]
+    for task in ("squad_completion", "swde", "fda"):
+        assert configs[task]["generation_kwargs"] == {"until": ["\n"], "max_gen_toks": 48}
+    assert configs["piqa"]["dataset_kwargs"]["data_files"] == {"validation": f"{work['data']}/piqa/validation.jsonl"}
+    assert results["config"]["model_args"]["dtype"] == "bfloat16"
+    assert '"word_perplexity,none"' in proc.stdout  # --show_config prints the results JSON
+
+
+@pytest.mark.parametrize("name, until, max_gen_toks", [
+    ("SquadCompletion", ["\n"], 48), ("SquadCompletionStock", ["\n\n"], 256), ("SWDE", ["\n"], 48),
+    ("FDA", ["\n"], 48)])
+def test_recall_task_requests(work, name, until, max_gen_toks):
+    """Stripped prompt and target; the paper's generation settings, 0.4.13's for the stock variant."""
+    folder = {"SquadCompletion": "squad_completion", "SquadCompletionStock": "squad_completion", "SWDE": "swde",
+              "FDA": "fda"}[name]
+    data_files = {"validation": f"{work['data']}/{folder}/validation.jsonl"}
+    task = getattr(recall, name)(config={"dataset_path": "json", "dataset_kwargs": {"data_files": data_files}})
+    doc = task.validation_docs()[0]
+    (request,) = task.construct_requests(doc, task.doc_to_text(doc), metadata=(name, 0, 1))
+    assert request.args[0] == doc["text"].strip() and task.doc_to_target(doc) == doc["value"].strip()
+    assert request.args[1]["until"] == until and request.args[1]["max_gen_toks"] == max_gen_toks
+
+
+def compare(single, batched, path=""):
+    """Equal structure; floats within 1e-4; everything else (generations, flags) identical."""
+    if isinstance(single, float):
+        assert batched == pytest.approx(single, abs=1e-4), path
+    elif isinstance(single, list):
+        assert len(single) == len(batched), path
+        for i, (a, b) in enumerate(zip(single, batched)):
+            compare(a, b, f"{path}[{i}]")
+    else:
+        assert single == batched, path
+
+
+@pytest.mark.parametrize("model", ["recurrent", "hybrid"])
+def test_batch_4_equals_batch_1(work, model):
+    """loglikelihood (lambada), multiple choice (piqa), rolling (wikitext), generation (squad, based_fda)."""
+    runs = {}
+    for batch_size in (1, 4):
+        out = work["root"] / f"batch_{model}_{batch_size}"
+        assert harness.main(["--model", "hf", "--model_args", f"pretrained={work[model]},dtype=float32",
+                             "--tasks", "wikitext,lambada_openai,piqa,squad_completion,based_fda",
+                             "--batch_size", str(batch_size), "--device", "cpu", "--data_dir", work["data"],
+                             "--output_path", str(out), "--log_samples"]) == 0
+        runs[batch_size] = results_and_samples(out)
+    (results_1, samples_1), (results_4, samples_4) = runs[1], runs[4]
+    for task, values in results_1["results"].items():
+        for metric, value in values.items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert results_4["results"][task][metric] == pytest.approx(value, abs=1e-4), (task, metric)
+    assert samples_1.keys() == samples_4.keys() and len(samples_1) == 5
+    for task in samples_1:
+        for a, b in zip(sorted(samples_1[task], key=lambda s: s["doc_id"]),
+                        sorted(samples_4[task], key=lambda s: s["doc_id"])):
+            compare(a["resps"], b["resps"], f"{task}[{a['doc_id']}]")
+
+
+def test_missing_data_is_one_line_naming_task_and_file(work, capsys):
+    code = harness.main(["--model", "hf", "--model_args", f"pretrained={work['recurrent']}", "--tasks",
+                         "piqa,arc_easy", "--device", "cpu", "--data_dir", work["data"] + "/missing"])
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: task piqa: cannot load baber/piqa")
+    assert f"{work['data']}/missing/piqa/validation.jsonl" in last
+
+
+def test_launch_hf_paper_command(work, tmp_path):
+    """The paper's FDA command verbatim (model path), on CPU a single job; data from LMLAB_EVAL_DATA."""
+    env = {**os.environ, "LMLAB_EVAL_DATA": work["data"]}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch_hf.py"), *paper_args(PAPER_FDA, work["recurrent"])],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, samples = results_and_samples(tmp_path / "out")
+    assert results["n-samples"]["based_fda"]["effective"] == 2  # the 1-character value is dropped
+    assert results["config"]["model_args"]["add_bos_token"] is False
+    assert results["configs"]["based_fda"]["metadata"]["context_length"] == 1000
+    (records_file,) = (tmp_path / "out").rglob("records_based_fda_*.jsonl")
+    records = [json.loads(line) for line in records_file.open()]
+    assert [r["prompt"] for r in records] == ["Applicant: Acme Inc. Device name: fox meter. . Applicant:",
+                                              "The device name is dog scope, made by Acme. Device name:"]
+    assert [r["target"] for r in records] == ["Acme Inc.", "dog scope"]
+    assert all("\n" not in r["generation"] and r["hit"] in (0, 1) for r in records)
+    assert records[0]["generation"] == samples["based_fda"][0]["filtered_resps"][0]
