@@ -1,0 +1,506 @@
+"""Pieces shared by lmlab's model families, and the decoder / causal-LM plumbing around them.
+
+Every family (transformer, delta_net, gated_deltanet, gla) is a stack of the same pre-norm block,
+    h = h + attn(attn_norm(h));  h = h + mlp(mlp_norm(h))
+whose `attn` is the family's token mixer, or softmax `Attention` at the layers a hybrid config's `attn`
+key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable.
+
+Forward conventions (docs/CONTRACTS.md):
+- `cu_seqlens` (packed documents): the decoder flattens [B, T] to [1, B*T]; rotary positions restart at
+  every document and the kernels reset their states there.
+- `attention_mask` [B, past + T] (left padding, HF's convention: it covers the cached tokens too): linear
+  mixers zero their inputs, k, v, beta and log-decays at padded positions, so padding never enters a
+  recurrent or short-conv state; attention masks padded keys; rotary positions count real tokens only.
+- `cache` (lmlab.models.cache.Cache): per-layer decoding state, created by the forward when
+  `use_cache` and none is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from lmlab.kernels.activations import swiglu
+from lmlab.kernels.attention import attention
+from lmlab.kernels import dispatch
+from lmlab.kernels.conv import short_conv
+from lmlab.kernels.loss import linear_cross_entropy
+from lmlab.kernels.norm import gated_rms_norm, rms_norm
+from lmlab.models.cache import Cache
+
+IGNORE_INDEX = -100
+# transformers renamed the outputs' `past_key_values` field to `cache` (5.2x); fill whichever exists.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
+    else "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config helpers
+
+
+def check_backend(backend: str) -> None:
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(dispatch.BACKENDS)}; got {backend!r}")
+
+
+def check_unsupported(attnres_block_size: int | None) -> None:
+    """Reject fla options that change the architecture and that lmlab does not implement."""
+    if attnres_block_size is not None:
+        raise ValueError("lmlab does not implement fla's attention residuals; set attnres_block_size to null")
+
+
+def parse_attn(attn: Any, num_hidden_layers: int) -> dict | list[dict] | None:
+    """Validate a hybrid `attn` spec (fla's schema) and fill its defaults; keeps the dict / list form."""
+    if attn is None:
+        return None
+    if not isinstance(attn, (dict, list)):
+        raise ValueError(f"attn must be null, a dict or a list of dicts; got {attn!r}")
+    specs, owner = [], {}
+    for i, spec in enumerate([attn] if isinstance(attn, dict) else attn):
+        where = "attn" if isinstance(attn, dict) else f"attn[{i}]"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} must be a dict; got {spec!r}")
+        spec = dict(spec)
+        for name in ("layers", "num_heads"):
+            if name not in spec:
+                raise ValueError(f"{where} needs the key {name!r}")
+        if not isinstance(spec["layers"], (list, tuple)):
+            raise ValueError(f"{where}['layers'] must be a list of layer indices; got {spec['layers']!r}")
+        for layer in spec["layers"]:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(f"{where}['layers'] must hold integers; got {layer!r}")
+            if not 0 <= layer < num_hidden_layers:
+                raise ValueError(f"{where}['layers'] has layer {layer}, outside [0, {num_hidden_layers}) "
+                                 f"(num_hidden_layers={num_hidden_layers})")
+            if layer in owner:
+                raise ValueError(f"{where}['layers'] repeats layer {layer} (already in "
+                                 f"{'attn' if isinstance(attn, dict) else f'attn[{owner[layer]}]'})")
+            owner[layer] = i
+        spec["layers"] = list(spec["layers"])
+        if spec.get("num_kv_heads") is None:
+            spec["num_kv_heads"] = spec["num_heads"]
+        for name in ("num_heads", "num_kv_heads"):
+            if isinstance(spec[name], bool) or not isinstance(spec[name], int) or spec[name] <= 0:
+                raise ValueError(f"{where}['{name}'] must be a positive integer; got {spec[name]!r}")
+        if not isinstance(spec.setdefault("qkv_bias", False), bool):
+            raise ValueError(f"{where}['qkv_bias'] must be a boolean; got {spec['qkv_bias']!r}")
+        window = spec.setdefault("window_size", None)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ValueError(f"{where}['window_size'] must be a positive integer or null; got {window!r}")
+        theta = spec.setdefault("rope_theta", 10000.0)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            raise ValueError(f"{where}['rope_theta'] must be positive and finite; got {theta!r}")
+        specs.append(spec)
+    return specs[0] if isinstance(attn, dict) else specs
+
+
+class HybridConfigMixin:
+    """`attn` is validated whenever it is set (as in fla): needs `num_hidden_layers` set first."""
+
+    @property
+    def attn(self) -> dict | list[dict] | None:
+        return self.__dict__.get("attn")
+
+    @attn.setter
+    def attn(self, value: Any) -> None:
+        self.__dict__["attn"] = parse_attn(value, self.num_hidden_layers)
+
+    def attn_spec(self, layer_idx: int) -> dict | None:
+        """The hybrid attention spec of layer `layer_idx`, or None when it uses the family's mixer."""
+        specs = [self.attn] if isinstance(self.attn, dict) else self.attn or []
+        return next((spec for spec in specs if layer_idx in spec["layers"]), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    """fla's RMSNorm (weight only; none with elementwise_affine=False)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else x.new_ones(x.shape[-1])
+        return rms_norm(x, weight, self.eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """fla's FusedRMSNormGated: rms_norm(x) * weight * act(gate), act = swish (silu) or sigmoid."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 activation: str = "swish"):
+        super().__init__()
+        if activation not in ("swish", "silu", "sigmoid"):
+            raise ValueError(f"gate activation must be swish, silu or sigmoid; got {activation!r}")
+        self.eps, self.activation = eps, activation
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else x.new_ones(x.shape[-1])
+        if self.activation == "sigmoid":
+            return (rms_norm(x, weight, self.eps) * gate.sigmoid()).to(x.dtype)
+        return gated_rms_norm(x, gate, weight, self.eps)
+
+
+class MLP(nn.Module):
+    """fla's GatedMLP (SwiGLU): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, hidden_ratio: float | None = 4, intermediate_size: int | None = None,
+                 hidden_act: str = "swish"):
+        super().__init__()
+        if hidden_act != "swish":
+            raise ValueError(f"lmlab's MLP supports hidden_act 'swish' only; got {hidden_act!r}")
+        if intermediate_size is None:
+            # fla's rule: 2/3 of hidden_ratio * hidden_size, rounded up to a multiple of 256
+            intermediate_size = int(hidden_size * (hidden_ratio or 4) * 2 / 3)
+            intermediate_size = 256 * math.ceil(intermediate_size / 256)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class ShortConvolution(nn.Module):
+    """fla's ShortConvolution: causal depthwise conv, weight [D, 1, W] (nn.Conv1d's layout)."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
+        super().__init__()
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(hidden_size, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)  # the model's _init_weights redoes it with initializer_range
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return short_conv(x, self.weight, self.bias, activation=self.activation, initial_state=state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding in fla's (GPT-NeoX, non-interleaved) convention: the two halves of each head
+    rotate together. x [B, T, H, D]; positions [B or 1, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    cos, sin = freqs.cos()[:, :, None], freqs.sin()[:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, as fla's in-kernel qk l2norm."""
+    return (x.float() * torch.rsqrt(x.float().square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def padding_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """[B, length] bool, True at real tokens, for the last `length` positions; None without padding."""
+    return None if attention_mask is None else attention_mask[:, -length:].bool()
+
+
+def zero_padding(mask: torch.Tensor | None, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Zero [B, T, ...] tensors at padded positions (torch.where, so garbage there cannot leak as NaN)."""
+    if mask is None:
+        return list(tensors)
+    return [torch.where(mask.view(*mask.shape, *[1] * (t.dim() - 2)), t, 0) for t in tensors]
+
+
+def run_short_convs(convs: list[ShortConvolution], inputs: list[torch.Tensor], states: tuple | None,
+                    use_cache: bool, cu_seqlens: torch.Tensor | None) -> tuple[list[torch.Tensor], tuple]:
+    """Run the q/k/v short convolutions, continuing from (and returning) their cached states."""
+    states = states or (None,) * len(convs)
+    outputs = [conv(x, state, use_cache, cu_seqlens) for conv, x, state in zip(convs, inputs, states)]
+    return [y for y, _ in outputs], tuple(s for _, s in outputs)
+
+
+class Attention(nn.Module):
+    """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
+    optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False,
+                 qk_norm: bool = False, window_size: int | None = None, rope_theta: float = 10000.0,
+                 layer_idx: int = 0):
+        super().__init__()
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.head_dim = hidden_size // num_heads
+        self.window_size, self.rope_theta, self.layer_idx = window_size, rope_theta, layer_idx
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim)
+        self.qk_norm = qk_norm
+
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
+        if cache is not None:
+            k, v = cache.update_attention(self.layer_idx, k, v, self.window_size)
+        o = attention(q, k, v, causal=True, window_size=self.window_size, cu_seqlens=cu_seqlens,
+                      attention_mask=padding_mask(attention_mask, k.shape[1]))
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+def hybrid_attention(config: PretrainedConfig, layer_idx: int) -> Attention | None:
+    """The softmax attention a hybrid config puts at `layer_idx`, or None for the family's mixer."""
+    spec = config.attn_spec(layer_idx) if isinstance(config, HybridConfigMixin) else None
+    if spec is None:
+        return None
+    return Attention(config.hidden_size, spec["num_heads"], spec["num_kv_heads"], qkv_bias=spec["qkv_bias"],
+                     window_size=spec["window_size"], rope_theta=spec["rope_theta"], layer_idx=layer_idx)
+
+
+class DecoderBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: token mixer (`attn`) then SwiGLU MLP."""
+
+    def __init__(self, config: PretrainedConfig, mixer: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = mixer
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                cache: Cache | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), positions=positions,
+                                                  attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def token_positions(B: int, T: int, past: int, attention_mask: torch.Tensor | None,
+                    cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Rotary positions [B or 1, T]: per document with cu_seqlens, counting real tokens only with
+    padding, else past .. past + T - 1."""
+    if cu_seqlens is not None:
+        flat = torch.arange(B * T, device=device)
+        doc = torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)
+        return (flat - cu_seqlens.long()[doc])[None]
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+    return torch.arange(past, past + T, device=device)[None]
+
+
+class LmlabPreTrainedModel(PreTrainedModel):
+    """Shared HF plumbing; a family subclass sets `config_class` and `mixer_factory` (builds its token
+    mixer as `mixer_factory(config, layer_idx)`)."""
+
+    mixer_factory: Callable[[PretrainedConfig, int], nn.Module]
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderBlock"]
+    # Recurrent states cannot be rolled back: no assisted decoding, no cache cropping.
+    _is_stateful = True
+
+    def __init__(self, config: PretrainedConfig, *inputs: Any, **kwargs: Any):
+        super().__init__(config, *inputs, **kwargs)
+        # The config's kernel backend is a process-wide request: a per-call one is an error for the ops
+        # that lack that backend (e.g. "fla" for attention), a process-wide one means "auto" for them.
+        if config.backend != "auto":
+            dispatch.set_backend(config.backend)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """fla's scheme: N(0, initializer_range) for linear, conv and embedding weights, zero biases, unit
+        norms, and the family's own rule for special parameters (GDN's A_log / dt_bias). No rescaling of
+        residual projections (fla's default, prenorm_residual_strategy=None)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, ShortConvolution)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)) and module.weight is not None:
+            nn.init.ones_(module.weight)
+        elif hasattr(module, "reset_special_parameters"):
+            module.reset_special_parameters()
+
+    def make_mixer(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        return hybrid_attention(config, layer_idx) or self.mixer_factory(config, layer_idx)
+
+
+class LmlabModel(LmlabPreTrainedModel):
+    """The decoder: embeddings, blocks (`layers`), final norm."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderBlock(config, self.make_mixer(config, i))
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"lmlab models need an lmlab.models.cache.Cache; got {type(cache).__name__}")
+        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = hidden.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if cu_seqlens is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
+            use_cache = False
+            hidden = hidden.reshape(1, B * T, -1)
+        if cache is None and use_cache:
+            cache = Cache()
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must cover the cached and new tokens: shape ({B}, {past + T}); "
+                             f"got {tuple(attention_mask.shape)}")
+        positions = token_positions(B, T, past, attention_mask, cu_seqlens, hidden.device)
+        all_hidden = []
+        for layer in self.layers:
+            all_hidden.append(hidden)
+            hidden = layer(hidden, positions, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
+        hidden = self.norm(hidden).reshape(B, T, -1)
+        if cache is not None:
+            cache.advance(T)
+        want_all = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(h.reshape(B, T, -1) for h in all_hidden) + (hidden,) if want_all else None,
+            **{_CACHE_FIELD: cache},
+        )
+
+
+class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin):
+    """Decoder + linear head. A family subclass sets `model_class` (its LmlabModel subclass)."""
+
+    model_class: type[LmlabModel]
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> LmlabModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """With `labels` (unshifted, -100 ignored): loss = token sum / num_items_in_batch when given, else the
+        token mean, computed chunk by chunk from the hidden states; logits are then not computed (None)."""
+        outputs = self.model(input_ids, attention_mask, cache if cache is not None else past_key_values,
+                             inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                             output_hidden_states=output_hidden_states)
+        hidden = outputs.last_hidden_state
+        loss = logits = None
+        if labels is not None:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(hidden.device)
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                        shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                                        reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+        else:
+            if isinstance(logits_to_keep, int):
+                hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            else:
+                hidden = hidden[:, logits_to_keep]
+            logits = self.lm_head(hidden)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not create a transformers DynamicCache: the forward creates an lmlab Cache.
+        return False
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = True,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen. Works with transformers 5.17 (`past_key_values`)
+        and 5.24 (`cache`); position ids, cache positions and the like are ignored (the model derives
+        positions from the cache length and the attention mask)."""
+        cache = cache if cache is not None else past_key_values
+        seen = cache.get_seq_length() if cache is not None else 0
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, "past_key_values": cache}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

@@ -1,0 +1,73 @@
+"""Decoding cache of lmlab's models: per layer, either a linear mixer's recurrent state and short-conv
+states, or an attention layer's keys and values (only the last window_size - 1 for sliding windows:
+all a later query can see besides itself).
+
+It is not a transformers `Cache` subclass on purpose: that class's API changes between the transformers
+versions lmlab supports (5.17 - 5.24). generate() only needs what is here: `get_seq_length` and the
+batch reordering used by beam search and `num_return_sequences`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+class Cache:
+    is_compileable = False  # read by generate() when deciding to auto-compile the forward
+
+    def __init__(self) -> None:
+        self.layers: dict[int, dict[str, Any]] = {}
+        self.seen_tokens = 0  # tokens processed so far, padding included
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer_idx: int) -> dict[str, Any]:
+        """The states of one layer (empty before its first step)."""
+        return self.layers.get(layer_idx, {})
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def advance(self, num_tokens: int) -> None:
+        """Called by the model once all layers have consumed `num_tokens` new tokens."""
+        self.seen_tokens += num_tokens
+
+    def update(self, layer_idx: int, **states: Any) -> None:
+        """Store a linear layer's states: recurrent_state [B, H, K, V], conv_state (a tuple of [B, D, W])."""
+        self.layers.setdefault(layer_idx, {}).update(states)
+
+    def update_attention(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                         window_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values [B, T, Hkv, D]; return all the keys/values the new queries may attend to."""
+        past = self.layers.get(layer_idx)
+        if past is not None:
+            k, v = torch.cat([past["k"], k], dim=1), torch.cat([past["v"], v], dim=1)
+        keep = k.shape[1] if window_size is None else min(window_size - 1, k.shape[1])
+        self.layers[layer_idx] = {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
+        return k, v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("lmlab's cache holds recurrent states, which cannot be rolled back")
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        def apply(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return fn(value)
+            if isinstance(value, tuple):
+                return tuple(apply(v) for v in value)
+            return value
+
+        for states in self.layers.values():
+            for name, value in states.items():
+                states[name] = apply(value)
