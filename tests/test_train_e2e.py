@@ -114,3 +114,13 @@ def test_consecutive_skips_stop_the_run(corpus, tmp_path, monkeypatch, capsys):
     inject_nan_grad_norm(monkeypatch, at_steps={2, 3, 4})
     assert run_in_process(corpus, tmp_path, monkeypatch, **{"training.max_consecutive_skips": "3"}) == 2
     assert "error: step 4: 3 consecutive non-finite steps" in capsys.readouterr().err
+
+
+def test_varlen_and_profiling_in_the_loop(corpus, tmp_path, monkeypatch):
+    """Packed documents (cu_seqlens from the loader) reach the model; the profiler writes traces."""
+    extra = {"training.varlen": "true", "training.context_len": "32", "profiling.enable_profiling": "true",
+             "profiling.profile_freq": "3"}
+    assert run_in_process(corpus, tmp_path, monkeypatch, **extra) == 0
+    records = read_metrics(tmp_path)
+    assert len(records) == 6 and all(r["loss"] == r["loss"] for r in records)
+    assert list((tmp_path / "profile_traces").glob("rank0*"))

@@ -381,5 +381,11 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"--training.context_len ({t.context_len}) cannot exceed --training.seq_len ({t.seq_len})")
     if cfg.experimental.pipeline_parallel_degree != 1 or t.tensor_parallel_degree != 1:
         raise ConfigError("pipeline and tensor parallelism are not supported; use data parallel (FSDP2) degrees")
+    if cfg.metrics.enable_wandb:
+        raise ConfigError("--metrics.enable_wandb is not supported; lmlab logs to metrics.jsonl and tensorboard")
+    if cfg.model.converters:
+        raise ConfigError(f"--model.converters {','.join(cfg.model.converters)} is not supported (no float8 training yet)")
+    if cfg.profiling.profile_freq <= 0:
+        raise ConfigError(f"--profiling.profile_freq must be positive, got {cfg.profiling.profile_freq}")
     if cfg.experimental.context_parallel_degree != 1:
         raise ConfigError("--experimental.context_parallel_degree > 1 is not supported")

@@ -170,9 +170,12 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     peak = peak_flops(dist.device)
     window = _Window()
     consecutive_skips = 0
+    profiler = start_profiler(cfg, dump, dist)
     model.train()
     while train_state.step < t.steps:
         step = train_state.step + 1
+        if profiler is not None:
+            profiler.step()
         if step % t.gc_freq == 0:
             gc.collect()
         micro_batches = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
@@ -247,16 +250,37 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
                     flush=True,
                 )
             logger.close()
+            if profiler is not None:
+                profiler.stop()
             dist.close()
             return 0
 
     logger.close()
+    if profiler is not None:
+        profiler.stop()
     checkpointer.close()
     export_hf(model, tokenizer, dump, cfg.checkpoint.export_dtype, dist)
     if dist.is_main:
         print(f"lmlab: done; {train_state.tokens_seen:,} tokens in {train_state.step} steps; HF model in {dump}", flush=True)
     dist.close()
     return 0
+
+
+def start_profiler(cfg: JobConfig, dump: Path, dist: Dist) -> torch.profiler.profile | None:
+    """With --profiling.enable_profiling: a torch profiler trace of one step every `profile_freq` steps,
+    written per rank under <dump>/<save_traces_folder> (open it in tensorboard or perfetto)."""
+    p = cfg.profiling
+    if not p.enable_profiling:
+        return None
+    folder = dump / p.save_traces_folder
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU]
+        + ([torch.profiler.ProfilerActivity.CUDA] if dist.device.type == "cuda" else []),
+        schedule=torch.profiler.schedule(wait=max(p.profile_freq - 2, 0), warmup=1, active=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(folder), worker_name=f"rank{dist.rank}"),
+    )
+    profiler.start()
+    return profiler
 
 
 def forward_backward(
