@@ -14,12 +14,12 @@ import torch
 from lmlab.kernels import dispatch
 from lmlab.kernels.recurrent_common import (
     CHUNK_SIZE,
+    Kernel,
     State,
-    default_scale,
     delta_chunk_torch,
+    dispatch_op,
     fla_health_check,
     recurrent_torch,
-    use_recurrent,
     varlen_call,
 )
 
@@ -40,7 +40,7 @@ def delta_rule_recurrent_torch(
     """Step-by-step delta rule: the reference, and the fast path for decoding a few tokens."""
     return varlen_call(
         recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta), initial_state,
-        scale=default_scale(q, scale), output_final_state=output_final_state,
+        scale=scale, output_final_state=output_final_state,
     )
 
 
@@ -59,7 +59,7 @@ def delta_rule_chunk_torch(
     """Chunkwise-parallel delta rule (WY representation), float32 inside."""
     return varlen_call(
         delta_chunk_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta), initial_state,
-        scale=default_scale(q, scale), output_final_state=output_final_state, chunk_size=chunk_size,
+        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
     )
 
 
@@ -76,16 +76,15 @@ def delta_rule(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Delta rule on q, k [B,T,H,K], v [B,T,H,V], beta [B,T,H]; states [N,H,K,V] float32."""
-    recurrent = use_recurrent(q, k, v, beta, initial_state)
-    if dispatch.choose(OP, q, backend) == "fla":
-        from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    return dispatch_op(OP, (delta_rule_recurrent_torch, delta_rule_chunk_torch), _fla_kernels, q, k, v,
+                       dict(beta=beta), scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
 
-        kernel = fused_recurrent_delta_rule if recurrent else chunk_delta_rule
-        return kernel(q, k, v, beta, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    kernel = delta_rule_recurrent_torch if recurrent else delta_rule_chunk_torch
-    return kernel(q, k, v, beta, scale=scale, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+def _fla_kernels() -> tuple[Kernel, Kernel]:
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+
+    return fused_recurrent_delta_rule, chunk_delta_rule
 
 
 def _health_check(x: torch.Tensor) -> str | None:

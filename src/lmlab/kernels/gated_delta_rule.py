@@ -17,14 +17,14 @@ import torch
 from lmlab.kernels import dispatch
 from lmlab.kernels.recurrent_common import (
     CHUNK_SIZE,
+    Kernel,
     State,
-    default_scale,
     delta_chunk_torch,
+    dispatch_op,
     fla_health_check,
     needs_grad,
     recurrent_torch,
     triton_version,
-    use_recurrent,
     varlen_call,
 )
 
@@ -46,7 +46,7 @@ def gated_delta_rule_recurrent_torch(
     """Step-by-step gated delta rule: the reference, and the fast path for decoding a few tokens."""
     return varlen_call(
         recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state,
-        scale=default_scale(q, scale), output_final_state=output_final_state,
+        scale=scale, output_final_state=output_final_state,
     )
 
 
@@ -66,7 +66,7 @@ def gated_delta_rule_chunk_torch(
     """Chunkwise-parallel gated delta rule (WY representation), float32 inside."""
     return varlen_call(
         delta_chunk_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state,
-        scale=default_scale(q, scale), output_final_state=output_final_state, chunk_size=chunk_size,
+        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
     )
 
 
@@ -84,17 +84,15 @@ def gated_delta_rule(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Gated delta rule on q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H]; states [N,H,K,V] float32."""
-    recurrent = use_recurrent(q, k, v, g, beta, initial_state)
-    if dispatch.choose(OP, q, backend) == "fla":
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    return dispatch_op(OP, (gated_delta_rule_recurrent_torch, gated_delta_rule_chunk_torch), _fla_kernels,
+                       q, k, v, dict(g=g, beta=beta), scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
 
-        # fla's fused_recurrent kernel has no backward; use_recurrent() only picks it without gradients
-        kernel = fused_recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
-        return kernel(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    kernel = gated_delta_rule_recurrent_torch if recurrent else gated_delta_rule_chunk_torch
-    return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+def _fla_kernels() -> tuple[Kernel, Kernel]:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+    return fused_recurrent_gated_delta_rule, chunk_gated_delta_rule
 
 
 # fla issue #640: on Hopper GPUs, triton < 3.7.1 miscompiles fla's gated backward (wrong results / raises)

@@ -25,15 +25,15 @@ from lmlab.kernels import dispatch
 from lmlab.kernels.recurrent_common import (
     CHUNK_SIZE,
     DocResets,
+    Kernel,
     State,
     causal_mask,
-    default_scale,
+    dispatch_op,
     fla_health_check,
     from_chunks,
     recurrent_torch,
     scan_chunks,
     to_chunks,
-    use_recurrent,
     varlen_call,
 )
 
@@ -112,7 +112,7 @@ def gla_recurrent_torch(
     """Step-by-step GLA: the reference, and the fast path for decoding a few tokens."""
     return varlen_call(
         recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, gk=gk), initial_state,
-        scale=default_scale(q, scale), output_final_state=output_final_state,
+        scale=scale, output_final_state=output_final_state,
     )
 
 
@@ -131,7 +131,7 @@ def gla_chunk_torch(
     """Chunkwise-parallel GLA, float32 inside."""
     return varlen_call(
         _gla_chunk, cu_seqlens, dict(q=q, k=k, v=v, gk=gk), initial_state,
-        scale=default_scale(q, scale), output_final_state=output_final_state, chunk_size=chunk_size,
+        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
     )
 
 
@@ -148,18 +148,18 @@ def gla(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, State]:
     """GLA on q, k, gk [B,T,H,K], v [B,T,H,V]; states [N,H,K,V] float32."""
-    recurrent = use_recurrent(q, k, v, gk, initial_state)
-    if dispatch.choose(OP, q, backend) == "fla":
-        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    return dispatch_op(OP, (gla_recurrent_torch, gla_chunk_torch), _fla_kernels, q, k, v, dict(gk=gk),
+                       scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                       cu_seqlens=cu_seqlens, backend=backend)
 
-        if recurrent:
-            return fused_recurrent_gla(q, k, v, gk=gk, scale=scale, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-        return chunk_gla(q, k, v, g=gk, scale=scale, initial_state=initial_state,
-                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    kernel = gla_recurrent_torch if recurrent else gla_chunk_torch
-    return kernel(q, k, v, gk, scale=scale, initial_state=initial_state,
-                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+def _fla_kernels() -> tuple[Kernel, Kernel]:
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+    def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, **options):
+        return chunk_gla(q, k, v, g=gk, **options)  # chunk_gla names the decay `g`
+
+    return fused_recurrent_gla, chunk
 
 
 dispatch.register_health_check(OP, fla_health_check)

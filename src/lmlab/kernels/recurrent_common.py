@@ -34,10 +34,8 @@ CHUNK_SIZE = 64
 RECURRENT_MAX_T = 64
 
 State = torch.Tensor | None
-
-
-def default_scale(q: torch.Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else scale
+# A kernel: (q, k, v, *per-token inputs, scale, initial_state, output_final_state, ...) -> (o, final state)
+Kernel = Callable[..., tuple[torch.Tensor, State]]
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -47,6 +45,33 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 def use_recurrent(q: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
     """Whether the step-by-step kernel is the better choice for this call (few tokens, inference)."""
     return q.shape[1] <= RECURRENT_MAX_T and not needs_grad(q, *inputs)
+
+
+def dispatch_op(
+    op: str,
+    torch_kernels: tuple[Kernel, Kernel],
+    fla_kernels: Callable[[], tuple[Kernel, Kernel]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra_inputs: dict[str, torch.Tensor],
+    *,
+    scale: float | None,
+    initial_state: State,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    backend: str | None,
+) -> tuple[torch.Tensor, State]:
+    """Run `op` on the backend `dispatch.choose` picks: its step-by-step kernel where `use_recurrent`
+    says so (never with gradients: fla's fused_recurrent kernels have no backward), else its chunked one.
+
+    Kernels come as (step-by-step, chunked) pairs, called as kernel(q, k, v, **extra_inputs, scale=...);
+    `extra_inputs` are the op's other per-token inputs (beta, g, gk); `fla_kernels` imports fla's pair.
+    """
+    recurrent = use_recurrent(q, k, v, *extra_inputs.values(), initial_state)
+    kernels = fla_kernels() if dispatch.choose(op, q, backend) == "fla" else torch_kernels
+    return kernels[0 if recurrent else 1](q, k, v, **extra_inputs, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def fla_health_check(x: torch.Tensor) -> str | None:
@@ -223,22 +248,26 @@ def delta_chunk_torch(
 
 
 def varlen_call(
-    kernel: Callable[..., tuple[torch.Tensor, State]],
+    kernel: Kernel,
     cu_seqlens: torch.Tensor | None,
     sequences: dict[str, torch.Tensor | None],
     initial_state: State = None,
     *,
+    scale: float | None = None,
     chunk_size: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, State]:
     """Call a batched kernel, on packed documents when `cu_seqlens` is given (see the module docstring).
 
     `sequences` are the per-token inputs by keyword ([B,T,H,*]; None entries are passed through).
-    With `chunk_size` the kernel is a chunked one, taking `chunk_size` and `resets`. Autocast is off
-    inside: the kernels compute in float32 on purpose (the state must not round to bf16 every chunk).
+    `scale` defaults to K^{-1/2}. With `chunk_size` the kernel is a chunked one, taking `chunk_size` and
+    `resets`. Autocast is off inside: the kernels compute in float32 on purpose (the state must not round
+    to bf16 every chunk).
     """
-    with torch.autocast(sequences["q"].device.type, enabled=False):
-        return _varlen_call(kernel, cu_seqlens, sequences, initial_state, chunk_size, **kwargs)
+    q = sequences["q"]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):
+        return _varlen_call(kernel, cu_seqlens, sequences, initial_state, chunk_size, scale=scale, **kwargs)
 
 
 def _pack_rows(lengths: list[int], unit: int) -> tuple[list[int], list[int], list[int], int]:
@@ -260,7 +289,7 @@ def _pack_rows(lengths: list[int], unit: int) -> tuple[list[int], list[int], lis
 
 
 def _varlen_call(
-    kernel: Callable[..., tuple[torch.Tensor, State]],
+    kernel: Kernel,
     cu_seqlens: torch.Tensor | None,
     sequences: dict[str, torch.Tensor | None],
     initial_state: State,

@@ -101,8 +101,74 @@ def parse_attn(attn: Any, num_hidden_layers: int) -> dict | list[dict] | None:
     return specs[0] if isinstance(attn, dict) else specs
 
 
-class HybridConfigMixin:
-    """`attn` is validated whenever it is set (as in fla): needs `num_hidden_layers` set first."""
+class LmlabConfig(PretrainedConfig):
+    """The keys every fla 0.6.0 family config has, with fla's defaults, plus lmlab's `backend`
+    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone).
+    A family's config declares only its own keys and passes these on.
+
+    Accepted and ignored (lmlab always uses its own kernels and chunked cross-entropy): fuse_swiglu,
+    fuse_cross_entropy, fuse_linear_cross_entropy, use_l2warp, max_position_embeddings (no length limit),
+    and fuse_norm except where a family says otherwise.
+    """
+
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        num_hidden_layers: int = 24,
+        max_position_embeddings: int = 2048,
+        hidden_ratio: int | None = 4,
+        intermediate_size: int | None = None,
+        hidden_act: str = "swish",
+        norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        tie_word_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        fuse_norm: bool = True,
+        fuse_swiglu: bool = True,
+        fuse_cross_entropy: bool = True,
+        fuse_linear_cross_entropy: bool = False,
+        use_l2warp: bool = False,
+        vocab_size: int = 32000,
+        attnres_block_size: int | None = None,
+        backend: str = "auto",
+        **kwargs,
+    ):
+        check_backend(backend)
+        check_unsupported(attnres_block_size)
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.max_position_embeddings = max_position_embeddings
+        self.hidden_ratio = hidden_ratio
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.norm_eps = norm_eps
+        self.use_cache = use_cache
+        self.initializer_range = initializer_range
+        self.fuse_norm = fuse_norm
+        self.fuse_swiglu = fuse_swiglu
+        self.fuse_cross_entropy = fuse_cross_entropy
+        self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
+        self.use_l2warp = use_l2warp
+        self.vocab_size = vocab_size
+        self.attnres_block_size = attnres_block_size
+        self.backend = backend
+        # token ids and tie_word_embeddings are PretrainedConfig's own fields: set there, not here
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+class HybridConfig(LmlabConfig):
+    """A linear family's config: adds fla's `attn` key, the softmax-attention layers of a hybrid.
+    `attn` is validated whenever it is set (as in fla)."""
+
+    def __init__(self, attn: dict | list[dict] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.attn = attn  # after num_hidden_layers, which its validation needs
 
     @property
     def attn(self) -> dict | list[dict] | None:
@@ -217,12 +283,19 @@ def zero_padding(mask: torch.Tensor | None, *tensors: torch.Tensor) -> list[torc
     return [torch.where(mask.view(*mask.shape, *[1] * (t.dim() - 2)), t, 0) for t in tensors]
 
 
-def run_short_convs(convs: list[ShortConvolution], inputs: list[torch.Tensor], states: tuple | None,
-                    use_cache: bool, cu_seqlens: torch.Tensor | None) -> tuple[list[torch.Tensor], tuple]:
-    """Run the q/k/v short convolutions, continuing from (and returning) their cached states."""
-    states = states or (None,) * len(convs)
-    outputs = [conv(x, state, use_cache, cu_seqlens) for conv, x, state in zip(convs, inputs, states)]
-    return [y for y, _ in outputs], tuple(s for _, s in outputs)
+def project_qkv(mixer: nn.Module, x: torch.Tensor, conv_state: tuple | None, use_cache: bool,
+                cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+    """A linear mixer's q, k, v projections (fla's `q_proj`, `k_proj`, `v_proj`), through its short
+    convolutions (`q_conv1d`, `k_conv1d`, `v_conv1d`) when it has them (`use_short_conv`), continuing from
+    the cached `conv_state`. Returns q, k, v [B, T, dim] and the new conv state (None without convs)."""
+    q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
+    if not mixer.use_short_conv:
+        return q, k, v, None
+    convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
+    outputs = [conv(y, state, use_cache, cu_seqlens)
+               for conv, y, state in zip(convs, (q, k, v), conv_state or (None,) * 3)]
+    (q, q_state), (k, k_state), (v, v_state) = outputs
+    return q, k, v, (q_state, k_state, v_state)
 
 
 class Attention(nn.Module):
@@ -266,7 +339,7 @@ class Attention(nn.Module):
 
 def hybrid_attention(config: PretrainedConfig, layer_idx: int) -> Attention | None:
     """The softmax attention a hybrid config puts at `layer_idx`, or None for the family's mixer."""
-    spec = config.attn_spec(layer_idx) if isinstance(config, HybridConfigMixin) else None
+    spec = config.attn_spec(layer_idx) if isinstance(config, HybridConfig) else None
     if spec is None:
         return None
     return Attention(config.hidden_size, spec["num_heads"], spec["num_kv_heads"], qkv_bias=spec["qkv_bias"],

@@ -5,43 +5,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PretrainedConfig
 
 from lmlab.kernels.delta_rule import delta_rule
 from lmlab.models.blocks import (
     GatedRMSNorm,
-    HybridConfigMixin,
+    HybridConfig,
     LmlabForCausalLM,
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
     ShortConvolution,
-    check_backend,
-    check_unsupported,
     l2_norm,
     padding_mask,
-    run_short_convs,
+    project_qkv,
     zero_padding,
 )
 from lmlab.models.cache import Cache
 
 
-class DeltaNetConfig(HybridConfigMixin, PretrainedConfig):
-    """fla 0.6.0's DeltaNetConfig: same keys and defaults, plus lmlab's `backend`
-    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone).
+class DeltaNetConfig(HybridConfig):
+    """fla 0.6.0's DeltaNetConfig: same keys and defaults (the shared ones in LmlabConfig).
 
-    Accepted and ignored: attn_mode (lmlab's dispatcher picks kernels), use_output_norm (fla ignores it
-    too), fuse_norm, fuse_swiglu, fuse_cross_entropy, fuse_linear_cross_entropy, use_l2warp,
-    max_position_embeddings.
+    Also accepted and ignored: attn_mode (lmlab's dispatcher picks kernels), use_output_norm (fla ignores
+    it too).
     """
 
     model_type = "delta_net"
-    keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
         self,
         attn_mode: str = "chunk",
-        hidden_size: int = 2048,
         expand_k: float = 1.0,
         expand_v: float = 1.0,
         use_gate: bool = False,
@@ -53,67 +46,25 @@ class DeltaNetConfig(HybridConfigMixin, PretrainedConfig):
         num_heads: int = 16,
         qk_norm: str = "l2",
         qk_activation: str = "silu",
-        max_position_embeddings: int = 2048,
-        hidden_ratio: int | None = 4,
-        intermediate_size: int | None = None,
-        hidden_act: str = "swish",
-        num_hidden_layers: int = 24,
-        norm_eps: float = 1e-6,
-        attn: dict | list[dict] | None = None,
-        use_cache: bool = True,
-        pad_token_id: int | None = None,
-        bos_token_id: int = 1,
-        eos_token_id: int = 2,
-        tie_word_embeddings: bool = False,
-        initializer_range: float = 0.02,
-        fuse_norm: bool = True,
-        fuse_swiglu: bool = True,
-        fuse_cross_entropy: bool = True,
-        fuse_linear_cross_entropy: bool = False,
-        use_l2warp: bool = False,
-        vocab_size: int = 32000,
-        attnres_block_size: int | None = None,
-        backend: str = "auto",
         **kwargs,
     ):
-        check_backend(backend)
-        check_unsupported(attnres_block_size)
         if qk_norm not in ("l2", "sum"):
             raise ValueError(f"qk_norm must be 'l2' or 'sum'; got {qk_norm!r}")
         if qk_activation not in ("silu", "relu", "elu", "identity"):
             raise ValueError(f"qk_activation must be silu, relu, elu or identity; got {qk_activation!r}")
         self.attn_mode = attn_mode
-        self.hidden_size = hidden_size
         self.expand_k = expand_k
         self.expand_v = expand_v
         self.use_gate = use_gate
         self.use_short_conv = use_short_conv
+        self.allow_neg_eigval = allow_neg_eigval
         self.conv_size = conv_size
         self.use_beta = use_beta
         self.use_output_norm = use_output_norm
         self.num_heads = num_heads
         self.qk_norm = qk_norm
         self.qk_activation = qk_activation
-        self.max_position_embeddings = max_position_embeddings
-        self.hidden_ratio = hidden_ratio
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.num_hidden_layers = num_hidden_layers
-        self.norm_eps = norm_eps
-        self.attn = attn
-        self.use_cache = use_cache
-        self.initializer_range = initializer_range
-        self.fuse_norm = fuse_norm
-        self.fuse_swiglu = fuse_swiglu
-        self.fuse_cross_entropy = fuse_cross_entropy
-        self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
-        self.use_l2warp = use_l2warp
-        self.vocab_size = vocab_size
-        self.allow_neg_eigval = allow_neg_eigval
-        self.attnres_block_size = attnres_block_size
-        self.backend = backend
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(**kwargs)
 
 
 class DeltaNet(nn.Module):
@@ -155,12 +106,8 @@ class DeltaNet(nn.Module):
         mask = padding_mask(attention_mask, T)
         (x,) = zero_padding(mask, x)  # padding must not enter the short-conv states
         state = cache[self.layer_idx] if cache is not None else {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state = None
-        if self.use_short_conv:
-            (q, k, v), conv_state = run_short_convs([self.q_conv1d, self.k_conv1d, self.v_conv1d], [q, k, v],
-                                                    state.get("conv_state"), cache is not None, cu_seqlens)
-        else:
+        q, k, v, conv_state = project_qkv(self, x, state.get("conv_state"), cache is not None, cu_seqlens)
+        if not self.use_short_conv:  # the activations the convs would have applied
             if self.qk_activation == "silu":
                 q, k = F.silu(q), F.silu(k)
             v = F.silu(v)

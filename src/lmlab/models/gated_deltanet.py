@@ -8,42 +8,36 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PretrainedConfig
 
 from lmlab.kernels.gated_delta_rule import gated_delta_rule
 from lmlab.models.blocks import (
     GatedRMSNorm,
-    HybridConfigMixin,
+    HybridConfig,
     LmlabForCausalLM,
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
     ShortConvolution,
-    check_backend,
-    check_unsupported,
     l2_norm,
     padding_mask,
-    run_short_convs,
+    project_qkv,
     zero_padding,
 )
 from lmlab.models.cache import Cache
 
 
-class GatedDeltaNetConfig(HybridConfigMixin, PretrainedConfig):
-    """fla 0.6.0's GatedDeltaNetConfig: same keys and defaults, plus lmlab's `backend`
-    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone).
+class GatedDeltaNetConfig(HybridConfig):
+    """fla 0.6.0's GatedDeltaNetConfig: same keys and defaults (the shared ones in LmlabConfig; 21 layers
+    by default here).
 
-    Accepted and ignored: attn_mode (lmlab's dispatcher picks kernels), fuse_norm, fuse_swiglu,
-    fuse_cross_entropy, fuse_linear_cross_entropy, use_l2warp, max_position_embeddings.
+    Also accepted and ignored: attn_mode (lmlab's dispatcher picks kernels).
     """
 
     model_type = "gated_deltanet"
-    keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
         self,
         attn_mode: str = "chunk",
-        hidden_size: int = 2048,
         expand_v: float = 2.0,
         use_gate: bool = True,
         use_short_conv: bool = True,
@@ -52,64 +46,23 @@ class GatedDeltaNetConfig(HybridConfigMixin, PretrainedConfig):
         head_dim: int = 256,
         num_heads: int = 6,
         num_v_heads: int | None = None,
-        max_position_embeddings: int = 2048,
-        hidden_ratio: int | None = 4,
-        intermediate_size: int | None = None,
-        hidden_act: str = "swish",
         num_hidden_layers: int = 21,
-        norm_eps: float = 1e-6,
-        attn: dict | list[dict] | None = None,
-        use_cache: bool = True,
-        pad_token_id: int | None = None,
-        bos_token_id: int = 1,
-        eos_token_id: int = 2,
-        tie_word_embeddings: bool = False,
-        initializer_range: float = 0.02,
-        fuse_norm: bool = True,
-        fuse_swiglu: bool = True,
-        fuse_cross_entropy: bool = True,
-        fuse_linear_cross_entropy: bool = False,
-        use_l2warp: bool = False,
-        vocab_size: int = 32000,
-        attnres_block_size: int | None = None,
         output_gate_activation: str = "swish",
-        backend: str = "auto",
         **kwargs,
     ):
-        check_backend(backend)
-        check_unsupported(attnres_block_size)
         if output_gate_activation not in ("swish", "silu", "sigmoid"):
             raise ValueError(f"output_gate_activation must be swish, silu or sigmoid; got {output_gate_activation!r}")
         self.attn_mode = attn_mode
-        self.hidden_size = hidden_size
         self.expand_v = expand_v
         self.use_gate = use_gate
         self.output_gate_activation = output_gate_activation
         self.use_short_conv = use_short_conv
+        self.allow_neg_eigval = allow_neg_eigval
         self.conv_size = conv_size
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.num_v_heads = num_v_heads
-        self.max_position_embeddings = max_position_embeddings
-        self.hidden_ratio = hidden_ratio
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.num_hidden_layers = num_hidden_layers
-        self.norm_eps = norm_eps
-        self.attn = attn
-        self.use_cache = use_cache
-        self.initializer_range = initializer_range
-        self.fuse_norm = fuse_norm
-        self.fuse_swiglu = fuse_swiglu
-        self.fuse_cross_entropy = fuse_cross_entropy
-        self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
-        self.use_l2warp = use_l2warp
-        self.vocab_size = vocab_size
-        self.allow_neg_eigval = allow_neg_eigval
-        self.attnres_block_size = attnres_block_size
-        self.backend = backend
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(num_hidden_layers=num_hidden_layers, **kwargs)
 
 
 class GatedDeltaNet(nn.Module):
@@ -168,12 +121,8 @@ class GatedDeltaNet(nn.Module):
         mask = padding_mask(attention_mask, T)
         (x,) = zero_padding(mask, x)  # padding must not enter the short-conv states
         state = cache[self.layer_idx] if cache is not None else {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state = None
-        if self.use_short_conv:
-            (q, k, v), conv_state = run_short_convs([self.q_conv1d, self.k_conv1d, self.v_conv1d], [q, k, v],
-                                                    state.get("conv_state"), cache is not None, cu_seqlens)
-        else:
+        q, k, v, conv_state = project_qkv(self, x, state.get("conv_state"), cache is not None, cu_seqlens)
+        if not self.use_short_conv:  # the activation the convs would have applied
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = l2_norm(q.view(B, T, -1, self.head_k_dim))
         k = l2_norm(k.view(B, T, -1, self.head_k_dim))

@@ -7,21 +7,18 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PretrainedConfig
 
 from lmlab.kernels.gla import gla
 from lmlab.models.blocks import (
     GatedRMSNorm,
-    HybridConfigMixin,
+    HybridConfig,
     LmlabForCausalLM,
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
     ShortConvolution,
-    check_backend,
-    check_unsupported,
     padding_mask,
-    run_short_convs,
+    project_qkv,
     zero_padding,
 )
 from lmlab.models.cache import Cache
@@ -40,27 +37,20 @@ GATE_LOGIT_NORMALIZER = 16  # fla's default
 GATE_LOW_RANK_DIM = 16  # fla's default
 
 
-class GLAConfig(HybridConfigMixin, PretrainedConfig):
-    """fla 0.6.0's GLAConfig: same keys and defaults, plus lmlab's `backend`
-    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone).
+class GLAConfig(HybridConfig):
+    """fla 0.6.0's GLAConfig: same keys and defaults (the shared ones in LmlabConfig).
 
-    Accepted and ignored: attn_mode (lmlab's dispatcher picks kernels), use_gk and use_gv (fla ignores
-    them too), fuse_swiglu, fuse_cross_entropy, fuse_linear_cross_entropy, use_l2warp,
-    max_position_embeddings. `fuse_norm` only names the output norm, as in fla: `g_norm_swish_gate` when
-    fuse_norm and use_output_gate, else `g_norm` (same arithmetic).
+    Also accepted and ignored: attn_mode (lmlab's dispatcher picks kernels), use_gk and use_gv (fla ignores
+    them too). `fuse_norm` only names the output norm, as in fla: `g_norm_swish_gate` when fuse_norm and
+    use_output_gate, else `g_norm` (same arithmetic).
     """
 
     model_type = "gla"
-    keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
         self,
-        hidden_size: int = 2048,
         expand_k: float = 0.5,
         expand_v: float = 1.0,
-        hidden_ratio: int | None = 4,
-        intermediate_size: int | None = None,
-        num_hidden_layers: int = 24,
         num_heads: int = 4,
         num_kv_heads: int | None = None,
         feature_map: str | None = None,
@@ -69,39 +59,15 @@ class GLAConfig(HybridConfigMixin, PretrainedConfig):
         conv_size: int = 4,
         use_output_gate: bool = True,
         clamp_min: float | None = None,
-        hidden_act: str = "swish",
-        max_position_embeddings: int = 2048,
         elementwise_affine: bool | None = True,
-        norm_eps: float = 1e-6,
         use_gk: bool = True,
         use_gv: bool = False,
-        attn: dict | list[dict] | None = None,
-        use_cache: bool = True,
-        pad_token_id: int | None = None,
-        bos_token_id: int = 1,
-        eos_token_id: int = 2,
-        tie_word_embeddings: bool = False,
-        initializer_range: float = 0.02,
-        fuse_norm: bool = True,
-        fuse_swiglu: bool = True,
-        fuse_cross_entropy: bool = True,
-        fuse_linear_cross_entropy: bool = False,
-        use_l2warp: bool = False,
-        vocab_size: int = 32000,
-        attnres_block_size: int | None = None,
-        backend: str = "auto",
         **kwargs,
     ):
-        check_backend(backend)
-        check_unsupported(attnres_block_size)
         if feature_map is not None and feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be null or one of {', '.join(FEATURE_MAPS)}; got {feature_map!r}")
-        self.hidden_size = hidden_size
         self.expand_k = expand_k
         self.expand_v = expand_v
-        self.hidden_ratio = hidden_ratio
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.feature_map = feature_map
@@ -110,25 +76,10 @@ class GLAConfig(HybridConfigMixin, PretrainedConfig):
         self.conv_size = conv_size
         self.use_output_gate = use_output_gate
         self.clamp_min = clamp_min
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
         self.elementwise_affine = elementwise_affine
-        self.norm_eps = norm_eps
         self.use_gk = use_gk
         self.use_gv = use_gv
-        self.attn = attn
-        self.use_cache = use_cache
-        self.initializer_range = initializer_range
-        self.fuse_norm = fuse_norm
-        self.fuse_swiglu = fuse_swiglu
-        self.fuse_cross_entropy = fuse_cross_entropy
-        self.fuse_linear_cross_entropy = fuse_linear_cross_entropy
-        self.use_l2warp = use_l2warp
-        self.vocab_size = vocab_size
-        self.attnres_block_size = attnres_block_size
-        self.backend = backend
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(**kwargs)
 
 
 class GatedLinearAttention(nn.Module):
@@ -179,11 +130,7 @@ class GatedLinearAttention(nn.Module):
         mask = padding_mask(attention_mask, T)
         (x,) = zero_padding(mask, x)  # padding must not enter the short-conv states
         state = cache[self.layer_idx] if cache is not None else {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state = None
-        if self.use_short_conv:
-            (q, k, v), conv_state = run_short_convs([self.q_conv1d, self.k_conv1d, self.v_conv1d], [q, k, v],
-                                                    state.get("conv_state"), cache is not None, cu_seqlens)
+        q, k, v, conv_state = project_qkv(self, x, state.get("conv_state"), cache is not None, cu_seqlens)
         q = q.view(B, T, -1, self.head_k_dim)
         k = k.view(B, T, -1, self.head_k_dim).repeat_interleave(self.groups, dim=2)
         v = v.view(B, T, -1, self.head_v_dim).repeat_interleave(self.groups, dim=2)
