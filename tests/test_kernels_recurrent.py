@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.errors import UserError
+
 from lmlab.kernels import delta_rule as dr
 from lmlab.kernels import gated_delta_rule as gdr
 from lmlab.kernels import gla as gla_mod
@@ -247,7 +249,7 @@ def test_dispatch_on_cpu(op):
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     o_ref, _ = recurrent(*positional(op, x))
     assert torch.equal(o, o_ref)
-    with pytest.raises(RuntimeError, match="cannot run here"):
+    with pytest.raises(UserError, match="cannot run here"):
         dispatch_fn(*positional(op, x), backend="fla")
 
 

@@ -257,7 +257,12 @@ def _begin_write(target: Path, dist: Dist) -> Path:
 def _save_failed(exc: BaseException, tmp: Path, target: Path, dist: Dist) -> UserError:
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-    return UserError(f"saving checkpoint {target} failed ({_one_line(exc)}){_INTACT}")
+    # torch's writer reports a full disk as a short write ("unexpected pos"): say how much space is left
+    try:
+        free = f"; {shutil.disk_usage(target.parent).free / 2**30:.1f} GiB free there"
+    except OSError:
+        free = ""
+    return UserError(f"saving checkpoint {target} failed ({_one_line(exc)}){free}{_INTACT}")
 
 
 def _finish_write(tmp: Path, target: Path, meta: dict[str, Any], config_json: str | None, dist: Dist) -> None:

@@ -81,7 +81,8 @@ def hf_to_dcp(model_name: str, checkpoint: Path) -> None:
     if model_name.startswith(("/", ".", "~")) and not Path(model_name).expanduser().is_dir():
         raise UserError(f"--model {model_name}: no such directory")  # HF would call it a bad repo id
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32)
+        # safetensors only: a pickled pytorch_model.bin is never unpickled, so it cannot run code
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load HF model {model_name!r} ({str(exc).splitlines()[0]})") from None
     save_model_weights(model, checkpoint, _single_process())

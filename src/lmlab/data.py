@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import signal
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -692,7 +693,16 @@ def build_dataloader(training: Training, tokenizer: Any, *, rank: int, world_siz
             prefetch_factor=training.prefetch_factor if workers > 0 else None,
             persistent_workers=training.persistent_workers and workers > 0,
             pin_memory=training.pin_memory,
+            worker_init_fn=_ignore_stop_signals,
         )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGINT / SIGTERM (torch's own SIGTERM handler would kill them). A stop signal for
+    the whole process group (torchrun's, a scheduler's) is the trainer's cue to save a checkpoint, which needs
+    the workers alive; they end when the trainer closes the loader or dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def data_epoch(loader: StatefulDataLoader) -> int:

@@ -41,7 +41,7 @@ def load_model_config(source: str, *, trust_remote_code: bool = False) -> Pretra
         try:
             return AutoConfig.for_model(model_type, **values)
         except (ValueError, TypeError) as exc:
-            raise UserError(f"--model.config {source}: {exc}") from None
+            raise _config_error("--model.config", source, exc) from None
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError:
@@ -50,7 +50,16 @@ def load_model_config(source: str, *, trust_remote_code: bool = False) -> Pretra
             "(offline?); pass a local config JSON such as configs/gated_deltanet_340M.json"
         ) from None
     except ValueError as exc:
-        raise UserError(f"--model.config {source}: {exc}") from None
+        raise _config_error("--model.config", source, exc) from None
+
+
+def _config_error(option: str, source: str, exc: Exception) -> UserError:
+    """transformers' (often multi-line) message as one line; for custom code, lmlab's own flag."""
+    if "trust_remote_code" in str(exc):
+        return UserError(f"{option} {source} holds custom code; lmlab runs it only with --model.trust_remote_code "
+                         "(read that code first)")
+    text = " ".join(str(exc).split())
+    return UserError(f"{option} {source}: {text if len(text) <= 300 else text[:300] + '...'}")
 
 
 def _ensure_registered(model_type: str) -> None:
@@ -91,8 +100,11 @@ def build_model(cfg: Model, *, vocab_size: int, device: torch.device) -> torch.n
             f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {config.vocab_size}; "
             "raise vocab_size in the model config or use a matching tokenizer"
         )
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as exc:  # a config the layers reject, e.g. head dims that do not divide
+        raise _config_error("--model.config", cfg.config, exc) from None
     return model.float()
 
 
@@ -104,6 +116,12 @@ def load_tokenizer(cfg: Model) -> PreTrainedTokenizerBase:
         raise UserError(f"--model.tokenizer_path {source}: no such folder")
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise _config_error("--model.tokenizer_path", source, exc) from None
+        # transformers found no tokenizer files to build one from
+        raise UserError(f"--model.tokenizer_path {source}: no tokenizer there (tokenizer.json or a slow tokenizer's "
+                        "files, as tokenizer.save_pretrained() writes them)") from None
     except OSError:
         raise UserError(
             f"--model.tokenizer_path {source}: cannot load it (not a local folder, and the hub is unreachable "

@@ -28,7 +28,7 @@ from lmlab.data import build_dataloader, data_epoch
 from lmlab.distributed import Dist, init_distributed, parallelize
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
-from lmlab.metrics import MetricLogger
+from lmlab.metrics import METRICS_FILE, MetricLogger
 from lmlab.errors import UserError
 from lmlab.modeling import build_model, import_custom_models, load_tokenizer
 from lmlab.optim import build_lr_scheduler, build_optimizer
@@ -90,25 +90,27 @@ def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
 
 
 def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
-    """Create the dump folder and record the resolved config; refuse to mix two different runs."""
+    """Create the dump folder; refuse to mix two different runs (train() records the config once it starts)."""
     dump = Path(cfg.job.dump_folder)
     saved = dump / "job_config.toml"
     checkpoints = dump / cfg.checkpoint.folder
     if dist.is_main:
         dump.mkdir(parents=True, exist_ok=True)
-        has_run = bool(complete_steps(checkpoints))
+        has_run = bool(complete_steps(checkpoints)) or (dump / "model.safetensors").is_file()
         if has_run and saved.is_file() and not cfg.job.overwrite:
             previous = saved.read_text()
             if _run_defining(previous) != _run_defining(cfg.to_toml()):
                 raise UserError(
-                    f"{dump} holds checkpoints of a different run (model/data config differ from {saved}); "
+                    f"{dump} holds a different run (its model/data config in {saved} differs); "
                     "use another --job.dump_folder, or --job.overwrite to start over there"
                 )
-        if cfg.job.overwrite and checkpoints.is_dir():
+        if cfg.job.overwrite:  # start over: the old run's checkpoints and metrics must not mix with the new
             import shutil
 
-            shutil.rmtree(checkpoints)
-        saved.write_text(cfg.to_toml())
+            if checkpoints.is_dir():
+                shutil.rmtree(checkpoints)
+            shutil.rmtree(dump / cfg.metrics.save_tb_folder, ignore_errors=True)
+            (dump / METRICS_FILE).unlink(missing_ok=True)
     dist.barrier()
     return dump
 
@@ -126,8 +128,8 @@ def _run_defining(toml_text: str) -> tuple:
 def train(cfg: JobConfig, stop: StopRequested) -> int:
     dist = init_distributed(cfg)
     seed_everything(cfg.training.seed, dist.rank, cfg.training.deterministic)
+    dispatch.require(cfg.model.backend)
     dispatch.set_backend(cfg.model.backend)
-    dump = prepare_dump_folder(cfg, dist)
     if cfg.job.print_args and dist.is_main:
         print(cfg.to_toml(), flush=True)
 
@@ -142,6 +144,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
     dataloader = build_dataloader(cfg.training, tokenizer, rank=dist.rank, world_size=dist.world_size)
     train_state = TrainState()
+    # Only now, with every input checked, touch the dump folder: a bad flag must not overwrite anything.
+    dump = prepare_dump_folder(cfg, dist)
 
     # --- resume ------------------------------------------------------------------------------------
     checkpointer = Checkpointer(dump, cfg.checkpoint, dist)
@@ -154,6 +158,7 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     }
     train_state.step = checkpointer.load(states)
     if dist.is_main:
+        (dump / "job_config.toml").write_text(cfg.to_toml())  # the run has started: its checkpoints' config
         where = f"resumed from step {train_state.step}" if train_state.step else "starting from scratch"
         print(
             f"lmlab: {model.config.model_type} with {n_params / 1e6:.2f}M parameters on {dist.world_size} x "
@@ -242,13 +247,14 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
         if dist.all_reduce(torch.tensor(float(stop.signal_name is not None), device=dist.device), "max"):
             checkpointer.save(step, states)  # a no-op when this step was just saved
             checkpointer.close()
+            saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
+            message = (
+                f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Resume with the same command "
+                "(--checkpoint.load_step -1 picks the newest checkpoint)."
+            )
             if dist.is_main:
-                saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
-                print(
-                    f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Resume with the same command "
-                    "(--checkpoint.load_step -1 picks the newest checkpoint).",
-                    flush=True,
-                )
+                print(message, flush=True)
+            report_exit(message, 0)
             logger.close()
             if profiler is not None:
                 profiler.stop()
@@ -343,10 +349,15 @@ def main(argv: list[str] | None = None) -> int:
             return train(cfg, stop)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        error_file = os.environ.get("LMLAB_ERROR_FILE")
-        if error_file:
-            Path(error_file).write_text(json.dumps({"message": str(exc), "exit_code": 2}))
+        report_exit(f"error: {exc}", 2)
         return 2
+
+
+def report_exit(message: str, exit_code: int) -> None:
+    """Tell train.sh's launcher why this process ends, so that it can say so last, after torchrun's output."""
+    exit_file = os.environ.get("LMLAB_EXIT_FILE")
+    if exit_file:
+        Path(exit_file).write_text(json.dumps({"message": message, "exit_code": exit_code}))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,17 @@ from typing import Callable
 
 import torch
 
+from lmlab.errors import UserError
+
 BACKENDS = ("auto", "torch", "fla", "flash")
 _requested = "auto"
 # op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
 # backend can run on the given input, else the reason it cannot.
 _health_checks: dict[str, dict[str, Callable[[torch.Tensor], str | None]]] = {}
 _warned: set[tuple[str, str]] = set()
+# op name -> the backend its latest `choose` call returned; only read back (logs, benchmarks), never
+# consulted when choosing.
+_last_choice: dict[str, str] = {}
 
 
 def set_backend(name: str) -> None:
@@ -35,6 +40,19 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _requested = name
+
+
+def require(name: str) -> None:
+    """Fail early, with one line, when a forced backend cannot run in this process at all."""
+    if name == "fla":
+        reason = fla_unavailable_reason()
+    elif name == "flash":
+        reason = None if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else (
+            "flash-attn is not installed" if torch.cuda.is_available() else "no CUDA device")
+    else:
+        return
+    if reason is not None:
+        raise UserError(f"backend {name!r} cannot run here ({reason}); use --model.backend auto or torch")
 
 
 def get_backend() -> str:
@@ -68,8 +86,34 @@ def fla_unavailable_reason() -> str | None:
     return None
 
 
+def last_choices() -> dict[str, str]:
+    """The backend each op ran on at its latest call in this process (a copy; ops not yet called are absent).
+
+    In torch.compile'd code the record is made when the graph is traced: the choice baked into it."""
+    return dict(_last_choice)
+
+
+def clear_choices() -> None:
+    """Forget the recorded choices (e.g. before a benchmark builds its next model)."""
+    _last_choice.clear()
+
+
 def choose(op: str, x: torch.Tensor, requested: str | None = None) -> str:
     """Return "torch" or the name of the accelerated backend for running `op` on input `x`."""
+    name = _choose(op, x, requested)
+    _record(op, name)
+    return name
+
+
+# Run for real while dynamo traces, and kept out of the graph: a store into a module dict inside compiled
+# code would make dynamo guard on the dict's size and recompile the block as the record grows.
+@torch.compiler.assume_constant_result
+def _record(op: str, name: str) -> bool:
+    _last_choice[op] = name
+    return True
+
+
+def _choose(op: str, x: torch.Tensor, requested: str | None) -> str:
     checks = _health_checks.get(op, {})
     if requested is None:
         requested = _requested if _requested in checks or _requested == "torch" else "auto"
@@ -81,7 +125,8 @@ def choose(op: str, x: torch.Tensor, requested: str | None = None) -> str:
         check = checks.get(requested)
         reason = "no such backend for this op" if check is None else check(x)
         if reason is not None:
-            raise RuntimeError(f"backend {requested!r} requested for {op} but it cannot run here: {reason}")
+            raise UserError(f"backend {requested!r} requested for {op} but it cannot run here: {reason}; "
+                            "use --model.backend auto or torch")
         return requested
     reasons = []
     for name, check in checks.items():

@@ -309,6 +309,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
         if num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by the attention num_heads ({num_heads})")
         self.head_dim = hidden_size // num_heads
         self.window_size, self.rope_theta, self.layer_idx = window_size, rope_theta, layer_idx
         kv_dim = self.num_kv_heads * self.head_dim

@@ -1,0 +1,106 @@
+"""A very small training run for the fault and bad-input tests: a 0.7M-parameter Gated DeltaNet, 2 x 32 tokens a
+step, through the paper's command (tests/paper_command.py) with tiny sizes. Helpers run it with `bash train.sh`
+or in-process, read its losses, and kill it the way a cluster does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO
+from test_train_e2e import tiny_args
+
+SMALL_MODEL = {
+    "model_type": "gated_deltanet", "hidden_size": 64, "num_heads": 2, "head_dim": 32, "expand_v": 1,
+    "num_hidden_layers": 2, "hidden_ratio": 2, "conv_size": 4, "vocab_size": 4096, "bos_token_id": 1,
+    "eos_token_id": 2, "tie_word_embeddings": False,
+}
+STEPS = 20
+TRAIN_SH_ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def small_config(corpus: dict) -> Path:
+    """The model config as a JSON file next to the session's corpus."""
+    path = corpus["tokenizer"].parent / "small_gated_deltanet.json"
+    if not path.is_file():
+        path.write_text(json.dumps(SMALL_MODEL))
+    return path
+
+
+def small_args(corpus: dict, dump: Path, **extra: str | None) -> list[str]:
+    """The paper's flags for a 20-step run saving every 5 steps (keep_latest_k 2, load_step -1, log_freq 1)."""
+    return tiny_args(corpus, dump, **{
+        "model.config": str(small_config(corpus)),
+        "lr_scheduler.warmup_steps": "2",
+        "training.batch_size": "2",
+        "training.seq_len": "32",
+        "training.gradient_accumulation_steps": "1",
+        "training.steps": str(STEPS),
+        "training.num_workers": "0",
+        "checkpoint.interval": "5",
+        "metrics.enable_tensorboard": "false",
+        **extra,
+    })
+
+
+def train_sh(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "train.sh", *args], cwd=REPO, env=TRAIN_SH_ENV, capture_output=True, text=True)
+
+
+def start_train_sh(args: list[str]) -> subprocess.Popen:
+    """`bash train.sh` in its own session, as a job scheduler starts it."""
+    return subprocess.Popen(["bash", "train.sh", *args], cwd=REPO, env=TRAIN_SH_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def metrics_lines(dump: Path) -> list[dict]:
+    """Every record of metrics.jsonl in order (a resumed run appends; steps after its checkpoint repeat)."""
+    path = dump / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll `condition()` until true; fail if the run ends or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the moment to act"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.01)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants at once, as a cluster kills a job's cgroup (torchrun starts every
+    trainer in a session of its own, so killing train.sh's process group would leave the trainer running)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process just ended
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    doomed = {pid}
+    while True:
+        more = {child for child, parent in parents.items() if parent in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for victim in doomed:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for victim in doomed - {pid}:  # reparented children: wait until they are gone (or zombies)
+        while _alive(victim):
+            time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
