@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.errors import UserError
 from lmlab.kernels import dispatch
 from lmlab.kernels.activations import swiglu
 from lmlab.kernels.attention import attention, attention_reference
@@ -122,7 +123,7 @@ def test_attention_validates_inputs():
     q, k, v = qkv(Tq=5, Tk=4)
     with pytest.raises(ValueError):
         attention(q, k, v)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UserError):
         attention(*qkv(), backend="flash")  # not on CPU
 
 
@@ -261,9 +262,9 @@ def test_dispatch_priority_and_requests(monkeypatch):
     dispatch.register_health_check("op", lambda x: None, backend="fla")
     assert dispatch.choose("op", x) == "fla"  # the first healthy one, in registration order
     assert dispatch.choose("op", x, "torch") == "torch"
-    with pytest.raises(RuntimeError, match="broken"):
+    with pytest.raises(UserError, match="broken"):
         dispatch.choose("op", x, "flash")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UserError):
         dispatch.choose("other_op", x, "fla")  # asked for one call: it must exist
     monkeypatch.setattr(dispatch, "_requested", "fla")
     assert dispatch.choose("other_op", x) == "torch"  # process-wide: auto for ops without fla
