@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import atexit
 import logging
+import multiprocessing
 import signal
 import warnings
 from collections import deque
@@ -684,6 +686,9 @@ def build_dataloader(training: Training, tokenizer: Any, *, rank: int, world_siz
     dataset = PackedDataset(sources, _mix_probs(training, len(sources)), tokenizer, training,
                             rank=rank, world_size=world_size)
     workers = training.num_workers
+    if workers > 0:
+        atexit.unregister(_kill_leftover_workers)  # registered once, and after multiprocessing's own handler
+        atexit.register(_kill_leftover_workers)
     with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch function on every construction
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         return DataLoader(
@@ -703,6 +708,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     the workers alive; they end when the trainer closes the loader or dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """Workers ignore SIGTERM, so multiprocessing's exit-time `terminate()` cannot end the workers of a loader
+    still alive at exit (one kept by an exception's traceback, say) and its `join()` would wait forever.
+    atexit runs this first (it was registered later), so kill them outright; they hold nothing to save."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 def data_epoch(loader: StatefulDataLoader) -> int:
