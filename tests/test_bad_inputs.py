@@ -71,6 +71,8 @@ CASES: dict[str, Bad] = {
     "flag-not-positive": Bad("--training.batch_size must be positive", {"training.batch_size": "0"}),
     "flag-ratio-out-of-range": Bad("--lr_scheduler.lr_min is a ratio", {"lr_scheduler.lr_min": "2"}),
     "flag-keep-latest-1": Bad("--checkpoint.keep_latest_k 1 is unsafe", {"checkpoint.keep_latest_k": "1"}),
+    "flag-micro-batch-not-dividing": Bad("--training.micro_batch_size must divide --training.batch_size (2), got 3",
+                                         {"training.micro_batch_size": "3"}),
     "flag-varlen-context-over-seq-len": Bad("--training.context_len (2048) cannot exceed --training.seq_len (32)",
                                             {"training.varlen": "true"}),
     "flag-replicate-degree": Bad("--training.data_parallel_replicate_degree 2 must be >= 1 and divide the 1 processes",

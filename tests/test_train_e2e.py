@@ -124,3 +124,15 @@ def test_varlen_and_profiling_in_the_loop(corpus, tmp_path, monkeypatch):
     records = read_metrics(tmp_path)
     assert len(records) == 6 and all(r["loss"] == r["loss"] for r in records)
     assert list((tmp_path / "profile_traces").glob("rank0*"))
+
+
+def test_micro_batch_size_keeps_the_losses(corpus, tmp_path, monkeypatch):
+    """--training.micro_batch_size splits each loaded batch (packed-document boundaries included) into
+    smaller forward/backward passes: same data, same losses."""
+    varlen = {"training.varlen": "true", "training.context_len": "32"}
+    assert run_in_process(corpus, tmp_path / "whole", monkeypatch, **varlen) == 0
+    assert run_in_process(corpus, tmp_path / "split", monkeypatch, **varlen, **{"training.micro_batch_size": "1"}) == 0
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [r["tokens_seen"] for r in whole] == [r["tokens_seen"] for r in split]
+    for a, b in zip(whole, split):
+        assert abs(a["loss"] - b["loss"]) < 1e-5

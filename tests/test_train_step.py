@@ -4,7 +4,7 @@ import contextlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmlab.train import forward_backward
+from lmlab.train import forward_backward, split_rows
 
 
 def tiny_llama(seed=0):
@@ -39,3 +39,28 @@ def test_accumulation_split_gives_the_same_loss_and_gradients():
     with torch.no_grad():
         reference = model(input_ids=ids, labels=labels).loss
     assert abs(loss_1 - float(reference)) < 1e-6
+
+
+def test_micro_batches_split_rows_and_document_boundaries():
+    ids = torch.arange(4 * 6).view(4, 6)
+    batch = {"input_ids": ids, "labels": ids.clone(), "cu_seqlens": torch.tensor([0, 4, 6, 12, 15, 18, 24])}
+    pieces = split_rows(batch, 2)
+    assert [p["input_ids"].tolist() for p in pieces] == [ids[:2].tolist(), ids[2:].tolist()]
+    assert [p["cu_seqlens"].tolist() for p in pieces] == [[0, 4, 6, 12], [0, 3, 6, 12]]
+    assert split_rows(batch, 0) == [batch] and split_rows(batch, 4) == [batch]
+
+
+def test_micro_batch_size_gives_the_same_loss_and_gradients():
+    torch.manual_seed(2)
+    ids = torch.randint(0, 64, (8, 16))
+    labels = ids.clone()
+    labels[1, :9] = -100
+    model = tiny_llama()
+    loss_whole, grads_whole = grads_after(model, {"input_ids": ids, "labels": labels}, accum=1)
+    model.zero_grad()
+    micro = split_rows({"input_ids": ids, "labels": labels}, 2)
+    tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+    loss_sum = forward_backward(model, micro, torch.device("cpu"), tokens, contextlib.nullcontext())
+    assert abs(float(loss_sum) / tokens - loss_whole) < 1e-6
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_whole[name], atol=1e-6, rtol=1e-5, msg=name)

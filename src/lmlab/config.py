@@ -74,6 +74,7 @@ class Training:
     context_len: int = 2048  # varlen: documents longer than this are split
     varlen: bool = False
     gradient_accumulation_steps: int = 1
+    micro_batch_size: int = 0  # lmlab: rows per forward/backward (0: all of batch_size); must divide batch_size
     steps: int = 10000
     max_norm: float = 1.0
     skip_nan_inf: bool = False
@@ -377,6 +378,10 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"--checkpoint.keep_latest_k must be >= 0, got {cfg.checkpoint.keep_latest_k}")
     if t.max_norm < 0:
         raise ConfigError(f"--training.max_norm must be >= 0 (0 disables clipping), got {t.max_norm}")
+    if t.micro_batch_size < 0 or (t.micro_batch_size and t.batch_size % t.micro_batch_size):
+        raise ConfigError(
+            f"--training.micro_batch_size must divide --training.batch_size ({t.batch_size}), got {t.micro_batch_size}"
+        )
     if t.varlen and t.context_len > t.seq_len:
         raise ConfigError(f"--training.context_len ({t.context_len}) cannot exceed --training.seq_len ({t.seq_len})")
     if cfg.experimental.pipeline_parallel_degree != 1 or t.tensor_parallel_degree != 1:
