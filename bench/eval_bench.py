@@ -7,7 +7,9 @@ depend on the weights, but generation length does: random weights rarely emit "\
 their full 48 tokens, an upper bound) and synthetic task data in each hub dataset's schema with lengths close
 to the real ones (`SIZES`). Each run is the paper's command with `--limit` docs per task; the table gives the
 measured seconds and, scaled by docs (real docs / limited docs per task group), an estimate for the full
-suite. Prints a Markdown table last and writes JSON to `--out`.
+suite (an upper bound: start-up, i.e. model load and task building, is scaled too). `--parallel` also runs
+FDA with `-p` (one job per visible GPU) and checks that it generates the same as one job. Prints a Markdown
+table last and writes JSON to `--out`.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ SUITE = "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challeng
 HARNESS = ("--model hf --model_args pretrained={model},dtype={dtype} --tasks {tasks} --batch_size {batch} "
            "--num_fewshot 0 --device {device} --show_config")
 FDA = ("--batch-size {batch} -m {model} -t based_fda --output_dir {out} --context_length 1000 --answer_length 50 "
-       "--cutting_context --limit {limit} -p --device {device}")
+       "--cutting_context --limit {limit} --device {device}")
 # task: (evaluated split, real number of docs, words per text field) -- doc counts of the hub datasets' splits;
 # word counts approximate their typical lengths.
 SIZES = {
@@ -108,6 +110,12 @@ def timed(fn, argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def fda_generations(out: Path) -> dict[int, str]:
+    """doc_id -> generation of an FDA run's per-sample records."""
+    (records,) = out.rglob("records_based_fda_*.jsonl")
+    return {r["doc_id"]: r["generation"] for r in map(json.loads, records.open())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=REPO / "configs" / "gated_deltanet_340M.json")
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--fda-only", action="store_true", help="skip the 9-task suite")
+    p.add_argument("--parallel", action="store_true",
+                   help="FDA also with -p (one job per visible GPU): its wall time, and the same generations")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "eval_results.json")
     args = p.parse_args(argv)
 
@@ -127,15 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     fda_scale = SIZES["fda"][1] / docs["fda"]
     rows = []
     for batch in args.batch_sizes:
-        suite = shlex.split(HARNESS.format(model=model, dtype=args.dtype, tasks=SUITE, batch=batch, device=args.device))
-        suite += ["--data_dir", str(work / "data"), "--output_path", str(work / f"suite_{batch}")] + limit_args
-        seconds = timed(harness.main, suite)
-        rows.append({"run": "9-task suite", "batch": batch, "seconds": seconds, "full_estimate_s": seconds * suite_scale})
-        fda_argv = shlex.split(FDA.format(batch=batch, model=model, out=work / f"fda_{batch}", limit=args.limit,
-                                          device=args.device)) + ["--data_dir", str(work / "data")]
-        seconds = timed(fda.main, fda_argv)
-        rows.append({"run": "FDA (launch_hf.py)", "batch": batch, "seconds": seconds, "full_estimate_s": seconds * fda_scale})
-        print(f"eval_bench: batch {batch}: {rows[-2]['seconds']:.0f} s suite, {rows[-1]['seconds']:.0f} s FDA", flush=True)
+        if not args.fda_only:
+            suite = shlex.split(HARNESS.format(model=model, dtype=args.dtype, tasks=SUITE, batch=batch,
+                                               device=args.device))
+            suite += ["--data_dir", str(work / "data"), "--output_path", str(work / f"suite_{batch}")] + limit_args
+            seconds = timed(harness.main, suite)
+            rows.append({"run": "9-task suite", "batch": batch, "seconds": seconds,
+                         "full_estimate_s": seconds * suite_scale})
+        for parallel in (False, True) if args.parallel else (False,):
+            out = work / f"fda_{batch}{'_p' if parallel else ''}"
+            fda_argv = shlex.split(FDA.format(batch=batch, model=model, out=out, limit=args.limit, device=args.device))
+            seconds = timed(fda.main, fda_argv + ["--data_dir", str(work / "data")] + (["-p"] if parallel else []))
+            rows.append({"run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
+                         "seconds": seconds, "full_estimate_s": seconds * fda_scale})
+            print(f"eval_bench: batch {batch}: {rows[-1]['run']} {seconds:.0f} s", flush=True)
+        if args.parallel:
+            single, split = (fda_generations(work / f"fda_{batch}{s}") for s in ("", "_p"))
+            rows[-1]["same_generations_as_single"] = single == split
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = {"device": device, "config": str(args.config), "limit": args.limit, "dtype": args.dtype,
@@ -144,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data) on {device}; --limit {args.limit}")
     print("| run | batch | seconds | full-size estimate (s) |\n| --- | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['run']} | {r['batch']} | {r['seconds']:.1f} | {r['full_estimate_s']:.0f} |")
+        same = {True: " (same generations)", False: " (generations DIFFER)"}.get(r.get("same_generations_as_single"), "")
+        print(f"| {r['run']}{same} | {r['batch']} | {r['seconds']:.1f} | {r['full_estimate_s']:.0f} |")
     return 0
 
 

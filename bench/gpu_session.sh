@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU work of issues 3, 5, 6 and 7 in stages, for the device machine (bench/README.md, "GPU session").
-#   bash bench/gpu_session.sh STAGE [STAGE ...]      stages: env tests scaling bench bench-large eval
+#   bash bench/gpu_session.sh STAGE [STAGE ...]   stages: env tests scaling bench bench-large eval fda-parallel
 # Results go under $OUT (the device tool's folder; default out/gpu). Each stage has its own time limit, so one
 # that hangs still leaves the others' results. Packages missing from the GPU image come as wheels in .whl/
 # (made here by bench/gpu_wheels.sh). Everything is overridable for a CPU smoke run, e.g.
@@ -38,7 +38,7 @@ EOF
 }
 
 stage_tests() {  # kernel / model accuracy on the card (1 GPU) and the 2-GPU NCCL run (when there are 2)
-  timeout 420 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ -rA --durations=15 2>&1 | tail -80 \
+  timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ -rA --durations=15 2>&1 | tail -80 \
     | tee "$OUT/gpu_tests.txt"
 }
 
@@ -56,12 +56,12 @@ EOF
   [[ "$GPUS" -gt 1 ]] && counts="1 $GPUS"
   for n in $counts; do
     rm -rf "exp/scaling_$n"
-    NGPU=$n timeout "${SCALING_TIMEOUT:-240}" bash train.sh --job.config_file flame/models/fla.toml \
+    NGPU=$n timeout "${SCALING_TIMEOUT:-150}" bash train.sh --job.config_file flame/models/fla.toml \
       --job.dump_folder "exp/scaling_$n" --model.config "$CONFIG" --model.tokenizer_path "$data/tokenizer" \
       --optimizer.name AdamW --optimizer.eps 1e-15 --optimizer.lr 1e-3 \
       --lr_scheduler.warmup_steps 1024 --lr_scheduler.lr_min 0.1 --lr_scheduler.decay_type cosine \
       --training.batch_size "${BATCH:-16}" --training.seq_len "${SEQ:-2048}" \
-      --training.gradient_accumulation_steps "${ACCUM:-4}" --training.steps "${STEPS:-40}" \
+      --training.gradient_accumulation_steps "${ACCUM:-4}" --training.steps "${STEPS:-30}" \
       --training.max_norm 1.0 --training.skip_nan_inf --training.dataset "$data/train.jsonl" \
       --training.dataset_split train --training.num_workers 12 --training.prefetch_factor 2 \
       --training.seed 42 --training.compile ${NO_COMPILE:+false} --checkpoint.interval 2048 --checkpoint.load_step -1 \
@@ -100,8 +100,12 @@ stage_bench-large() {
 }
 
 stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes)
-  timeout "${EVAL_TIMEOUT:-420}" "$PY" bench/eval_bench.py --config "$CONFIG" --out "$OUT/eval.json" \
-    ${EVAL_ARGS:-} 2>&1 | tail -12 | tee "$OUT/eval.md"
+  timeout "${EVAL_TIMEOUT:-200}" "$PY" bench/eval_bench.py --config "$CONFIG" --out "$OUT/eval${EVAL_TAG:-}.json" \
+    ${EVAL_ARGS:---limit 100} 2>&1 | tail -12 | tee "$OUT/eval${EVAL_TAG:-}.md"
+}
+
+stage_fda-parallel() {  # launch_hf.py -p over all visible GPUs vs one job: wall time, same generations
+  EVAL_ARGS="--fda-only --parallel --batch-sizes 1 --limit 100 ${EVAL_ARGS:-}" EVAL_TIMEOUT=${FDA_TIMEOUT:-120} EVAL_TAG=_fda_parallel stage_eval
 }
 
 for stage in "$@"; do
