@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import UserError
+from lmlab.kernels import attention as attention_module
 from lmlab.kernels import dispatch
 from lmlab.kernels.activations import swiglu
 from lmlab.kernels.attention import attention, attention_reference
@@ -116,6 +117,23 @@ def test_attention_varlen_equals_per_document(lengths, window_size):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("causal,window_size", [(True, None), (True, 3), (False, None)])
+def test_attention_varlen_rows_and_query_blocks(monkeypatch, causal, window_size):
+    """Rows of one packed stream attend as the [1, B*T] stream, also when the queries are cut in blocks
+    (of 5, across documents); a document crossing a row is refused."""
+    monkeypatch.setattr(attention_module, "_PACKED_BLOCK", 5)
+    q, k, v = qkv(B=1, Tq=24, Tk=24)
+    cu_seqlens = cu(3, 9, 5, 7)  # 12, the row start, is a boundary
+    kwargs = dict(causal=causal, window_size=window_size, cu_seqlens=cu_seqlens)
+    expected = attention_reference(q, k, v, **kwargs)
+    torch.testing.assert_close(attention(q, k, v, **kwargs), expected)
+    rows = [t.view(2, 12, *t.shape[2:]) for t in (q, k, v)]
+    torch.testing.assert_close(attention(*rows, **kwargs).view(q.shape), expected)
+    torch.testing.assert_close(attention_reference(*rows, **kwargs).reshape(q.shape), expected)
+    with pytest.raises(RuntimeError, match="crosses a row"):
+        attention(*rows, causal=causal, window_size=window_size, cu_seqlens=cu(3, 10, 11))
+
+
 def test_attention_validates_inputs():
     q, k, v = qkv(H=3, Hkv=2)
     with pytest.raises(ValueError):
@@ -186,6 +204,17 @@ def test_short_conv_varlen_equals_per_document(with_state):
         y_doc, s_doc = short_conv(x[:, start:end], w, b, initial_state=init, output_final_state=True)
         torch.testing.assert_close(y[:, start:end], y_doc)
         torch.testing.assert_close(final[n:n + 1], s_doc)
+
+
+def test_short_conv_varlen_rows():
+    """Rows of one packed stream convolve as the [1, B*T] stream."""
+    x, w, b = conv_inputs(B=1, T=16)
+    states = torch.randn(3, x.shape[-1], w.shape[-1])
+    y, final = short_conv(x, w, b, cu_seqlens=cu(5, 3, 8), initial_state=states, output_final_state=True)
+    y_rows, final_rows = short_conv(x.view(2, 8, -1), w, b, cu_seqlens=cu(5, 3, 8), initial_state=states,
+                                    output_final_state=True)
+    torch.testing.assert_close(y_rows.view(y.shape), y)
+    torch.testing.assert_close(final_rows, final)
 
 
 def test_short_conv_gradients():

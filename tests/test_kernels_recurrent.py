@@ -158,6 +158,19 @@ def test_varlen_chunk_gradients(op):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_varlen_rows_are_one_stream(op):
+    """With cu_seqlens, [B, T] rows are one packed stream (the models pass their batch rows)."""
+    dispatch_fn = OPS[op][0]
+    x, h0, cu_seqlens = _varlen_inputs(op)  # 106 tokens: rows of 53 (a document crosses: fine here)
+    rows = {name: t.view(2, 53, *t.shape[2:]) for name, t in x.items()}
+    o, s = dispatch_fn(*positional(op, x), initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    o_rows, s_rows = dispatch_fn(*positional(op, rows), initial_state=h0, output_final_state=True,
+                                 cu_seqlens=cu_seqlens)
+    assert o_rows.shape == rows["v"].shape
+    assert rel_err(o_rows.reshape(o.shape), o) < 1e-6 and rel_err(s_rows, s) < 1e-6
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("impl", ["recurrent", "chunk"])
 def test_padding_is_inert(op, impl):
     """Left padding and holes with k = v = 0, beta = 0, log-decay = 0 change neither state nor outputs."""

@@ -5,16 +5,22 @@ Semantics (the reference, `attention_reference`, is the specification):
 - Tq <= Tk: query i sits at absolute position Tk - Tq + i (decoding with a KV cache);
 - causal: a query sees keys at positions <= its own; `window_size=w` (implies causal): only the last w
   of them, itself included (flash-attn's window (w-1, 0), as in fla's Attention);
-- `cu_seqlens` (int32 `[N+1]`, B == 1, Tq == Tk): no query sees a key of another document;
+- `cu_seqlens` (int32 `[N+1]`, Tq == Tk): packed documents over the B*T tokens of the B rows one after
+  the other; every row start is a document start (the data pipeline's guarantee, checked on the device);
+  no query sees a key of another document;
 - `attention_mask [B, Tk]` (1 = token, 0 = padding): padding keys are never seen; a query that sees no
   key at all (a padding query under left padding) outputs zeros.
 
 Backends: "torch" is PyTorch's scaled_dot_product_attention (any device); "flash" is flash-attn on CUDA,
 when installed (it is preferred then). flex_attention was tried and left out: on an H200 (torch 2.11,
 bf16, 8 x 2048 tokens, 16 heads of 64, forward+backward) it took 1.55 ms for causal attention where SDPA
-took 0.88 ms, was no faster for packed documents, and building its block mask cost ~4 ms per call.
-Packed documents on SDPA use one mask per row of the original batch (see `_row_length`), which costs
-one host synchronisation per call.
+took 0.88 ms, was no faster for packed documents, and building its block mask cost ~4 ms per call;
+outside torch.compile it also materialises all [N, N] scores.
+Packed documents on SDPA (`_sdpa_packed`) never read `cu_seqlens` on the host, so torch.compile captures
+one graph for every document layout: each row's queries go in blocks, each block against the keys of its
+row it can see (all earlier ones, or the window's) with a mask to the query's document. Masks are
+[block, keys], never [N, N]; the work is causal attention's within each row, so callers pass the rows
+they have (the models pass the batch's [B, T] rows, not one [1, B*T] row).
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ from lmlab.kernels import dispatch
 # Dispatch keys: flash-attn runs calls without a padding mask; padded batches (evaluation) use SDPA.
 _OP = "attention"
 _OP_PADDED = "attention.padded"
+# Queries per SDPA call with packed documents: masks are [block, keys], never [N, N]. Small blocks waste
+# little work above the diagonal; long inputs get bigger ones, so that calls stay few (launches on GPU).
+_PACKED_BLOCK = 256
+_PACKED_MAX_CALLS = 16
 # Looked up once: health checks run inside torch.compile'd code, which cannot trace importlib.
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -70,8 +80,9 @@ def attention_reference(
     k = k.float().repeat_interleave(groups, dim=2)
     v = v.float().repeat_interleave(groups, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * scale
-    doc_ids = None if cu_seqlens is None else _document_ids(cu_seqlens, k.shape[1])[None]
-    allowed = _allowed(q.shape[1], k.shape[1], q.device, causal, window_size, doc_ids, attention_mask)
+    doc_ids = None if cu_seqlens is None else _document_ids(cu_seqlens, k.shape[:2])
+    allowed = _allowed(*_positions(q.shape[1], k.shape[1], q.device), causal, window_size, doc_ids,
+                       attention_mask)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -91,8 +102,8 @@ def _check_inputs(q, k, v, window_size, cu_seqlens, attention_mask) -> None:
     if window_size is not None and window_size < 1:
         raise ValueError(f"window_size must be >= 1, got {window_size}")
     if cu_seqlens is not None:
-        if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
-            raise ValueError("cu_seqlens needs packed inputs: batch 1 and as many queries as keys")
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("cu_seqlens needs packed inputs: as many queries as keys")
         if attention_mask is not None:
             raise ValueError("cu_seqlens and attention_mask cannot be combined")
     if attention_mask is not None and attention_mask.shape != k.shape[:2]:
@@ -100,18 +111,27 @@ def _check_inputs(q, k, v, window_size, cu_seqlens, attention_mask) -> None:
                          f"got {tuple(attention_mask.shape)}")
 
 
-def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """The document index of each of the `total` packed tokens."""
-    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], positions, right=True)
+def _document_ids(cu_seqlens: torch.Tensor, rows: torch.Size) -> torch.Tensor:
+    """The document index of each packed token, [B, T] for B rows of T tokens."""
+    B, T = rows
+    positions = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    doc_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).view(B, T)
+    # a document crossing rows would be cut there silently: check on the device (no host sync)
+    torch._assert_async((doc_ids[1:, 0] != doc_ids[:-1, -1]).all(), "a document crosses a row of cu_seqlens")
+    return doc_ids
 
 
-def _allowed(Tq, Tk, device, causal, window_size, doc_ids, attention_mask) -> torch.Tensor | None:
-    """Boolean [B or 1, 1, Tq, Tk]: which keys each query may see; None when it sees all of them.
+def _positions(Tq: int, Tk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the queries (aligned to the last Tq keys) and of the keys."""
+    return torch.arange(Tk - Tq, Tk, device=device), torch.arange(Tk, device=device)
 
-    doc_ids: [B or 1, Tk] document index per position (packed documents, Tq == Tk)."""
-    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
-    k_pos = torch.arange(Tk, device=device)[None, :]
+
+def _allowed(q_pos, k_pos, causal, window_size, doc_ids=None, attention_mask=None) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, Tq, Tk]: which keys (at positions k_pos) each query (at q_pos) may see; None
+    when it sees all of them.
+
+    doc_ids: [B, Tk] document index per position (packed documents, Tq == Tk); attention_mask: [B, Tk]."""
+    q_pos, k_pos = q_pos[:, None], k_pos[None, :]
     allowed = None
     if causal or window_size is not None:
         allowed = k_pos <= q_pos
@@ -120,7 +140,7 @@ def _allowed(Tq, Tk, device, causal, window_size, doc_ids, attention_mask) -> to
     if allowed is not None:
         allowed = allowed[None, None]
     if doc_ids is not None:
-        same_doc = (doc_ids[:, -Tq:, None] == doc_ids[:, None, :])[:, None]
+        same_doc = (doc_ids[:, q_pos] == doc_ids[:, k_pos])[:, None]
         allowed = same_doc if allowed is None else allowed & same_doc
     if attention_mask is not None:
         is_token = attention_mask.bool()[:, None, None, :]
@@ -129,19 +149,12 @@ def _allowed(Tq, Tk, device, causal, window_size, doc_ids, attention_mask) -> to
 
 
 def _sdpa_attention(q, k, v, causal, window_size, cu_seqlens, attention_mask, scale):
-    B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    Tq, Tk = q.shape[1], k.shape[1]
     if cu_seqlens is not None:
-        # Attend within rows of L tokens that no document crosses: a [rows, L, L] mask, not [T, T].
-        L = _row_length(cu_seqlens, Tk)
-        rows = Tk // L
-        doc_ids = _document_ids(cu_seqlens, Tk).view(rows, L)
-        q, k, v = (t.reshape(rows, L, *t.shape[2:]) for t in (q, k, v))
-        allowed = _allowed(L, L, q.device, causal, window_size, doc_ids, None)
-        return _sdpa(q, k, v, allowed, False, scale).reshape(B, Tq, H, D)
+        return _sdpa_packed(q, k, v, causal, window_size, cu_seqlens, scale)
     if causal and Tq == Tk and window_size is None and attention_mask is None:
         return _sdpa(q, k, v, None, True, scale)  # the fast path: no mask tensor at all
-    allowed = _allowed(Tq, Tk, q.device, causal, window_size, None, attention_mask)
+    allowed = _allowed(*_positions(Tq, Tk, q.device), causal, window_size, None, attention_mask)
     if attention_mask is None:
         return _sdpa(q, k, v, allowed, False, scale)
     # A query that sees no key would give NaN: let it see every key, then zero its output (and so
@@ -149,6 +162,24 @@ def _sdpa_attention(q, k, v, causal, window_size, cu_seqlens, attention_mask, sc
     has_key = allowed.any(-1, keepdim=True)
     o = _sdpa(q, k, v, allowed | ~has_key, False, scale)
     return o.masked_fill(~has_key.transpose(1, 2), 0)
+
+
+def _sdpa_packed(q, k, v, causal, window_size, cu_seqlens, scale):
+    """Packed documents (see the module docstring); every query sees at least itself."""
+    T = q.shape[1]
+    doc_ids = _document_ids(cu_seqlens, q.shape[:2])
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)  # once, not per block
+    positions = torch.arange(T, device=q.device)
+    block = max(_PACKED_BLOCK, -(-T // _PACKED_MAX_CALLS))
+    outputs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        first = 0 if window_size is None else max(0, start - window_size + 1)
+        last = end if causal or window_size is not None else T
+        allowed = _allowed(positions[start:end], positions[first:last], causal, window_size, doc_ids)
+        outputs.append(_sdpa(q[:, start:end], k[:, first:last], v[:, first:last], allowed, False, scale))
+    return torch.cat(outputs, dim=1)
 
 
 def _sdpa(q, k, v, allowed, is_causal, scale):
@@ -163,19 +194,6 @@ def _sdpa(q, k, v, allowed, is_causal, scale):
     return o.transpose(1, 2)
 
 
-def _row_length(cu_seqlens: torch.Tensor, total: int) -> int:
-    """The shortest row length L dividing `total` such that every multiple of L is a document boundary.
-
-    The data pipeline makes the rows of the original [B, T] batch such boundaries, so L <= T."""
-    bounds = cu_seqlens.tolist()
-    boundaries = set(bounds)
-    longest = max(end - start for start, end in zip(bounds, bounds[1:]))
-    for L in range(max(longest, 1), total + 1):
-        if total % L == 0 and all(m in boundaries for m in range(L, total, L)):
-            return L
-    return total
-
-
 def _flash_attention(q, k, v, causal, window_size, cu_seqlens, scale):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
@@ -186,9 +204,9 @@ def _flash_attention(q, k, v, causal, window_size, cu_seqlens, scale):
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=window)
     cu_seqlens = cu_seqlens.to(torch.int32)
     max_len = int(cu_seqlens.diff().max())
-    o = flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len,
-                               softmax_scale=scale, causal=causal, window_size=window)
-    return o[None]
+    o = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                               max_len, max_len, softmax_scale=scale, causal=causal, window_size=window)
+    return o.view(q.shape)
 
 
 def _flash_unavailable(q: torch.Tensor) -> str | None:

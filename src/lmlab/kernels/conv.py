@@ -27,23 +27,26 @@ def short_conv(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y[t] = act(bias + sum_i weight[:, 0, i] * x[t - W + 1 + i]) per channel; x `[B, T, D]`.
 
-    Inputs before the start of a sequence (or document, with `cu_seqlens`) come from `initial_state`
-    (`[N, D, W]`, N = B or the number of documents), zeros without it. Returns (y, final_state or None).
+    Inputs before the start of a sequence (or document, with `cu_seqlens`: packed documents over the B*T
+    tokens of the B rows one after the other) come from `initial_state` (`[N, D, W]`, N = B or the number
+    of documents), zeros without it. Returns (y, final_state or None).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {activation!r}; choose one of {_ACTIVATIONS}")
-    if cu_seqlens is not None and x.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs a batch of 1 (packed documents), got batch {x.shape[0]}")
+    rows = x.shape
+    if cu_seqlens is not None:
+        x = x.flatten(0, 1)[None]
     if dispatch.choose("short_conv", x, backend) == "fla":
         from fla.modules.causal_conv1d import causal_conv1d
-        return causal_conv1d(x, weight.squeeze(1), bias, initial_state=initial_state,
-                             output_final_state=output_final_state, activation=activation,
-                             cu_seqlens=cu_seqlens)
+        y, final_state = causal_conv1d(x, weight.squeeze(1), bias, initial_state=initial_state,
+                                       output_final_state=output_final_state, activation=activation,
+                                       cu_seqlens=cu_seqlens)
+        return y.reshape(rows), final_state
     if cu_seqlens is None:
         y, final_state = _conv_dense(x, weight, bias, initial_state, output_final_state)
     else:
         y, final_state = _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens)
-    return (y if activation is None else F.silu(y)), final_state
+    return (y if activation is None else F.silu(y)).reshape(rows), final_state
 
 
 def _conv_dense(x, weight, bias, initial_state, output_final_state):

@@ -16,11 +16,11 @@ from lmlab.kernels.recurrent_common import (
     CHUNK_SIZE,
     Kernel,
     State,
+    call_kernel,
     delta_chunk_torch,
     dispatch_op,
     fla_health_check,
     recurrent_torch,
-    varlen_call,
 )
 
 OP = "delta_rule"
@@ -38,8 +38,8 @@ def delta_rule_recurrent_torch(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Step-by-step delta rule: the reference, and the fast path for decoding a few tokens."""
-    return varlen_call(
-        recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta), initial_state,
+    return call_kernel(
+        recurrent_torch, dict(q=q, k=k, v=v, beta=beta), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state,
     )
 
@@ -57,8 +57,8 @@ def delta_rule_chunk_torch(
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, State]:
     """Chunkwise-parallel delta rule (WY representation), float32 inside."""
-    return varlen_call(
-        delta_chunk_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta), initial_state,
+    return call_kernel(
+        delta_chunk_torch, dict(q=q, k=k, v=v, beta=beta), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
     )
 

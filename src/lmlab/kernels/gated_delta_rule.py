@@ -19,13 +19,13 @@ from lmlab.kernels.recurrent_common import (
     CHUNK_SIZE,
     Kernel,
     State,
+    call_kernel,
     delta_chunk_torch,
     dispatch_op,
     fla_health_check,
     needs_grad,
     recurrent_torch,
     triton_version,
-    varlen_call,
 )
 
 OP = "gated_delta_rule"
@@ -44,8 +44,8 @@ def gated_delta_rule_recurrent_torch(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Step-by-step gated delta rule: the reference, and the fast path for decoding a few tokens."""
-    return varlen_call(
-        recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state,
+    return call_kernel(
+        recurrent_torch, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state,
     )
 
@@ -64,8 +64,8 @@ def gated_delta_rule_chunk_torch(
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, State]:
     """Chunkwise-parallel gated delta rule (WY representation), float32 inside."""
-    return varlen_call(
-        delta_chunk_torch, cu_seqlens, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state,
+    return call_kernel(
+        delta_chunk_torch, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
     )
 

@@ -14,6 +14,7 @@ Every exponent there is <= 0 except inside A, which is computed without overflow
 chunk is cut into sub-chunks; for keys before a query's sub-chunk, A = (q ⊙ exp(b − b_r)) (k ⊙ exp(b_r − b))ᵀ
 with r the first position of the query's sub-chunk (both factors <= 1); on the diagonal sub-chunks the
 [c, c, K] products are formed explicitly.
+Packed documents (varlen): see `recurrent_common`.
 """
 from __future__ import annotations
 
@@ -24,17 +25,20 @@ import torch
 from lmlab.kernels import dispatch
 from lmlab.kernels.recurrent_common import (
     CHUNK_SIZE,
-    DocResets,
+    Docs,
     Kernel,
     State,
+    call_kernel,
+    carry_weights,
     causal_mask,
     dispatch_op,
     fla_health_check,
+    first_state,
     from_chunks,
+    read_start_states,
     recurrent_torch,
     scan_chunks,
     to_chunks,
-    varlen_call,
 )
 
 OP = "gla"
@@ -76,25 +80,32 @@ def _gla_chunk(
     initial_state: State = None,
     output_final_state: bool = False,
     chunk_size: int = CHUNK_SIZE,
-    resets: DocResets | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
-    B, T, H, K = k.shape
-    dtype = v.dtype
+    T, dtype = k.shape[1], v.dtype
+    docs = None if cu_seqlens is None else Docs(cu_seqlens, T, chunk_size)
     q, k, v = (to_chunks(x, chunk_size) for x in (q * scale, k, v))  # [NC,B,H,C,D]
     b = to_chunks(gk, chunk_size).cumsum(-2)
+    # from the chunk's start: the sub-chunk rescaling needs b non-increasing (differences within a
+    # document are the same from either start)
     scores = _intra_chunk_scores(q, k, b, math.gcd(SUB_CHUNK, chunk_size))
+    if docs is not None:
+        scores, b = scores * docs.pairs, docs.restart(b)
     q_decayed = q * b.exp()
-    kv = (k * (b[..., -1:, :] - b).exp()).transpose(-1, -2) @ v  # [NC,B,H,K,V]
-    chunk_decay = b[..., -1, :, None].exp()  # [NC,B,H,K,1]
+    key_weights, chunk_decay = carry_weights(b, docs)
+    kv = (k * key_weights).transpose(-1, -2) @ v  # [NC,B,H,K,V]
+    if docs is not None and initial_state is not None:
+        kv = kv + docs.initial_carry(b, initial_state)
 
     kv, chunk_decay = kv.unbind(0), chunk_decay.unbind(0)  # see delta_chunk_torch
 
     def step(S: torch.Tensor, i: int) -> tuple[torch.Tensor, None]:
         return S * chunk_decay[i] + kv[i], None
 
-    S0 = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float()
-    starts, _, S = scan_chunks(S0, step, q.shape[0], resets)
-    o = q_decayed @ starts + scores @ v
+    starts, _, S = scan_chunks(first_state(q, v, initial_state, docs), step, q.shape[0])
+    o = read_start_states(q_decayed, starts, docs, initial_state) + scores @ v
+    if docs is not None and output_final_state:
+        S = docs.final_states(starts, v, k, b, initial_state)
     return from_chunks(o, T, dtype), (S if output_final_state else None)
 
 
@@ -110,8 +121,8 @@ def gla_recurrent_torch(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Step-by-step GLA: the reference, and the fast path for decoding a few tokens."""
-    return varlen_call(
-        recurrent_torch, cu_seqlens, dict(q=q, k=k, v=v, gk=gk), initial_state,
+    return call_kernel(
+        recurrent_torch, dict(q=q, k=k, v=v, gk=gk), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state,
     )
 
@@ -129,8 +140,8 @@ def gla_chunk_torch(
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, State]:
     """Chunkwise-parallel GLA, float32 inside."""
-    return varlen_call(
-        _gla_chunk, cu_seqlens, dict(q=q, k=k, v=v, gk=gk), initial_state,
+    return call_kernel(
+        _gla_chunk, dict(q=q, k=k, v=v, gk=gk), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
     )
 

@@ -8,18 +8,18 @@ with the query: o_t = S_tᵀ (scale · q_t). They differ only in the update:
 `recurrent_torch` runs that definition step by step (the specification); the chunkwise kernels live in
 `delta_chunk_torch` (both delta rules) and `lmlab.kernels.gla`.
 
-Varlen (`cu_seqlens`, B == 1), `varlen_call`: the packed documents are scattered into zero-padded rows
-and the batched kernel runs on the rows. Padding is all zeros (k = v = 0, β = 0, log-decays = 0), which
-leaves every state unchanged. The step-by-step kernel gets one document per row ([N, Tmax]). The chunked
-kernels get documents laid out chunk-aligned and packed several to a row (next-fit, in order, rows as
-long as the longest document), so padding costs less than a chunk per document instead of Tmax − len;
-the chunk scan then loads each document's initial state where it starts and picks its final state
-where it ends (`DocResets`).
+Varlen (`cu_seqlens`; the ops take [B, T] rows as one packed stream, the kernels see it as [1, B*T])
+reads `cu_seqlens` only on the device, so shapes depend on the input's length and the number of
+documents alone: torch.compile captures one graph for every document layout. The step-by-step kernel
+resets its state at every document start. The chunked kernels keep the packed [1, N] layout in fixed
+chunks (`Docs`): intra-chunk terms are masked to pairs of the same document, cumulative decays restart
+at document starts, only tokens whose document began in an earlier chunk read the carried state (the
+others read their document's initial state, or nothing), and only the chunk's last document carries on
+into the next chunk. Each document's final state is rebuilt from its last chunk.
 """
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -67,11 +67,19 @@ def dispatch_op(
 
     Kernels come as (step-by-step, chunked) pairs, called as kernel(q, k, v, **extra_inputs, scale=...);
     `extra_inputs` are the op's other per-token inputs (beta, g, gk); `fla_kernels` imports fla's pair.
+    With `cu_seqlens` the B rows are one packed stream, which the kernels take as [1, B*T].
     """
+    rows = q.shape[:2]
+    if cu_seqlens is not None:
+        q, k, v, *extras = (x.flatten(0, 1)[None] for x in (q, k, v, *extra_inputs.values()))
+        extra_inputs = dict(zip(extra_inputs, extras))
     recurrent = use_recurrent(q, k, v, *extra_inputs.values(), initial_state)
     kernels = fla_kernels() if dispatch.choose(op, q, backend) == "fla" else torch_kernels
-    return kernels[0 if recurrent else 1](q, k, v, **extra_inputs, scale=scale, initial_state=initial_state,
-                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    o, final_state = kernels[0 if recurrent else 1](
+        q, k, v, **extra_inputs, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    return o.reshape(*rows, *o.shape[2:]), final_state
 
 
 def fla_health_check(x: torch.Tensor) -> str | None:
@@ -100,18 +108,24 @@ def recurrent_torch(
     scale: float,
     initial_state: State = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Step-by-step recurrence on [B,T,H,*] inputs (see the module docstring).
 
     beta [B,T,H] turns on the delta-rule update (without it: plain additive update, GLA);
     g [B,T,H] is a per-head log-decay, gk [B,T,H,K] a per-key-dim log-decay. Computes in float32.
+    With `cu_seqlens` the state restarts from the document's initial state at every document start.
     """
     B, T, H, K = k.shape
     V, dtype = v.shape[-1], v.dtype
     q, k, v = q.float() * scale, k.float(), v.float()
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
-    outputs = []
+    S = q.new_zeros(B, H, K, V) if initial_state is None or cu_seqlens is not None else initial_state.float()
+    if cu_seqlens is not None:
+        doc, begins = document_starts(cu_seqlens, T)
+    outputs, states = [], []
     for t in range(T):
+        if cu_seqlens is not None:  # a document starts here: its initial state (or zeros) replaces S
+            S = torch.where(begins[t], 0 if initial_state is None else initial_state.float()[doc[t:t + 1]], S)
         if g is not None:
             S = S * g[:, t].float().exp()[..., None, None]
         if gk is not None:
@@ -121,8 +135,28 @@ def recurrent_torch(
             v_t = beta[:, t].float()[..., None] * (v_t - torch.einsum("bhk,bhkv->bhv", k[:, t], S))
         S = S + k[:, t, :, :, None] * v_t[:, :, None, :]
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        if cu_seqlens is not None and output_final_state:
+            states.append(S)
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    if cu_seqlens is not None and output_final_state:  # each document's state after its last token
+        ends = (cu_seqlens[1:].long() - 1).clamp_min(0)
+        S = keep_initial_if_empty(torch.stack(states or [S])[ends, 0], cu_seqlens, initial_state)
     return o.to(dtype), (S if output_final_state else None)
+
+
+def document_starts(cu_seqlens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position 0 .. length-1: its document's index (N_docs past the last document) and whether the
+    document starts there."""
+    cu = cu_seqlens.long()
+    positions = torch.arange(length, device=cu.device)
+    doc = torch.searchsorted(cu[1:], positions, right=True)
+    return doc, positions == cu[doc]
+
+
+def keep_initial_if_empty(S: torch.Tensor, cu_seqlens: torch.Tensor, initial_state: State) -> torch.Tensor:
+    """Final states [N,H,K,V] with the empty documents' replaced by their initial state (or zeros)."""
+    empty = (cu_seqlens[1:] == cu_seqlens[:-1])[:, None, None, None]
+    return torch.where(empty, 0 if initial_state is None else initial_state.float(), S)
 
 
 def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -155,40 +189,120 @@ def decay_matrix(gcum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, diff, float("-inf")).exp()
 
 
-@dataclass
-class DocResets:
-    """Documents laid out chunk-aligned in rows (varlen): where each starts and ends, its initial state."""
+class Docs:
+    """Packed documents on the chunked layout of a [1, length] input (varlen), computed on the device.
 
-    start_doc: torch.Tensor  # [R, NC] long: document starting at that chunk (index into `initial`), or -1
-    initial: torch.Tensor  # [N, H, K, V] float32 initial states (or one zero state shared by all)
-    end_chunk: torch.Tensor  # [N] long: row * NC + chunk of each document's last chunk
+    Token tensors are [NC, 1, 1, C] (chunk-major, as `to_chunks`); the padding after the last document
+    counts as one more document. Per document: `first_chunk`, `last_chunk` [N] and `last_pos` [N] (its
+    last token's position in that chunk).
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, length: int, chunk_size: int):
+        n_chunks = -(-length // chunk_size)
+        self.cu, self.chunk_size = cu_seqlens.long(), chunk_size
+        doc, _ = document_starts(cu_seqlens, n_chunks * chunk_size)
+        chunk_start = torch.arange(0, n_chunks * chunk_size, chunk_size, device=doc.device)[:, None]
+        begin = self.cu[doc].view(n_chunks, chunk_size) - chunk_start  # the document's start, chunk-relative
+        self.doc = doc.view(n_chunks, 1, 1, chunk_size)
+        # True where the token's document began in an earlier chunk: it reads the carried state
+        self.carried = (begin < 0).view_as(self.doc)
+        self.begin = begin.clamp_min(0).view_as(self.doc)  # where its document's part of the chunk begins
+        self.pairs = causal_mask(chunk_size, doc.device) & (self.doc[..., :, None] == self.doc[..., None, :])
+        self.last = self.doc == self.doc[..., -1:]  # the chunk's last document: it carries on
+        self.first_chunk = (self.cu[:-1] // chunk_size).clamp_max(n_chunks - 1)
+        ends = self.cu[1:] - 1
+        self.last_chunk = (ends // chunk_size).clamp(0, n_chunks - 1)
+        self.last_pos = (ends - self.last_chunk * chunk_size).clamp(0, chunk_size - 1)
+
+    def restart(self, b: torch.Tensor) -> torch.Tensor:
+        """Cumulative log-decays [NC,1,H,C,D] (over the chunk) counted from each document's start instead."""
+        before = F.pad(b, (0, 0, 1, 0))  # before[t] = b[t - 1], before[0] = 0
+        return b - before.gather(-2, self.begin[..., None].expand_as(b))
+
+    def carried_only(self, x: torch.Tensor) -> torch.Tensor:
+        """x [NC,1,H,C,D] with the rows of tokens whose document began in their chunk zeroed."""
+        return x * self.carried[..., None]
+
+    def mine(self, chunk: torch.Tensor) -> torch.Tensor:
+        """[N,1,1,C,1]: the tokens of document n in chunk[n]."""
+        index = torch.arange(len(chunk), device=chunk.device).view(-1, 1, 1, 1)
+        return (self.doc[chunk] == index)[..., None]
+
+    def read_initial(self, x: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """x_tᵀ h0 at the tokens of each document's first chunk (which do not read the carried state), else
+        0: x [NC,1,H,C,K], initial states [N,H,K,V] -> [NC,1,H,C,V]. Gathers each document's first chunk,
+        so it costs N_docs chunks (initial states with packed documents are an inference feature)."""
+        chunk = self.first_chunk
+        reads = (x[chunk] * self.mine(chunk)) @ initial.float()[:, None]
+        return reads.new_zeros(*x.shape[:-1], reads.shape[-1]).index_add(0, chunk, reads)
+
+    def initial_carry(self, b: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """[NC,1,H,K,V]: the initial state of the chunk's last document decayed to the chunk's end, where
+        that document began in the chunk (elsewhere 0), for log-decays b [NC,1,H,C,D] from `restart`."""
+        last_doc = self.doc[:, 0, 0, -1].clamp_max(len(initial) - 1)  # the padding has no initial state
+        began_here = ~self.carried[..., -1:, None]  # [NC,1,1,1,1]
+        return began_here * b[..., -1:, :].exp().transpose(-1, -2) * initial.float()[last_doc, None]
+
+    def final_states(self, starts: torch.Tensor, values: torch.Tensor, k: torch.Tensor, b: torch.Tensor,
+                     initial: State) -> torch.Tensor:
+        """Each document's state after its last token, [N,H,K,V], rebuilt from its last chunk: the state
+        there starts from `starts` (or the document's initial state / zeros, when it began in that chunk),
+        decays by b (from `restart`) and takes the update kᵀ·values of its own tokens."""
+        chunk = self.last_chunk
+        b = b[chunk]  # [N,1,H,C,D]
+        b_end = b.gather(-2, self.last_pos.view(-1, 1, 1, 1, 1).expand(*b.shape[:-2], 1, b.shape[-1]))
+        weights = torch.where(self.mine(chunk), b_end - b, float("-inf")).exp()
+        carried = (self.cu[:-1] < chunk * self.chunk_size).view(-1, 1, 1, 1, 1)
+        start = torch.where(carried, starts[chunk], 0 if initial is None else initial.float()[:, None])
+        S = b_end.exp().transpose(-1, -2) * start + (k[chunk] * weights).transpose(-1, -2) @ values[chunk]
+        return keep_initial_if_empty(S[:, 0], self.cu, initial)
+
+
+def carry_weights(b: torch.Tensor, docs: Docs | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a chunk feeds the next one, for cumulative log-decays b [NC,B,H,C,D] (D = 1 or K): the key
+    weights exp(b_C − b_t) [NC,B,H,C,D] and the decay of the chunk's start state [NC,B,H,D,1]. With
+    documents only the chunk's last document carries on, and its start state only if it began earlier."""
+    diff, end = b[..., -1:, :] - b, b[..., -1:, :].exp()
+    if docs is not None:
+        diff = torch.where(docs.last[..., None], diff, float("-inf"))
+        end = end * docs.carried[..., -1:, None]
+    return diff.exp(), end.transpose(-1, -2)
+
+
+def first_state(q: torch.Tensor, v: torch.Tensor, initial_state: State, docs: Docs | None) -> torch.Tensor:
+    """The state the chunk scan starts from, float32 [B,H,K,V] (q, v chunked): the initial state, or zeros
+    (packed documents read theirs where they begin)."""
+    if initial_state is None or docs is not None:
+        return q.new_zeros(q.shape[1], q.shape[2], q.shape[-1], v.shape[-1])
+    return initial_state.float()
+
+
+def read_start_states(x: torch.Tensor, starts: torch.Tensor, docs: Docs | None,
+                      initial_state: State) -> torch.Tensor:
+    """x_tᵀ S [NC,B,H,C,V] with S the state each chunk starts from ([NC,B,H,K,V]); with packed documents
+    the tokens of a document that began in the chunk read its initial state (or nothing) instead."""
+    if docs is None:
+        return x @ starts
+    reads = docs.carried_only(x) @ starts
+    return reads if initial_state is None else reads + docs.read_initial(x, initial_state)
 
 
 def scan_chunks(
     S: torch.Tensor,
     step: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]],
     n: int,
-    resets: DocResets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Run the inter-chunk recurrence S <- step(S, i) over `n` chunks.
 
     `step(S, i)` returns (next state, optional per-chunk tensor). Returns the states at the start of
     every chunk stacked on dim 0 ([n,B,H,K,V]), the stacked per-chunk tensors (or None), and the final
-    state ([B,H,K,V], or with `resets` the final state of every document, [N,H,K,V]). The loop is over
-    chunks only; everything else in the kernels is batched over chunks.
+    state. The loop is over chunks only; everything else in the kernels is batched over chunks.
     """
-    starts, extras, ends = [], [], []
+    starts, extras = [], []
     for i in range(n):
-        if resets is not None:
-            doc = resets.start_doc[:, i]
-            S = torch.where((doc >= 0)[:, None, None, None], resets.initial[doc.clamp_min(0)], S)
         starts.append(S)
         S, extra = step(S, i)
         extras.append(extra)
-        if resets is not None:
-            ends.append(S)
-    if resets is not None:
-        S = torch.stack(ends, dim=1).flatten(0, 1)[resets.end_chunk]
     stacked = torch.stack(extras) if extras and extras[0] is not None else None
     return torch.stack(starts), stacked, S
 
@@ -204,7 +318,7 @@ def delta_chunk_torch(
     initial_state: State = None,
     output_final_state: bool = False,
     chunk_size: int = CHUNK_SIZE,
-    resets: DocResets | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Chunkwise (gated) delta rule with the WY/UT representation (Yang et al. 2024, DeltaNet paper).
 
@@ -214,124 +328,64 @@ def delta_chunk_torch(
     so U = u − w S0 with [u, w] = (I + A)^{-1} [βV, βΓK] (one batched triangular solve for all chunks).
     Then  O = (Q ⊙ Γ) S0 + ((Q Kᵀ) ⊙ exp(γ_t − γ_i))_{i<=t} U
     and   S_C = Γ_C S0 + (K ⊙ exp(γ_C − γ))ᵀ U.
-    Only the two small matmuls of U and S_C depend on the previous chunk.
+    Only the two small matmuls of U and S_C depend on the previous chunk. Packed documents: see `Docs`.
     """
-    B, T, H, K = k.shape
-    dtype = v.dtype
+    T, K, dtype = k.shape[1], k.shape[-1], v.dtype
+    docs = None if cu_seqlens is None else Docs(cu_seqlens, T, chunk_size)
     q, k, v = (to_chunks(x, chunk_size) for x in (q * scale, k, v))  # [NC,B,H,C,D]
     beta = to_chunks(beta, chunk_size)[..., None]  # [NC,B,H,C,1]
-    gcum = torch.zeros_like(beta[..., 0]) if g is None else to_chunks(g, chunk_size).cumsum(-1)
+    gcum = torch.zeros_like(beta) if g is None else to_chunks(g, chunk_size).cumsum(-1)[..., None]
+    if docs is not None:
+        gcum = docs.restart(gcum)
     n_chunks = q.shape[0]
 
-    mask = causal_mask(chunk_size, q.device)
-    decay = decay_matrix(gcum, mask)  # [NC,B,H,C,C]
+    mask = causal_mask(chunk_size, q.device) if docs is None else docs.pairs
+    decay = decay_matrix(gcum[..., 0], mask)  # [NC,B,H,C,C]
     k_beta = k * beta
     A = (k_beta @ k.transpose(-1, -2)) * decay  # the solve ignores its diagonal (unitriangular)
-    rhs = torch.cat([v * beta, k_beta * gcum.exp()[..., None]], dim=-1)
+    rhs = torch.cat([v * beta, k_beta * gcum.exp()], dim=-1)
     u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([v.shape[-1], K], -1)
     attn = (q @ k.transpose(-1, -2)) * decay
-    q_decayed = q * gcum.exp()[..., None]
-    k_decayed = k * (gcum[..., -1:] - gcum).exp()[..., None]
-    chunk_decay = gcum[..., -1].exp()[..., None, None]  # [NC,B,H,1,1]
+    q_decayed = q * gcum.exp()
+    key_weights, chunk_decay = carry_weights(gcum, docs)
+    k_decayed = k * key_weights
+    initial_carry = None
+    if docs is not None:  # w S0 is a read of the start state, as (Q ⊙ Γ) S0: see `read_start_states`
+        if initial_state is not None:
+            u = u - docs.read_initial(w, initial_state)
+            initial_carry = docs.initial_carry(gcum, initial_state).unbind(0)
+        w = docs.carried_only(w)
 
     # unbind once: indexing chunk i in the loop would cost a full-size zero gradient per chunk in backward
     u, w, k_decayed, chunk_decay = (x.unbind(0) for x in (u, w, k_decayed.transpose(-1, -2), chunk_decay))
 
     def step(S: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         U = u[i] - w[i] @ S
-        return S * chunk_decay[i] + k_decayed[i] @ U, U
+        S = S * chunk_decay[i] + k_decayed[i] @ U
+        return (S if initial_carry is None else S + initial_carry[i]), U
 
-    S0 = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float()
-    starts, U, S = scan_chunks(S0, step, n_chunks, resets)
-    o = q_decayed @ starts + attn @ U
+    starts, U, S = scan_chunks(first_state(q, v, initial_state, docs), step, n_chunks)
+    o = read_start_states(q_decayed, starts, docs, initial_state) + attn @ U
+    if docs is not None and output_final_state:
+        S = docs.final_states(starts, U, k, gcum, initial_state)
     return from_chunks(o, T, dtype), (S if output_final_state else None)
 
 
-def varlen_call(
+def call_kernel(
     kernel: Kernel,
-    cu_seqlens: torch.Tensor | None,
     sequences: dict[str, torch.Tensor | None],
     initial_state: State = None,
     *,
     scale: float | None = None,
-    chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, State]:
-    """Call a batched kernel, on packed documents when `cu_seqlens` is given (see the module docstring).
-
-    `sequences` are the per-token inputs by keyword ([B,T,H,*]; None entries are passed through).
-    `scale` defaults to K^{-1/2}. With `chunk_size` the kernel is a chunked one, taking `chunk_size` and
-    `resets`. Autocast is off inside: the kernels compute in float32 on purpose (the state must not round
-    to bf16 every chunk).
-    """
+    """Call a kernel on the per-token inputs `sequences` ([B,T,H,*], by keyword; None entries are passed
+    through), with `scale` defaulting to K^{-1/2}. Autocast is off inside: the kernels compute in float32
+    on purpose (the state must not round to bf16 every chunk)."""
     q = sequences["q"]
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1, got {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):
-        return _varlen_call(kernel, cu_seqlens, sequences, initial_state, chunk_size, scale=scale, **kwargs)
-
-
-def _pack_rows(lengths: list[int], unit: int) -> tuple[list[int], list[int], list[int], int]:
-    """Lay documents out in rows of units (chunks), next-fit and in order, each starting on a unit.
-
-    Returns per document its row, first unit and number of units, and the units per row (enough for
-    the longest document).
-    """
-    units = [max(1, -(-length // unit)) for length in lengths]  # an empty document still gets a unit
-    row_units = max(units, default=1)
-    rows, firsts, row, used = [], [], 0, 0
-    for n in units:
-        if used + n > row_units:
-            row, used = row + 1, 0
-        rows.append(row)
-        firsts.append(used)
-        used += n
-    return rows, firsts, units, row_units
-
-
-def _varlen_call(
-    kernel: Kernel,
-    cu_seqlens: torch.Tensor | None,
-    sequences: dict[str, torch.Tensor | None],
-    initial_state: State,
-    chunk_size: int | None,
-    **kwargs,
-) -> tuple[torch.Tensor, State]:
-    chunk_kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-    if cu_seqlens is None:
-        return kernel(**sequences, initial_state=initial_state, **chunk_kwargs, **kwargs)
-    q = sequences["q"]
-    if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens the batch size must be 1, got {q.shape[0]}")
-    bounds = cu_seqlens.tolist()
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    # the step-by-step kernel gets one document per row: a unit as long as the longest document
-    unit = chunk_size or max(max(lengths, default=1), 1)
-    rows, firsts, units, row_units = _pack_rows(lengths, unit)
-    n_rows, row_len = max(rows, default=0) + 1, row_units * unit
-
-    device = q.device
-    rows_t, firsts_t = torch.tensor(rows, device=device), torch.tensor(firsts, device=device)
-    doc_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                           torch.tensor(lengths, device=device))
-    offset_in_doc = torch.arange(q.shape[1], device=device) - torch.tensor(bounds[:-1], device=device)[doc_of_token]
-    dest = (rows_t * row_len + firsts_t * unit)[doc_of_token] + offset_in_doc  # token -> flat row position
-
-    def to_rows(x: torch.Tensor) -> torch.Tensor:
-        flat = x.new_zeros(n_rows * row_len, *x.shape[2:]).index_copy(0, dest, x[0])
-        return flat.view(n_rows, row_len, *x.shape[2:])
-
-    padded = {name: None if x is None else to_rows(x) for name, x in sequences.items()}
-    if chunk_size is None:
-        o, final_state = kernel(**padded, initial_state=initial_state, **kwargs)
-    else:
-        start_doc = torch.full((n_rows, row_units), -1, dtype=torch.long, device=device)
-        start_doc[rows_t, firsts_t] = torch.arange(len(lengths), device=device)
-        if initial_state is None:  # every document starts from the same zero state
-            initial = q.new_zeros(1, q.shape[2], q.shape[3], sequences["v"].shape[3], dtype=torch.float32)
-            start_doc = start_doc.clamp_max(0)
-        else:
-            initial = initial_state.float()
-        end_chunk = rows_t * row_units + firsts_t + torch.tensor(units, device=device) - 1
-        resets = DocResets(start_doc, initial, end_chunk)
-        o, final_state = kernel(**padded, initial_state=None, chunk_size=chunk_size, resets=resets, **kwargs)
-    return o.flatten(0, 1)[dest][None], final_state
+        return kernel(**sequences, initial_state=initial_state, scale=scale, cu_seqlens=cu_seqlens, **kwargs)

@@ -6,8 +6,9 @@ whose `attn` is the family's token mixer, or softmax `Attention` at the layers a
 key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable.
 
 Forward conventions (docs/CONTRACTS.md):
-- `cu_seqlens` (packed documents): the decoder flattens [B, T] to [1, B*T]; rotary positions restart at
-  every document and the kernels reset their states there.
+- `cu_seqlens` (packed documents over the B*T tokens of the [B, T] rows, one row after the other; no
+  document crosses a row): rotary positions restart at every document and the kernels reset their states
+  there. The rows stay rows (not one [1, B*T] row), so attention works within them.
 - `attention_mask` [B, past + T] (left padding, HF's convention: it covers the cached tokens too): linear
   mixers zero their inputs, k, v, beta and log-decays at padded positions, so padding never enters a
   recurrent or short-conv state; attention masks padded keys; rotary positions count real tokens only.
@@ -377,7 +378,7 @@ def token_positions(B: int, T: int, past: int, attention_mask: torch.Tensor | No
     if cu_seqlens is not None:
         flat = torch.arange(B * T, device=device)
         doc = torch.searchsorted(cu_seqlens[1:].long(), flat, right=True)
-        return (flat - cu_seqlens.long()[doc])[None]
+        return (flat - cu_seqlens.long()[doc]).view(B, T)
     if attention_mask is not None:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
     return torch.arange(past, past + T, device=device)[None]
@@ -463,7 +464,6 @@ class LmlabModel(LmlabPreTrainedModel):
             if attention_mask is not None or cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with attention_mask or a cache")
             use_cache = False
-            hidden = hidden.reshape(1, B * T, -1)
         if cache is None and use_cache:
             cache = Cache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -475,13 +475,13 @@ class LmlabModel(LmlabPreTrainedModel):
         for layer in self.layers:
             all_hidden.append(hidden)
             hidden = layer(hidden, positions, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
-        hidden = self.norm(hidden).reshape(B, T, -1)
+        hidden = self.norm(hidden)
         if cache is not None:
             cache.advance(T)
         want_all = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            hidden_states=tuple(h.reshape(B, T, -1) for h in all_hidden) + (hidden,) if want_all else None,
+            hidden_states=(*all_hidden, hidden) if want_all else None,
             **{_CACHE_FIELD: cache},
         )
 
