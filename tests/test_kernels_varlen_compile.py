@@ -124,8 +124,6 @@ def test_block_varlen_is_one_graph(name):
 def test_block_new_document_count_recompiles_once():
     """A batch with another number of documents recompiles once, making cu_seqlens' length dynamic; no
     other count recompiles after that."""
-    # Recompiling reads this option; pytest's monkeypatch (test_bench) deletes it when it undoes a patch.
-    torch._dynamo.config.error_on_recompile = False
     torch._dynamo.reset()
     compiled = torch.compile(blocks_loss("hybrid"), fullgraph=True, backend="aot_eager")
     x = block_input().requires_grad_()
