@@ -299,6 +299,20 @@ def project_qkv(mixer: nn.Module, x: torch.Tensor, conv_state: tuple | None, use
     return q, k, v, (q_state, k_state, v_state)
 
 
+def delta_mixer_output(mixer: nn.Module, o: torch.Tensor, x: torch.Tensor, cache: Cache | None,
+                       recurrent_state: torch.Tensor | None, conv_state: tuple | None) -> torch.Tensor:
+    """The end of a (gated) DeltaNet mixer: keep its states in the cache, normalise the heads' outputs
+    (`o_norm`, gated by `g_proj(x)` with `use_gate`) and project them (`o_proj`)."""
+    B, T = x.shape[:2]
+    if cache is not None:
+        cache.update(mixer.layer_idx, recurrent_state=recurrent_state, conv_state=conv_state)
+    if mixer.use_gate:
+        o = mixer.o_norm(o, mixer.g_proj(x).view(B, T, -1, mixer.head_v_dim))
+    else:
+        o = mixer.o_norm(o)
+    return mixer.o_proj(o.reshape(B, T, -1))
+
+
 class Attention(nn.Module):
     """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
     optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""

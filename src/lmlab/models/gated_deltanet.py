@@ -18,6 +18,7 @@ from lmlab.models.blocks import (
     LmlabPreTrainedModel,
     RMSNorm,
     ShortConvolution,
+    delta_mixer_output,
     l2_norm,
     padding_mask,
     project_qkv,
@@ -137,13 +138,7 @@ class GatedDeltaNet(nn.Module):
         k, v, beta, g = zero_padding(mask, k, v, beta.to(q.dtype), g)
         o, recurrent_state = gated_delta_rule(q, k, v, g, beta, initial_state=state.get("recurrent_state"),
                                               output_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        if cache is not None:
-            cache.update(self.layer_idx, recurrent_state=recurrent_state, conv_state=conv_state)
-        if self.use_gate:
-            o = self.o_norm(o, self.g_proj(x).view(B, T, -1, self.head_v_dim))
-        else:
-            o = self.o_norm(o)
-        return self.o_proj(o.reshape(B, T, -1))
+        return delta_mixer_output(self, o, x, cache, recurrent_state, conv_state)
 
 
 class GatedDeltaNetPreTrainedModel(LmlabPreTrainedModel):
