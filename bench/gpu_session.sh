@@ -38,8 +38,11 @@ EOF
 }
 
 stage_tests() {  # kernel / model accuracy on the card (1 GPU) and the 2-GPU NCCL run (when there are 2)
-  timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ -rA --durations=15 2>&1 | tail -80 \
-    | tee "$OUT/gpu_tests.txt"
+  # TESTS picks test files; PYTEST_ARGS adds options (e.g. --timeout 120: pytest-timeout is on the GPU image)
+  # the whole log comes back (failures' tracebacks included); the reply shows its end
+  timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests/} -rA --tb=short \
+    --durations=15 ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
+  tail -60 "$OUT/gpu_tests.txt"
 }
 
 stage_scaling() {  # the paper's command (340M, sizes as the paper) at 1 and all GPUs: tokens/s per GPU
@@ -61,7 +64,7 @@ EOF
       --optimizer.name AdamW --optimizer.eps 1e-15 --optimizer.lr 1e-3 \
       --lr_scheduler.warmup_steps 1024 --lr_scheduler.lr_min 0.1 --lr_scheduler.decay_type cosine \
       --training.batch_size "${BATCH:-16}" --training.seq_len "${SEQ:-2048}" \
-      --training.gradient_accumulation_steps "${ACCUM:-4}" --training.steps "${STEPS:-30}" \
+      --training.gradient_accumulation_steps "${ACCUM:-4}" --training.steps "${STEPS:-30}" ${MICRO:+--training.micro_batch_size $MICRO} \
       --training.max_norm 1.0 --training.skip_nan_inf --training.dataset "$data/train.jsonl" \
       --training.dataset_split train --training.num_workers 12 --training.prefetch_factor 2 \
       --training.seed 42 --training.compile ${NO_COMPILE:+false} --checkpoint.interval 2048 --checkpoint.load_step -1 \

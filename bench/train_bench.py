@@ -128,6 +128,7 @@ def lmlab_builder(path: Path, args: argparse.Namespace) -> Builder:
         cfg.training.gradient_accumulation_steps = accumulation_for(micro, args.seqs_per_step)
         cfg.training.compile = not args.no_compile
         dispatch.set_backend(cfg.model.backend)
+        torch.set_float32_matmul_precision("high")  # as train.py
         vocab_size = load_model_config(str(path)).vocab_size
         model = build_model(cfg.model, vocab_size=vocab_size, device=args.device)
         n_params = sum(p.numel() for p in model.parameters())

@@ -293,6 +293,31 @@ def test_consecutive_non_finite_steps_stop_the_run_and_nothing_corrupted_is_save
     assert resumed[0]["step"] == 5 and all(r["skipped_steps"] == 2 for r in resumed)
 
 
+def out_of_memory_at(step: int) -> Callable[[], None]:
+    """A setup for run_forked: forward_backward runs out of device memory at `step`."""
+    def setup() -> None:
+        calls = itertools.count(1)
+        original = lmlab.train.forward_backward
+
+        def failing(*args, **kwargs):
+            if next(calls) == step:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 192.00 MiB.")
+            return original(*args, **kwargs)
+
+        lmlab.train.forward_backward = failing
+    return setup
+
+
+def test_out_of_memory_names_the_flags_that_need_less_and_keeps_earlier_checkpoints(corpus, tmp_path, capfd):
+    args = small_args(corpus, tmp_path, **{"checkpoint.interval": "2"})
+    capfd.readouterr()
+    assert run_forked(args, out_of_memory_at(3)) == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "error: step 3: out of memory on cpu with micro-batches of 2 x 32 tokens; pass "
+        "--training.micro_batch_size 1 (gradient accumulation keeps the batch), or --activation_checkpoint.mode full")
+    assert complete_steps(tmp_path / "checkpoint") == [2]
+
+
 # --- safety ---------------------------------------------------------------------------------------------
 
 def python_sources() -> list[Path]:

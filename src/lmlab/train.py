@@ -127,6 +127,9 @@ def _run_defining(toml_text: str) -> tuple:
 
 def train(cfg: JobConfig, stop: StopRequested) -> int:
     dist = init_distributed(cfg)
+    # TF32 for the float32 matmuls inside the PyTorch chunk kernels (bf16 work is unaffected; fla's Triton
+    # kernels use TF32 dots too): full-fp32 matmuls run at a fraction of the tensor cores' rate.
+    torch.set_float32_matmul_precision("high")
     seed_everything(cfg.training.seed, dist.rank, cfg.training.deterministic)
     dispatch.require(cfg.model.backend)
     dispatch.set_backend(cfg.model.backend)
@@ -189,7 +192,10 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         global_tokens = int(dist.all_reduce(torch.tensor(float(local_tokens), device=dist.device), "sum"))
         denominator = global_tokens / dist.world_size
-        loss_sum = forward_backward(model, micro_batches, dist.device, denominator, autocast)
+        try:
+            loss_sum = forward_backward(model, micro_batches, dist.device, denominator, autocast)
+        except torch.OutOfMemoryError:
+            raise UserError(out_of_memory_advice(step, micro_batches[0]["input_ids"].shape, dist.device)) from None
         grad_norm = clip_grad_norm(model, t.max_norm)
         loss_value = float(dist.all_reduce(loss_sum, "sum")) / global_tokens
         rank_loss_max = float(dist.all_reduce(loss_sum / max(local_tokens, 1), "max"))
@@ -314,6 +320,16 @@ def forward_backward(
         out.loss.backward()
         loss_sum += out.loss.detach() * denominator
     return loss_sum
+
+
+def out_of_memory_advice(step: int, micro_batch: torch.Size, device: torch.device) -> str:
+    """One line for a step that ran out of device memory: what was tried and the flags that need less."""
+    rows, seq_len = micro_batch
+    peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.0f} GiB)" if device.type == "cuda" else ""
+    smaller = (f"pass --training.micro_batch_size {rows // 2} (gradient accumulation keeps the batch), or "
+               if rows > 1 else "")
+    return (f"step {step}: out of memory on {device}{peak} with micro-batches of {rows} x {seq_len} tokens; "
+            f"{smaller}--activation_checkpoint.mode full")
 
 
 def split_rows(batch: dict[str, torch.Tensor], rows: int) -> list[dict[str, torch.Tensor]]:
