@@ -266,6 +266,57 @@ def test_dispatch_on_cpu(op):
         dispatch_fn(*positional(op, x), backend="fla")
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while fn() runs, each storage counted once."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunk_saves_only_its_inputs_for_backward(op, varlen, compiled):
+    """With gradients the chunked kernels keep their inputs for backward, not their float32 intermediates
+    and chunk states (10-20x the inputs' bytes: out of memory for a 340M model at 16 x 2048 tokens); so
+    does the backward graph torch.compile partitions."""
+    torch._dynamo.reset()
+    chunk = torch.compile(OPS[op][2], fullgraph=True, backend="aot_eager") if compiled else OPS[op][2]
+    x = {name: t.requires_grad_() for name, t in make_inputs(op, 1, 256, 2, 16, 32).items()}
+    cu_seqlens = torch.tensor([0, 100, 256], dtype=torch.int32) if varlen else None
+    h0 = torch.randn(2 if varlen else 1, 2, 16, 32, requires_grad=True)
+    inputs = sum(t.numel() * t.element_size() for t in (*x.values(), h0))
+    saved = saved_bytes(lambda: chunk(*positional(op, x), initial_state=h0, output_final_state=True,
+                                      cu_seqlens=cu_seqlens, chunk_size=32))
+    assert saved <= 1.5 * inputs, (saved, inputs)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_recomputes_only_for_backward(op, monkeypatch):
+    """The chunked kernel runs once without gradients, and once more, in backward, with them."""
+    module, name = {"delta_rule": (dr, "delta_chunk_torch"), "gated_delta_rule": (gdr, "delta_chunk_torch"),
+                    "gla": (gla_mod, "_gla_chunk")}[op]
+    kernel, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    x = make_inputs(op, 1, 40, 2, 8, 8)
+    OPS[op][2](*positional(op, x))
+    assert len(calls) == 1
+    x = {name: t.requires_grad_() for name, t in x.items()}
+    with torch.no_grad():
+        OPS[op][2](*positional(op, x))
+    assert len(calls) == 2
+    o, _ = OPS[op][2](*positional(op, x))
+    assert len(calls) == 3
+    o.sum().backward()
+    assert len(calls) == 4
+
+
 def test_gated_delta_rule_hopper_check(monkeypatch):
     monkeypatch.setattr(gdr, "fla_health_check", lambda x: None)
     monkeypatch.setattr(gdr, "_is_hopper", lambda index: True)

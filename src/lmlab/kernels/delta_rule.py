@@ -59,7 +59,7 @@ def delta_rule_chunk_torch(
     """Chunkwise-parallel delta rule (WY representation), float32 inside."""
     return call_kernel(
         delta_chunk_torch, dict(q=q, k=k, v=v, beta=beta), initial_state, cu_seqlens=cu_seqlens,
-        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
+        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size, recompute=True,
     )
 
 

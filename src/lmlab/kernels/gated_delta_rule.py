@@ -66,7 +66,7 @@ def gated_delta_rule_chunk_torch(
     """Chunkwise-parallel gated delta rule (WY representation), float32 inside."""
     return call_kernel(
         delta_chunk_torch, dict(q=q, k=k, v=v, beta=beta, g=g), initial_state, cu_seqlens=cu_seqlens,
-        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
+        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size, recompute=True,
     )
 
 

@@ -142,7 +142,7 @@ def gla_chunk_torch(
     """Chunkwise-parallel GLA, float32 inside."""
     return call_kernel(
         _gla_chunk, dict(q=q, k=k, v=v, gk=gk), initial_state, cu_seqlens=cu_seqlens,
-        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size,
+        scale=scale, output_final_state=output_final_state, chunk_size=chunk_size, recompute=True,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from packaging.version import Version
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import dispatch
 
@@ -378,14 +379,34 @@ def call_kernel(
     *,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    recompute: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, State]:
     """Call a kernel on the per-token inputs `sequences` ([B,T,H,*], by keyword; None entries are passed
     through), with `scale` defaulting to K^{-1/2}. Autocast is off inside: the kernels compute in float32
-    on purpose (the state must not round to bf16 every chunk)."""
+    on purpose (the state must not round to bf16 every chunk).
+
+    With `recompute` and gradients needed, only the kernel's inputs are kept for backward, which reruns
+    its forward (torch.utils.checkpoint; under torch.compile, part of the compiled backward). For the
+    chunked kernels that is worth one more forward: their float32 intermediates and chunk start states
+    take 10-20x the inputs' bytes (6 GB per layer for a 340M Gated DeltaNet at 16 x 2048 tokens), and
+    keeping any one of them (the start states, the corrected values U) costs as much as the inputs again.
+    """
     q = sequences["q"]
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1, got {q.shape[0]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    names = list(sequences)
+
+    def run(initial_state: State, cu_seqlens: torch.Tensor | None,
+            *tensors: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        return kernel(**dict(zip(names, tensors)), initial_state=initial_state, scale=scale,
+                      cu_seqlens=cu_seqlens, **kwargs)
+
+    args = (initial_state, cu_seqlens, *sequences.values())
     with torch.autocast(q.device.type, enabled=False):
-        return kernel(**sequences, initial_state=initial_state, scale=scale, cu_seqlens=cu_seqlens, **kwargs)
+        if recompute and needs_grad(initial_state, *sequences.values()):
+            # Tensors go in positionally: checkpoint keeps those as saved tensors (visible to
+            # saved_tensors_hooks), keyword ones only by reference. The kernels draw no random numbers.
+            return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
+        return run(*args)
