@@ -40,7 +40,7 @@ EOF
 stage_tests() {  # kernel / model accuracy on the card (1 GPU) and the 2-GPU NCCL run (when there are 2)
   # TESTS picks test files; PYTEST_ARGS adds options (e.g. --timeout 120: pytest-timeout is on the GPU image)
   # the whole log comes back (failures' tracebacks included); the reply shows its end
-  timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests/} -rA --tb=short \
+  timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests/} -rA --tb=short \
     --durations=15 ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
   tail -60 "$OUT/gpu_tests.txt"
 }
