@@ -300,10 +300,10 @@ def test_chunk_saves_only_its_inputs_for_backward(op, varlen, compiled):
 @pytest.mark.parametrize("op", OPS)
 def test_chunk_recomputes_only_for_backward(op, monkeypatch):
     """The chunked kernel runs once without gradients, and once more, in backward, with them."""
-    module, name = {"delta_rule": (dr, "delta_chunk_torch"), "gated_delta_rule": (gdr, "delta_chunk_torch"),
-                    "gla": (gla_mod, "_gla_chunk")}[op]
-    kernel, calls = getattr(module, name), []
-    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    module, attribute = {"delta_rule": (dr, "delta_chunk_torch"), "gated_delta_rule": (gdr, "delta_chunk_torch"),
+                         "gla": (gla_mod, "_gla_chunk")}[op]
+    kernel, calls = getattr(module, attribute), []
+    monkeypatch.setattr(module, attribute, lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
     x = make_inputs(op, 1, 40, 2, 8, 8)
     OPS[op][2](*positional(op, x))
     assert len(calls) == 1

@@ -254,21 +254,24 @@ def test_failing_checkpoint_write_fails_in_one_line_and_keeps_earlier_checkpoint
 
 # --- non-finite steps ----------------------------------------------------------------------------------
 
-def nan_gradients_at(steps: set[int]) -> Callable[[], None]:
-    """In the child: after the backward pass of these steps, every gradient is NaN."""
+def faulty_forward_backward(fault: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """A setup for run_forked: lmlab.train.forward_backward becomes fault(step, forward_backward, *args)."""
     def setup() -> None:
         real = lmlab.train.forward_backward
-        calls = itertools.count(1)
-
-        def poisoned(model, *args, **kwargs):
-            loss = real(model, *args, **kwargs)
-            if next(calls) in steps:
-                for p in model.parameters():
-                    p.grad.fill_(float("nan"))
-            return loss
-
-        lmlab.train.forward_backward = poisoned
+        steps = itertools.count(1)
+        lmlab.train.forward_backward = lambda *args, **kwargs: fault(next(steps), real, *args, **kwargs)
     return setup
+
+
+def nan_gradients_at(steps: set[int]) -> Callable[[], None]:
+    """In the child: after the backward pass of these steps, every gradient is NaN."""
+    def poisoned(step, real, model, *args, **kwargs):
+        loss = real(model, *args, **kwargs)
+        if step in steps:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+        return loss
+    return faulty_forward_backward(poisoned)
 
 
 def test_consecutive_non_finite_steps_stop_the_run_and_nothing_corrupted_is_saved(corpus, tmp_path, capfd):
@@ -293,19 +296,13 @@ def test_consecutive_non_finite_steps_stop_the_run_and_nothing_corrupted_is_save
     assert resumed[0]["step"] == 5 and all(r["skipped_steps"] == 2 for r in resumed)
 
 
-def out_of_memory_at(step: int) -> Callable[[], None]:
-    """A setup for run_forked: forward_backward runs out of device memory at `step`."""
-    def setup() -> None:
-        calls = itertools.count(1)
-        original = lmlab.train.forward_backward
-
-        def failing(*args, **kwargs):
-            if next(calls) == step:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 192.00 MiB.")
-            return original(*args, **kwargs)
-
-        lmlab.train.forward_backward = failing
-    return setup
+def out_of_memory_at(failing_step: int) -> Callable[[], None]:
+    """In the child: forward_backward runs out of device memory at `failing_step`."""
+    def failing(step, real, *args, **kwargs):
+        if step == failing_step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 192.00 MiB.")
+        return real(*args, **kwargs)
+    return faulty_forward_backward(failing)
 
 
 def test_out_of_memory_names_the_flags_that_need_less_and_keeps_earlier_checkpoints(corpus, tmp_path, capfd):
