@@ -136,7 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     docs = {t: n if args.limit < 0 else min(n, args.limit) for t, (_, n, _) in SIZES.items()}
     suite_scale = sum(n for t, (_, n, _) in SIZES.items() if t != "fda") / sum(v for t, v in docs.items() if t != "fda")
     fda_scale = SIZES["fda"][1] / docs["fda"]
-    rows = []
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    result = {"device": device, "config": str(args.config), "limit": args.limit, "dtype": args.dtype,
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    rows = result["rows"]
+
+    def report(row: dict) -> None:
+        """Print and save each row as it comes: a run cut by a time limit keeps the rows it finished."""
+        print(f"eval_bench: batch {row['batch']}: {row['run']} {row['seconds']:.0f} s", flush=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
     for batch in args.batch_sizes:
         if not args.fda_only:
             suite = shlex.split(HARNESS.format(model=model, dtype=args.dtype, tasks=SUITE, batch=batch,
@@ -145,21 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             seconds = timed(harness.main, suite)
             rows.append({"run": "9-task suite", "batch": batch, "seconds": seconds,
                          "full_estimate_s": seconds * suite_scale})
+            report(rows[-1])
         for parallel in (False, True) if args.parallel else (False,):
             out = work / f"fda_{batch}{'_p' if parallel else ''}"
             fda_argv = shlex.split(FDA.format(batch=batch, model=model, out=out, limit=args.limit, device=args.device))
             seconds = timed(fda.main, fda_argv + ["--data_dir", str(work / "data")] + (["-p"] if parallel else []))
             rows.append({"run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
                          "seconds": seconds, "full_estimate_s": seconds * fda_scale})
-            print(f"eval_bench: batch {batch}: {rows[-1]['run']} {seconds:.0f} s", flush=True)
+            report(rows[-1])
         if args.parallel:
             single, split = (fda_generations(work / f"fda_{batch}{s}") for s in ("", "_p"))
             rows[-1]["same_generations_as_single"] = single == split
+            report(rows[-1])
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"device": device, "config": str(args.config), "limit": args.limit, "dtype": args.dtype,
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data) on {device}; --limit {args.limit}")
     print("| run | batch | seconds | full-size estimate (s) |\n| --- | ---: | ---: | ---: |")
     for r in rows:

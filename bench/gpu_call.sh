@@ -5,9 +5,9 @@
 #   bash bench/gpu_call.sh 'CUDA_VISIBLE_DEVICES=0 BENCH_ARGS="--configs gla_340M" bench' \
 #                          'CUDA_VISIBLE_DEVICES=1 TESTS=tests/test_models.py tests'
 # Each lane is `[VAR=value ...] stage [stage ...]`, run by gpu_session.sh with OUT=$OUT/laneN.
-# Outputs: $OUT/results.tgz (every lane's files), $OUT/cache.tgz (Triton autotune results and Inductor's
-# compile cache, without Triton binaries, which are rebuilt in seconds). Put the cache.tgz of one call at
-# .gpu_cache/cache.tgz (ignored by git) and name .gpu_cache in the next call's `carry` to reuse it.
+# Outputs: $OUT/results.tgz (every lane's files), $OUT/cache.tgz.part-* (Triton autotune results and
+# Inductor's compile cache, without Triton binaries, which are rebuilt in seconds; split in parts of 15 MiB).
+# Put the parts of one call in .gpu_cache/ (ignored by git) and name .gpu_cache in the next call's `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -19,7 +19,8 @@ if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c 'import fla, lm_eval' 2>/dev
     || { echo "gpu_call: installing .whl/ failed"; exit 1; }
 fi
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # the lanes then skip gpu_session's install
-[[ -f .gpu_cache/cache.tgz ]] && tar xzf .gpu_cache/cache.tgz -C "$CACHE" && echo "gpu_call: caches restored"
+compgen -G ".gpu_cache/cache.tgz.part-*" >/dev/null && cat .gpu_cache/cache.tgz.part-* | tar xz -C "$CACHE" \
+  && echo "gpu_call: caches restored"
 export TRITON_CACHE_DIR=$CACHE/triton TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor
 specs=("$@")
 
@@ -37,5 +38,5 @@ wait
 for ((i = 0; i < lane; i++)); do echo "##### lane $i: ${specs[$i]}"; grep -v "^ " "$OUT/lane$i/session.log" | tail -40; done
 tar czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls -d lane[0-9]*) && rm -rf "$OUT"/lane[0-9]*
 (cd "$CACHE" && find . -name "*.autotune.json" -o -path "./inductor/*" ! -path "*/triton/*" -type f) \
-  | tar czf "$OUT/cache.tgz" -C "$CACHE" -T - 2>/dev/null
+  | tar czf - -C "$CACHE" -T - 2>/dev/null | split -b 15m - "$OUT/cache.tgz.part-"  # files come back up to 16 MiB
 ls -la "$OUT"

@@ -40,7 +40,7 @@ EOF
 stage_tests() {  # kernel / model accuracy on the card (1 GPU) and the 2-GPU NCCL run (when there are 2)
   # TESTS picks test files; PYTEST_ARGS adds options (e.g. --timeout 120: pytest-timeout is on the GPU image)
   # the whole log comes back (failures' tracebacks included); the reply shows its end
-  timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests/} -rA --tb=short \
+  timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -v -m gpu -p no:cacheprovider ${TESTS:-tests/} -rA --tb=short \
     --durations=15 ${PYTEST_ARGS:-} > "$OUT/gpu_tests.txt" 2>&1
   tail -60 "$OUT/gpu_tests.txt"
 }
@@ -104,7 +104,8 @@ stage_bench-large() {
 
 stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes)
   timeout "${EVAL_TIMEOUT:-200}" "$PY" bench/eval_bench.py --config "$CONFIG" --out "$OUT/eval${EVAL_TAG:-}.json" \
-    ${EVAL_ARGS:---limit 100} 2>&1 | tail -12 | tee "$OUT/eval${EVAL_TAG:-}.md"
+    ${EVAL_ARGS:---limit 100} > "$OUT/eval${EVAL_TAG:-}.log" 2>&1
+  grep "^eval_bench:" "$OUT/eval${EVAL_TAG:-}.log"
 }
 
 stage_fda-parallel() {  # launch_hf.py -p over all visible GPUs vs one job: wall time, same generations

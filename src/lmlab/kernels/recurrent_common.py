@@ -184,6 +184,29 @@ def causal_mask(size: int, device: torch.device) -> torch.Tensor:
     return torch.ones(size, size, dtype=torch.bool, device=device).tril()
 
 
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + L)^{-1} [..., C, C] for L the strictly lower triangle of A (its diagonal and upper part are
+    ignored), in log2(C) rounds of batched matmuls.
+
+    Round s doubles the inverted diagonal blocks from size s to 2s: with D the block-diagonal inverse of
+    size-s blocks and L_s the lower-left s x s block of every 2s block, the 2s-block inverse is
+    D - D L_s D (as (D L_s)^2 = 0). That is forward substitution regrouped, so nothing grows larger than
+    the inverse itself. Written out because cuBLAS' batched triangular solve, which
+    `torch.linalg.solve_triangular` runs on CUDA, took 23% of a Gated DeltaNet 340M training step on an
+    H200 (bench/NOTES.md, step 2).
+    """
+    C = A.shape[-1]
+    index = torch.arange(C, device=A.device)
+    inverse = torch.eye(C, dtype=A.dtype, device=A.device).expand_as(A)
+    s = 1
+    while s < C:
+        row, col = index[:, None], index[None, :]
+        lower_left = (row // (2 * s) == col // (2 * s)) & (row // s > col // s)
+        inverse = inverse - inverse @ (A * lower_left) @ inverse
+        s *= 2
+    return inverse
+
+
 def decay_matrix(gcum: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """exp(gcum_i - gcum_j) where mask[i, j], else 0; masked before exp so it never overflows."""
     diff = gcum[..., :, None] - gcum[..., None, :]
@@ -326,7 +349,7 @@ def delta_chunk_torch(
     Inside a chunk with start state S0, cumulative log-decay γ_t = Σ_{s<=t} g_s and Γ_t = exp(γ_t), the
     corrected values u_t = β_t (v_t − exp(g_t) S_{t-1}ᵀ k_t) satisfy the unit-lower-triangular system
         (I + A) U = diag(β) V − diag(β Γ) K S0,   A_ti = β_t exp(γ_t − γ_i) k_tᵀ k_i  (i < t),
-    so U = u − w S0 with [u, w] = (I + A)^{-1} [βV, βΓK] (one batched triangular solve for all chunks).
+    so U = u − w S0 with [u, w] = (I + A)^{-1} [βV, βΓK] (`unit_lower_inverse`, batched over all chunks).
     Then  O = (Q ⊙ Γ) S0 + ((Q Kᵀ) ⊙ exp(γ_t − γ_i))_{i<=t} U
     and   S_C = Γ_C S0 + (K ⊙ exp(γ_C − γ))ᵀ U.
     Only the two small matmuls of U and S_C depend on the previous chunk. Packed documents: see `Docs`.
@@ -343,9 +366,9 @@ def delta_chunk_torch(
     mask = causal_mask(chunk_size, q.device) if docs is None else docs.pairs
     decay = decay_matrix(gcum[..., 0], mask)  # [NC,B,H,C,C]
     k_beta = k * beta
-    A = (k_beta @ k.transpose(-1, -2)) * decay  # the solve ignores its diagonal (unitriangular)
-    rhs = torch.cat([v * beta, k_beta * gcum.exp()], dim=-1)
-    u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([v.shape[-1], K], -1)
+    A = (k_beta @ k.transpose(-1, -2)) * decay  # the inverse ignores its diagonal
+    A_inverse = unit_lower_inverse(A)
+    u, w = A_inverse @ (v * beta), A_inverse @ (k_beta * gcum.exp())
     attn = (q @ k.transpose(-1, -2)) * decay
     q_decayed = q * gcum.exp()
     key_weights, chunk_decay = carry_weights(gcum, docs)
