@@ -161,10 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds = timed(fda.main, fda_argv + ["--data_dir", str(work / "data")] + (["-p"] if parallel else []))
             rows.append({"run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
                          "seconds": seconds, "full_estimate_s": seconds * fda_scale})
-            report(rows[-1])
-        if args.parallel:
-            single, split = (fda_generations(work / f"fda_{batch}{s}") for s in ("", "_p"))
-            rows[-1]["same_generations_as_single"] = single == split
+            if parallel:
+                single, split = (fda_generations(work / f"fda_{batch}{s}") for s in ("", "_p"))
+                rows[-1]["same_generations_as_single"] = single == split
             report(rows[-1])
 
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data) on {device}; --limit {args.limit}")

@@ -19,6 +19,7 @@ from lmlab.errors import UserError
 from lmlab.kernels import delta_rule as dr
 from lmlab.kernels import gated_delta_rule as gdr
 from lmlab.kernels import gla as gla_mod
+from lmlab.kernels.recurrent_common import unit_lower_inverse
 
 # op -> (dispatching function, recurrent reference, chunk kernel, names of the gate inputs in call order)
 OPS = {
@@ -335,8 +336,6 @@ def test_gated_delta_rule_hopper_check(monkeypatch):
 
 @pytest.mark.parametrize("size", [64, 48, 1])
 def test_unit_lower_inverse_matches_triangular_solve(size):
-    from lmlab.kernels.recurrent_common import unit_lower_inverse
-
     A = torch.randn(3, 2, size, size, generator=torch.Generator().manual_seed(0)) * 0.3
     eye = torch.eye(size, dtype=torch.float64).expand(3, 2, size, size)
     ref = torch.linalg.solve_triangular(A.double(), eye, upper=False, unitriangular=True)

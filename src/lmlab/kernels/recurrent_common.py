@@ -197,10 +197,10 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     """
     C = A.shape[-1]
     index = torch.arange(C, device=A.device)
+    row, col = index[:, None], index[None, :]
     inverse = torch.eye(C, dtype=A.dtype, device=A.device).expand_as(A)
     s = 1
     while s < C:
-        row, col = index[:, None], index[None, :]
         lower_left = (row // (2 * s) == col // (2 * s)) & (row // s > col // s)
         inverse = inverse - inverse @ (A * lower_left) @ inverse
         s *= 2
@@ -354,7 +354,7 @@ def delta_chunk_torch(
     and   S_C = Γ_C S0 + (K ⊙ exp(γ_C − γ))ᵀ U.
     Only the two small matmuls of U and S_C depend on the previous chunk. Packed documents: see `Docs`.
     """
-    T, K, dtype = k.shape[1], k.shape[-1], v.dtype
+    T, dtype = k.shape[1], v.dtype
     docs = None if cu_seqlens is None else Docs(cu_seqlens, T, chunk_size)
     q, k, v = (to_chunks(x, chunk_size) for x in (q * scale, k, v))  # [NC,B,H,C,D]
     beta = to_chunks(beta, chunk_size)[..., None]  # [NC,B,H,C,1]
