@@ -71,13 +71,16 @@ def run_with_grads(fn, op, x, h0, **kwargs):
     return o, state, {name: t.grad for name, t in leaves.items()}
 
 
+def errors(got, ref) -> dict[str, float]:
+    """rel_err of the output, the final state and each gradient (d<input>) of `got` against `ref`."""
+    (o, s, grads), (o_ref, s_ref, grads_ref) = got, ref
+    return {"o": rel_err(o, o_ref), "state": rel_err(s, s_ref),
+            **{f"d{name}": rel_err(grads[name], grads_ref[name]) for name in grads_ref}}
+
+
 def assert_close_all(got, ref, tol):
-    o, s, grads = got
-    o_ref, s_ref, grads_ref = ref
-    assert rel_err(o, o_ref) < tol, ("output", rel_err(o, o_ref))
-    assert rel_err(s, s_ref) < tol, ("final state", rel_err(s, s_ref))
-    for name in grads_ref:
-        assert rel_err(grads[name], grads_ref[name]) < tol, (f"grad {name}", rel_err(grads[name], grads_ref[name]))
+    errs = errors(got, ref)
+    assert max(errs.values()) < tol, errs  # every tensor's error, not just the first bad one
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -373,6 +376,8 @@ def _gpu_inputs(op, varlen):
     if not varlen:
         return x, h0, {}
     x = {name: t.reshape(1, B * T, *t.shape[2:]) for name, t in x.items()}
+    if op == "gla":  # float32 gates, as the GLA layer passes them (the dense case keeps bf16: both are covered)
+        x["gk"] = x["gk"].float()
     cu_seqlens = torch.tensor([0, 100, 1000, 1001, 2048, 3000, B * T], dtype=torch.int32, device="cuda")
     return x, torch.randn(len(cu_seqlens) - 1, H, K, V, device="cuda"), {"cu_seqlens": cu_seqlens}
 
@@ -381,6 +386,11 @@ def _gpu_inputs(op, varlen):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_fla_matches_torch_chunk(op, varlen):
+    """fla's kernels vs the torch chunk kernel, both on bf16 inputs, each against an fp32 torch run.
+
+    Each tensor's error must stay within 1e-2 or twice the torch kernel's own bf16 error, whichever is larger
+    (the criterion of the 340M model test); the table is printed (pytest -rA shows it).
+    """
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _fla_or_skip()
@@ -394,8 +404,17 @@ def test_gpu_fla_matches_torch_chunk(op, varlen):
             o_ref, s_ref = chunk(*positional(op, x), initial_state=h0, output_final_state=True, **kwargs)
         assert rel_err(o, o_ref) < 1e-2 and rel_err(s, s_ref) < 1e-2
         return
-    ref = run_with_grads(chunk, op, x, h0, **kwargs)
-    assert_close_all(run_with_grads(fla_fn, op, x, h0, **kwargs), ref, 1e-2)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a true fp32 reference (no TF32)
+    try:
+        ref = run_with_grads(chunk, op, {name: t.float() for name, t in x.items()}, h0, **kwargs)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    torch_bf16 = run_with_grads(chunk, op, x, h0, **kwargs)
+    fla_errors, torch_errors = errors(run_with_grads(fla_fn, op, x, h0, **kwargs), ref), errors(torch_bf16, ref)
+    print(op, "varlen" if varlen else "", {k: f"fla {fla_errors[k]:.1e} / torch {torch_errors[k]:.1e}"
+                                          for k in fla_errors})
+    assert all(fla_errors[k] < max(1e-2, 2 * torch_errors[k]) for k in fla_errors), (fla_errors, torch_errors)
 
 
 @pytest.mark.gpu
