@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cuda (bf16 autocast, MFU, fla baseline) or cpu (fp32, no MFU, no baseline)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json", help="JSON results")
     p.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md", help="Markdown log to append to")
+    p.add_argument("--memory-cap-gib", type=float, help="allow the process at most this much GPU memory, as on a "
+                   "smaller card (e.g. 79 for an 80 GB H100 on an H200): micro-batches that need more count as "
+                   "out of memory (default: --large sets 79, the memory an 80 GB H100 reports, less the context)")
     p.add_argument("--profile", type=Path, help="also profile one step per row (torch profiler) and append its "
                    "table of the most expensive ops/kernels to this file")
     args = p.parse_args(argv)
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = args.configs or (CONFIGS_1B if args.large else CONFIGS_340M)
     args.seq_len = args.seq_len or (2240 if args.large else 2048)
     args.seqs_per_step = args.seqs_per_step or (64 if args.large else None)
+    if args.memory_cap_gib is None and args.large:
+        args.memory_cap_gib = 79.0
     if args.steps < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--steps must be >= 1, --warmup >= 0 and every batch size >= 1")
     args.device = torch.device(args.device)
@@ -274,6 +279,9 @@ def run_row(row: Row, build: Builder, args: argparse.Namespace, flops: float, pe
 def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
     """All rows; the JSON is rewritten after each, so a run cut short still leaves what it measured."""
     torch.manual_seed(0)
+    if args.memory_cap_gib and args.device.type == "cuda":
+        total = torch.cuda.get_device_properties(args.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), args.device)
     peak = peak_flops(args.device)
     env = environment(args, peak)
     baseline_reason = None if args.no_baseline else fla_unavailable(args.device)
@@ -329,6 +337,7 @@ def environment(args: argparse.Namespace, peak: float | None) -> dict:
         "seq_len": args.seq_len,
         "seqs_per_step": args.seqs_per_step,
         "compile": not args.no_compile,
+        "memory_cap_gib": args.memory_cap_gib,
         "steps": args.steps,
         "warmup": args.warmup,
         "dtype": "bf16 autocast (lmlab), bf16 weights (fla)" if cuda else "fp32",
@@ -352,12 +361,13 @@ def _kernels(choices: dict[str, str]) -> str:
 def markdown(env: dict, rows: list[Row]) -> str:
     peak = f"{env['peak_tflops']:.0f} TFLOP/s" if env["peak_tflops"] else "none (no MFU)"
     per_step = f"{env['seqs_per_step']} sequences per step" if env["seqs_per_step"] else "one micro-batch per step"
+    cap = f"; GPU memory capped at {env['memory_cap_gib']:g} GiB" if env.get("memory_cap_gib") else ""
     lines = [
         f"## {env['date']} — {env['device']}",
         "",
         f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, fla {env['fla']}; "
         f"seq {env['seq_len']}, {per_step}; {env['dtype']}; lmlab compile {'on' if env['compile'] else 'off'}; "
-        f"{env['steps']} timed steps after {env['warmup']} warm-up; measured bf16 matmul peak {peak}. "
+        f"{env['steps']} timed steps after {env['warmup']} warm-up; measured bf16 matmul peak {peak}{cap}. "
         f"`{env['command']}`",
         "",
         "| config | impl | micro × accum | tokens/s/GPU | MFU | MFU (6N) | peak mem GiB | lmlab/fla "

@@ -282,6 +282,21 @@ def test_linear_cross_entropy_edge_cases():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), expected)
 
 
+def test_chunk_loss_compiled_matches_eager():
+    """The per-chunk loss and logits gradient that CUDA runs compiled, against eager, on two chunk lengths
+    (the second compiles the dynamic graph the last chunk and evaluation use)."""
+    from lmlab.kernels.loss import chunk_loss_and_grad, chunk_loss_compiled
+
+    g = torch.Generator().manual_seed(0)
+    for n in (16, 9):
+        logits, labels = torch.randn(n, 50, generator=g).bfloat16(), torch.randint(0, 50, (n,), generator=g)
+        valid, scale = labels % 3 != 0, torch.tensor(0.25)
+        for want_grad in (True, False):
+            got, expected = (fn(logits, labels, valid, scale, want_grad)
+                             for fn in (chunk_loss_compiled, chunk_loss_and_grad))
+            torch.testing.assert_close(got, expected)
+
+
 # ---------------------------------------------------------------- dispatch
 
 def test_dispatch_priority_and_requests(monkeypatch):

@@ -103,9 +103,9 @@ def blocks_loss(name: str):
     model = make_model(name).train()
 
     def loss(x, cu_seqlens):
-        positions = token_positions(*x.shape[:2], 0, None, cu_seqlens, x.device)
+        rotary = model.model.rotary_tables(token_positions(*x.shape[:2], 0, None, cu_seqlens, x.device))
         for block in model.model.layers:
-            x = block(x, positions, cu_seqlens=cu_seqlens)
+            x = block(x, rotary, cu_seqlens=cu_seqlens)
         return weighted_sum(x)
 
     return loss

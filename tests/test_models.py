@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lmlab  # noqa: F401  (registers the model types)
 from lmlab.kernels import dispatch
 from lmlab.models import Cache
-from lmlab.models.blocks import apply_rotary, token_positions
+from lmlab.models.blocks import apply_rotary, rotary_tables, token_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests/fixtures/fla_state_dict_shapes.json").read_text())
@@ -215,7 +215,7 @@ def test_varlen_rotary_positions_restart_per_document():
 def test_rotary_is_fla_non_interleaved():
     x = torch.randn(1, 5, 2, 8)
     positions = torch.arange(5)[None]
-    y = apply_rotary(x, positions, 10000.0)
+    y = apply_rotary(x, *rotary_tables(positions, 8, 10000.0))
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
     angle = positions[0, :, None] * inv_freq  # [T, 4]: dims i and i + 4 rotate together
     cos, sin = angle.cos()[None, :, None], angle.sin()[None, :, None]
@@ -227,10 +227,10 @@ def test_rotary_is_fla_non_interleaved():
 def test_block_compiles_without_graph_breaks(name):
     model = make_model(name).train()
     x = torch.randn(2, 16, TINY["hidden_size"], requires_grad=True)
-    positions = token_positions(2, 16, 0, None, None, x.device)
+    rotary = model.model.rotary_tables(token_positions(2, 16, 0, None, None, x.device))
     for block in model.model.layers:
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(block)(x, positions)
+        explanation = torch._dynamo.explain(block)(x, rotary)
         assert explanation.graph_break_count == 0, explanation.break_reasons
 
 

@@ -10,8 +10,6 @@ q and k are expected L2-normalised by the caller. Implementations: `gated_delta_
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from lmlab.kernels import dispatch
@@ -23,7 +21,6 @@ from lmlab.kernels.recurrent_common import (
     delta_chunk_torch,
     dispatch_op,
     fla_health_check,
-    needs_grad,
     recurrent_torch,
     triton_version,
 )
@@ -92,24 +89,14 @@ def gated_delta_rule(
 def _fla_kernels() -> tuple[Kernel, Kernel]:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
+    if TRITON_BREAKS_HOPPER_BACKWARD:
+        from lmlab.kernels.gated_delta_rule_fla import chunk_gated_delta_rule
     return fused_recurrent_gated_delta_rule, chunk_gated_delta_rule
 
 
-# fla issue #640: on Hopper GPUs, triton < 3.7.1 miscompiles fla's gated backward (wrong results / raises)
+# fla issue #640: on Hopper GPUs, triton < 3.7.1 miscompiles one kernel of fla's gated backward and fla
+# refuses to run it; lmlab then runs fla's kernels with that one replaced (`gated_delta_rule_fla`). The
+# replacement is exact on any GPU, so the version alone decides.
 TRITON_BREAKS_HOPPER_BACKWARD = triton_version() < (3, 7, 1)
 
-
-@functools.lru_cache(maxsize=None)
-def _is_hopper(device_index: int | None) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
-
-
-def _health_check(x: torch.Tensor) -> str | None:
-    reason = fla_health_check(x)
-    # Only `x` (q) reaches the check; in a model q, k, v, g and beta all require grad together.
-    if reason is None and TRITON_BREAKS_HOPPER_BACKWARD and needs_grad(x) and _is_hopper(x.device.index):
-        reason = "fla's gated delta rule backward is wrong on Hopper GPUs with triton < 3.7.1 (fla issue #640)"
-    return reason
-
-
-dispatch.register_health_check(OP, _health_check)
+dispatch.register_health_check(OP, fla_health_check)

@@ -5,7 +5,9 @@ w.r.t. hidden and weight (softmax - one_hot is all the backward needs). Only tho
 backward scales them by grad_output.
 
 PyTorch only: on an H200 (N=16384, D=1024, V=32000, bf16) it took 16.5 ms forward+backward, fla 0.6.0's
-(also chunked) FusedLinearCrossEntropyLoss 27.3 ms.
+(also chunked) FusedLinearCrossEntropyLoss 27.3 ms. On CUDA the per-chunk work after the matmul (logsumexp,
+softmax - one_hot, scaling, casting) is compiled into two kernels: run op by op it made eight passes over
+the float32 logits, 8% of a DeltaNet 340M training step on an H200 (bench/NOTES.md, step 5).
 """
 from __future__ import annotations
 
@@ -39,6 +41,26 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size)
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | None,
+                        want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: (sum of its token losses (float32), d loss / d logits = (softmax - one_hot(label)) * scale,
+    zero for ignored tokens, in the logits' dtype, or None without `want_grad`)."""
+    logits_f = logits.float()
+    lse = torch.logsumexp(logits_f, dim=-1)
+    labels = torch.where(valid, labels, 0)
+    target = logits_f.gather(1, labels[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - target, 0).sum()
+    if not want_grad:
+        return loss, None
+    is_label = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
+    grad = ((logits_f - lse[:, None]).exp() - is_label.float()) * valid[:, None]
+    return loss, (grad if scale is None else grad * scale).to(logits.dtype)
+
+
+# dynamic=None: the last, shorter chunk (and evaluation's varying lengths) compile one dynamic graph
+chunk_loss_compiled = torch.compile(chunk_loss_and_grad)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size):
@@ -50,23 +72,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight_grad else None
+        want_grad = grad_hidden is not None or grad_weight is not None
+        chunk_loss = chunk_loss_compiled if hidden.is_cuda else chunk_loss_and_grad
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
-            y = labels[start:start + chunk_size]
-            ok = valid[start:start + chunk_size]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, torch.where(ok, y, 0)[:, None]).squeeze(1)
-            loss += torch.where(ok, lse - target, 0).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d loss / d logits = softmax - one_hot(label), zero for ignored tokens; built in place.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits.scatter_add_(1, torch.where(ok, y, 0)[:, None], -ok[:, None].float())
-            grad_logits.mul_(ok[:, None])
-            if scale is not None:
-                grad_logits.mul_(scale)
-            grad_logits = grad_logits.to(hidden.dtype)
+            chunk_sum, grad_logits = chunk_loss(h @ weight.T, labels[start:start + chunk_size],
+                                                valid[start:start + chunk_size], scale, want_grad)
+            loss += chunk_sum
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits @ weight
             if grad_weight is not None:

@@ -256,13 +256,24 @@ class ShortConvolution(nn.Module):
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+Rotary = dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]]  # (head_dim, theta) -> (cos, sin)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B or 1, T, 1, head_dim / 2] (float32) of the rotary angles at `positions` [B or 1, T].
+
+    Computed once per model forward and shared by the attention layers: inside a compiled block, inductor
+    fused the angles' cos/sin into the rotation and recomputed them for every head and row (12% of a
+    Transformer 340M training step on an H200; bench/NOTES.md, step 4)."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(0, half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions[..., None, None].float() * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in fla's (GPT-NeoX, non-interleaved) convention: the two halves of each head
-    rotate together. x [B, T, H, D]; positions [B or 1, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
-    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
-    cos, sin = freqs.cos()[:, :, None], freqs.sin()[:, :, None]
+    rotate together. x [B, T, H, D]; cos, sin from `rotary_tables`."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -338,7 +349,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim)
         self.qk_norm = qk_norm
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, *, rotary: Rotary, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
@@ -346,7 +357,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
+        cos, sin = rotary[self.head_dim, self.rope_theta]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update_attention(self.layer_idx, k, v, self.window_size)
         o = attention(q, k, v, causal=True, window_size=self.window_size, cu_seqlens=cu_seqlens,
@@ -373,10 +385,11 @@ class DecoderBlock(GradientCheckpointingLayer):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor,
+    def forward(self, hidden_states: torch.Tensor, rotary: Rotary,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cache: Cache | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), positions=positions,
+        """`rotary`: the attention layers' cos/sin tables (`LmlabModel.rotary_tables`); other mixers ignore it."""
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), rotary=rotary,
                                                   attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
@@ -447,6 +460,12 @@ class LmlabModel(LmlabPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_init()
 
+    def rotary_tables(self, positions: torch.Tensor) -> Rotary:
+        """cos/sin tables for every (head_dim, rope_theta) of the model's attention layers (none for a
+        purely linear model), at `positions` [B or 1, T]."""
+        keys = {(m.head_dim, m.rope_theta) for m in self.modules() if isinstance(m, Attention)}
+        return {key: rotary_tables(positions, *key) for key in keys}
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
 
@@ -484,11 +503,11 @@ class LmlabModel(LmlabPreTrainedModel):
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must cover the cached and new tokens: shape ({B}, {past + T}); "
                              f"got {tuple(attention_mask.shape)}")
-        positions = token_positions(B, T, past, attention_mask, cu_seqlens, hidden.device)
+        rotary = self.rotary_tables(token_positions(B, T, past, attention_mask, cu_seqlens, hidden.device))
         all_hidden = []
         for layer in self.layers:
             all_hidden.append(hidden)
-            hidden = layer(hidden, positions, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
+            hidden = layer(hidden, rotary, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
         hidden = self.norm(hidden)
         if cache is not None:
             cache.advance(T)

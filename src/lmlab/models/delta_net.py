@@ -14,6 +14,7 @@ from lmlab.models.blocks import (
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
+    Rotary,
     ShortConvolution,
     delta_mixer_output,
     l2_norm,
@@ -101,7 +102,7 @@ class DeltaNet(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, config.norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, *, rotary: Rotary, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         mask = padding_mask(attention_mask, T)

@@ -17,6 +17,7 @@ from lmlab.models.blocks import (
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
+    Rotary,
     ShortConvolution,
     delta_mixer_output,
     l2_norm,
@@ -116,7 +117,7 @@ class GatedDeltaNet(nn.Module):
             dt = log_dt.exp().clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, *, rotary: Rotary, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         mask = padding_mask(attention_mask, T)

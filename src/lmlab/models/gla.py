@@ -16,6 +16,7 @@ from lmlab.models.blocks import (
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
+    Rotary,
     ShortConvolution,
     padding_mask,
     project_qkv,
@@ -124,7 +125,7 @@ class GatedLinearAttention(nn.Module):
         else:
             self.g_norm = RMSNorm(self.head_v_dim, config.norm_eps, affine)
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, *, rotary: Rotary, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         mask = padding_mask(attention_mask, T)

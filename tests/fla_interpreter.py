@@ -1,0 +1,44 @@
+"""Run by tests/test_kernels_recurrent.py in a subprocess with TRITON_INTERPRET=1 (set before triton and fla
+are imported, which the interpreter needs): fla's Triton `chunk_bwd_dqkwg` on CPU against lmlab's PyTorch
+replacement `dqkwg_torch`, eager and compiled. Prints one JSON line: case -> max relative error per output
+(dq, dk, dw, dg)."""
+import gc
+import json
+
+import torch
+from fla.ops.common.chunk_o import chunk_bwd_dqkwg
+from fla.ops.utils import chunk_local_cumsum
+from fla.ops.utils.index import prepare_chunk_indices
+from triton.runtime.autotuner import Autotuner
+
+from lmlab.kernels.gated_delta_rule_fla import dqkwg_compiled, dqkwg_torch
+
+for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
+    tuner.configs = tuner.configs[:1]  # the interpreter cannot time configs: keep the first of each
+
+
+def case(B, T, H, HV, K, V, cu_seqlens=None, implementation=dqkwg_torch):
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    w = torch.randn(B, T, HV, K)
+    v, do, dv = (torch.randn(B, T, HV, V) for _ in range(3))
+    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, 64)
+    g = chunk_local_cumsum(-torch.rand(B, T, HV) * 0.3, chunk_size=64, cu_seqlens=cu_seqlens,
+                           chunk_indices=chunk_indices)
+    n_chunks = -(-T // 64) if cu_seqlens is None else len(chunk_indices)
+    h, dh = torch.randn(B, n_chunks, HV, K, V), torch.randn(B, n_chunks, HV, K, V)
+    args = dict(q=q, k=k, v=v, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=0.3, cu_seqlens=cu_seqlens,
+                chunk_indices=chunk_indices)
+    ref, got = chunk_bwd_dqkwg(**args), implementation(**args)
+    return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)]
+
+
+torch.manual_seed(0)
+print(json.dumps({
+    "dense": case(2, 128, 2, 2, 32, 16),
+    "partial last chunk": case(1, 200, 2, 2, 32, 32),
+    "grouped value heads": case(1, 150, 2, 4, 16, 32),
+    "packed documents": case(1, 300, 2, 2, 32, 32, cu_seqlens=torch.tensor([0, 37, 64, 200, 300])),
+    "compiled, dense": case(2, 128, 2, 2, 32, 16, implementation=dqkwg_compiled),
+    "compiled, packed documents": case(1, 300, 2, 2, 32, 32, cu_seqlens=torch.tensor([0, 37, 64, 200, 300]),
+                                       implementation=dqkwg_compiled),
+}))
