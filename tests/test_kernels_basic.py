@@ -2,6 +2,8 @@
 against the PyTorch paths (GPU, `pytest -m gpu`)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,6 +316,27 @@ def test_dispatch_priority_and_requests(monkeypatch):
     assert dispatch.choose("other_op", x) == "torch"  # process-wide: auto for ops without fla
     with pytest.raises(ValueError):
         dispatch.choose("op", x, "cuda")
+
+
+def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
+    """Inside torch.compile'd code "auto" runs an eager-only op's PyTorch version (inductor fuses it);
+    eagerly, or when asked for by name, the backend."""
+    monkeypatch.setattr(dispatch, "_health_checks", {})
+    monkeypatch.setattr(dispatch, "_eager_only", set())
+    dispatch.register_health_check("op", lambda x: None, backend="fla", eager_only=True)
+    x = torch.zeros(1)
+    choices = []
+
+    def run(x, requested=None):
+        choices.append(dispatch._choose("op", x, requested))
+        return x + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preference: no fallback warning
+        torch.compile(run, backend="eager", fullgraph=True)(x)
+        torch.compile(run, backend="eager", fullgraph=True)(x, "fla")
+    run(x)
+    assert choices == ["torch", "fla", "fla"]
 
 
 # ---------------------------------------------------------------- accelerated backends (GPU)

@@ -28,6 +28,8 @@ _requested = "auto"
 # op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
 # backend can run on the given input, else the reason it cannot.
 _health_checks: dict[str, dict[str, Callable[[torch.Tensor], str | None]]] = {}
+# (op, backend) pairs that "auto" skips inside torch.compile'd code: see `register_health_check`.
+_eager_only: set[tuple[str, str]] = set()
 _warned: set[tuple[str, str]] = set()
 # op name -> the backend its latest `choose` call returned; only read back (logs, benchmarks), never
 # consulted when choosing.
@@ -65,13 +67,19 @@ def describe() -> str:
     return f"backend={_requested}" + ("" if reason is None else f" (fla kernels unavailable: {reason})")
 
 
-def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], backend: str = "fla") -> None:
+def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], backend: str = "fla", *,
+                          eager_only: bool = False) -> None:
     """Register the check deciding whether `op`'s accelerated `backend` can run on a given input.
 
-    Backends registered first are preferred by "auto"."""
+    Backends registered first are preferred by "auto". `eager_only`: inside torch.compile'd code "auto"
+    picks the PyTorch version instead (for element-wise and normalisation ops, which inductor fuses with
+    their neighbours, while the backend's call would split the compiled graph and cost its Python
+    overhead on every call); an explicit request for the backend still gets it."""
     if backend not in BACKENDS or backend in ("auto", "torch"):
         raise ValueError(f"not an accelerated backend: {backend!r}")
     _health_checks.setdefault(op, {})[backend] = check
+    if eager_only:
+        _eager_only.add((op, backend))
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,6 +138,8 @@ def _choose(op: str, x: torch.Tensor, requested: str | None) -> str:
         return requested
     reasons = []
     for name, check in checks.items():
+        if (op, name) in _eager_only and torch.compiler.is_compiling():
+            continue  # a preference, not a failure: no warning
         reason = check(x)
         if reason is None:
             return name

@@ -40,5 +40,5 @@ def _fla_norm_unavailable(x: torch.Tensor) -> str | None:
     return dispatch.fla_unavailable_reason()
 
 
-dispatch.register_health_check("rms_norm", _fla_norm_unavailable)
-dispatch.register_health_check("gated_rms_norm", _fla_norm_unavailable)
+dispatch.register_health_check("rms_norm", _fla_norm_unavailable, eager_only=True)
+dispatch.register_health_check("gated_rms_norm", _fla_norm_unavailable, eager_only=True)
