@@ -53,7 +53,7 @@ Builder = Callable[[int], tuple[Callable[[], None], int]]
 @dataclasses.dataclass
 class Row:
     config: str
-    impl: str  # "lmlab" or "fla"
+    impl: str  # "lmlab", "lmlab (backend X)" or "fla"
     micro_batch: int | None = None
     accumulation: int | None = None
     tokens_per_second: float | None = None  # per GPU
@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first compiles (default 3)")
     p.add_argument("--no-compile", action="store_true", help="lmlab rows without per-block torch.compile")
     p.add_argument("--no-baseline", action="store_true", help="skip the fla rows")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=dispatch.BACKENDS,
+                   help="one lmlab row per kernel backend request (--model.backend), e.g. 'auto fla' to "
+                   "compare lmlab's choice with fla's kernels everywhere they exist (default: auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (bf16 autocast, MFU, fla baseline) or cpu (fp32, no MFU, no baseline)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json", help="JSON results")
@@ -121,14 +124,16 @@ def random_batch(vocab_size: int, micro: int, seq_len: int, device: torch.device
     return {"input_ids": input_ids, "labels": input_ids}
 
 
-def lmlab_builder(path: Path, args: argparse.Namespace) -> Builder:
-    """The trainer's step (lmlab.train) for one micro-batch size, single process, as train.py sets it up."""
+def lmlab_builder(path: Path, args: argparse.Namespace, backend: str) -> Builder:
+    """The trainer's step (lmlab.train) for one micro-batch size, single process, as train.py sets it up
+    with `--model.backend backend`."""
 
     def build(micro: int) -> tuple[Callable[[], None], int]:
         torch._dynamo.reset()  # fresh static-shape graphs: a recompile after an OOM would go dynamic
         dispatch.clear_choices()
         cfg = JobConfig()
         cfg.model.config = str(path)
+        cfg.model.backend = backend
         cfg.training.seq_len, cfg.training.batch_size = args.seq_len, micro
         cfg.training.gradient_accumulation_steps = accumulation_for(micro, args.seqs_per_step)
         cfg.training.compile = not args.no_compile
@@ -295,17 +300,22 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
     for name in args.configs:
         path = config_path(name)
         flops = flops_per_token(load_model_config(str(path)), args.seq_len)
-        ours = run_row(Row(path.stem, "lmlab"), lmlab_builder(path, args), args, flops, peak)
-        ours.kernels = dispatch.last_choices() if ours.tokens_per_second else {}
-        add(ours)
+        ours = []
+        for backend in args.backends:
+            impl = "lmlab" if backend == "auto" else f"lmlab (backend {backend})"
+            row = run_row(Row(path.stem, impl), lmlab_builder(path, args, backend), args, flops, peak)
+            row.kernels = dispatch.last_choices() if row.tokens_per_second else {}
+            ours.append(row)
+            add(row)
         if args.no_baseline:
             continue
         if baseline_reason is not None:
             add(Row(path.stem, "fla", note=baseline_reason))
             continue
         base = run_row(Row(path.stem, "fla"), fla_builder(path, args), args, flops, peak)
-        if ours.tokens_per_second and base.tokens_per_second:
-            ours.vs_baseline = ours.tokens_per_second / base.tokens_per_second
+        for row in ours:
+            if row.tokens_per_second and base.tokens_per_second:
+                row.vs_baseline = row.tokens_per_second / base.tokens_per_second
         add(base)
     return env, rows
 

@@ -77,3 +77,15 @@ def test_compiled_path_records_kernels_without_recompiling(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["note"] == "" and row["tokens_per_second"] > 0
     assert row["kernels"]["delta_rule"] == "torch" and row["kernels"]["short_conv"] == "torch"
+
+
+def test_one_lmlab_row_per_backend_and_large_runs_capped_to_an_80_gb_card(tmp_path):
+    out = tmp_path / "r.json"
+    argv = [*TINY, "--configs", "tiny_gla", "--batch-sizes", "2", "--no-baseline", "--no-compile",
+            "--backends", "auto", "torch", "--out", str(out), "--results-md", str(tmp_path / "R.md")]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["lmlab", "lmlab (backend torch)"]
+    assert all(r["tokens_per_second"] > 0 for r in rows)
+    assert bench.parse_args([*TINY, "--large"]).memory_cap_gib == 79.0
+    assert bench.parse_args(TINY).memory_cap_gib is None

@@ -3,6 +3,11 @@
 Layouts follow fla 0.6.0 so caches are interchangeable: weight `[D, 1, W]` (nn.Conv1d depthwise), state
 `[N, D, W]` holding the last W inputs, oldest first (fla's update kernel shifts the state left by one
 and writes the new input at index W-1, then convolves the whole state with the weight).
+
+The PyTorch version is a sum of W shifted copies of the input, masked at sequence starts: element-wise, so
+inside a compiled block inductor fuses it with the activation and the projections around it (F.conv1d
+would be a separate cuDNN call, and fla's kernel a graph break with its Python overhead per call: in
+compiled code "auto" therefore runs this version). It computes in float32 and returns x's dtype, as fla's.
 """
 from __future__ import annotations
 
@@ -42,30 +47,15 @@ def short_conv(
                                        output_final_state=output_final_state, activation=activation,
                                        cu_seqlens=cu_seqlens)
         return y.reshape(rows), final_state
-    if cu_seqlens is None:
-        y, final_state = _conv_dense(x, weight, bias, initial_state, output_final_state)
-    else:
-        y, final_state = _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens)
-    return (y if activation is None else F.silu(y)).reshape(rows), final_state
+    if cu_seqlens is None:  # each row is one sequence: the packed layout with one document per row
+        cu_seqlens = torch.arange(0, x.shape[0] * x.shape[1] + 1, x.shape[1], device=x.device)
+        x = x.flatten(0, 1)[None]
+    y, final_state = _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens)
+    return (y if activation is None else F.silu(y)).to(x.dtype).reshape(rows), final_state
 
 
-def _conv_dense(x, weight, bias, initial_state, output_final_state):
-    B, T, D = x.shape
-    W = weight.shape[-1]
-    x_t = x.transpose(1, 2)  # [B, D, T], the layout conv1d wants
-    if initial_state is None:
-        history = x_t.new_zeros(B, D, W)
-    else:
-        history = initial_state.to(x.dtype)
-    # The oldest state entry is never read: output t needs only the W-1 inputs before it.
-    padded = torch.cat([history[..., 1:], x_t], dim=-1)
-    y = F.conv1d(padded, weight, bias, groups=D).transpose(1, 2)
-    final_state = torch.cat([history, x_t], dim=-1)[..., -W:].contiguous() if output_final_state else None
-    return y, final_state
-
-
-def _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens):
-    """Sum of W shifted copies of x, each tap masked to stay inside its token's document."""
+def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens):
+    """Sum of W shifted copies of x [1, T, D], each tap masked to stay inside its token's document."""
     x = x[0]  # [T, D]
     T, D = x.shape
     W = weight.shape[-1]
@@ -73,7 +63,7 @@ def _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens)
     pos = torch.arange(T, device=x.device)
     doc = torch.searchsorted(cu_seqlens[1:], pos, right=True)  # document index of each token
     offset = pos - cu_seqlens[doc]  # position inside its document
-    y = x.new_zeros(T, D) if bias is None else bias.to(x.dtype).expand(T, D)
+    y = x.new_zeros(T, D, dtype=torch.float32) if bias is None else bias.float().expand(T, D)
     for lag in range(W):  # tap with weight index W-1-lag reads the input `lag` steps back
         shifted = F.pad(x, (0, 0, lag, 0))[:T]
         inside = (offset >= lag)[:, None]
@@ -83,14 +73,14 @@ def _conv_varlen(x, weight, bias, initial_state, output_final_state, cu_seqlens)
             # Before the document start, read the state: position -j of a document is state index W-j.
             state_idx = (offset - lag + W).clamp(0, W - 1)
             source = torch.where(inside, shifted, initial_state[doc, :, state_idx].to(x.dtype))
-        y = y + source * weight[:, 0, W - 1 - lag]
+        y = y + source.float() * weight[:, 0, W - 1 - lag].float()
     final_state = None
     if output_final_state:
-        final_state = _varlen_final_state(x, W, initial_state, cu_seqlens)
+        final_state = _final_states(x, W, initial_state, cu_seqlens)
     return y[None], final_state
 
 
-def _varlen_final_state(x, W, initial_state, cu_seqlens):
+def _final_states(x, W, initial_state, cu_seqlens):
     """The last W inputs of each document, completed from its initial state (or zeros) when shorter."""
     starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
     rel = (ends - starts)[:, None] - W + torch.arange(W, device=x.device)  # [N, W] position in document
@@ -110,4 +100,4 @@ def _fla_conv_unavailable(x: torch.Tensor) -> str | None:
     return dispatch.fla_unavailable_reason()
 
 
-dispatch.register_health_check("short_conv", _fla_conv_unavailable)
+dispatch.register_health_check("short_conv", _fla_conv_unavailable, eager_only=True)
