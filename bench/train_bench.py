@@ -397,7 +397,11 @@ def markdown(env: dict, rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env, rows = run(args)
+    requested = dispatch.get_backend()
+    try:
+        env, rows = run(args)
+    finally:
+        dispatch.set_backend(requested)  # the lmlab rows set the process-wide request (--backends)
     table = markdown(env, rows)
     new_log = not args.results_md.exists()
     with args.results_md.open("a") as f:
