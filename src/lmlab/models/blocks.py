@@ -458,13 +458,14 @@ class LmlabModel(LmlabPreTrainedModel):
         self.layers = nn.ModuleList(DecoderBlock(config, self.make_mixer(config, i))
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        # (head_dim, rope_theta) of every attention layer, found once: the tables are built every forward
+        self.rotary_keys = {(m.head_dim, m.rope_theta) for m in self.modules() if isinstance(m, Attention)}
         self.post_init()
 
     def rotary_tables(self, positions: torch.Tensor) -> Rotary:
         """cos/sin tables for every (head_dim, rope_theta) of the model's attention layers (none for a
         purely linear model), at `positions` [B or 1, T]."""
-        keys = {(m.head_dim, m.rope_theta) for m in self.modules() if isinstance(m, Attention)}
-        return {key: rotary_tables(positions, *key) for key in keys}
+        return {key: rotary_tables(positions, *key) for key in self.rotary_keys}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
