@@ -147,6 +147,54 @@ def test_attention_validates_inputs():
         attention(*qkv(), backend="flash")  # not on CPU
 
 
+def _flash_attn_stand_in(monkeypatch):
+    """A `flash_attn` module written from flash-attn 2's documented semantics (bottom-right causal mask,
+    window (left, right) in keys, GQA by head groups, varlen over flattened tokens), by explicit masks:
+    the GPU image cannot install the real one, so this pins lmlab's argument translation on CPU."""
+    import sys
+    import types
+
+    def dense(q, k, v, softmax_scale, causal, window_size):
+        Tq, Tk = q.shape[1], k.shape[1]
+        k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
+        i = torch.arange(Tq)[:, None] + Tk - Tq  # each query's aligned key position
+        j = torch.arange(Tk)[None, :]
+        left, right = window_size
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool)
+        if causal:
+            allowed &= j <= i
+        if left >= 0:
+            allowed &= j >= i - left
+        if right >= 0:
+            allowed &= j <= i + right
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+        return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and max_q == int(cu_q.diff().max())
+        docs = [dense(q[None, a:b], k[None, c:d], v[None, c:d], softmax_scale, causal, window_size)[0]
+                for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])]
+        return torch.cat(docs)
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_func, module.flash_attn_varlen_func = dense, varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+
+
+@pytest.mark.parametrize("case", ["causal", "full", "gqa", "window", "varlen", "varlen-window", "decode"])
+def test_flash_attention_arguments_match_sdpa(case, monkeypatch):
+    _flash_attn_stand_in(monkeypatch)
+    q, k, v = qkv(B=1 if "varlen" in case else 2, Tq=24, Tk=24, Hkv=1 if case == "gqa" else 4)
+    if case == "decode":
+        q = q[:, -3:]
+    kwargs = dict(causal=case != "full", window_size=5 if "window" in case else None,
+                  cu_seqlens=cu(7, 1, 16) if "varlen" in case else None, scale=0.3)
+    expected = attention(q, k, v, backend="torch", **kwargs)
+    flash = attention_module._flash_attention(q, k, v, kwargs["causal"], kwargs["window_size"],
+                                              kwargs["cu_seqlens"], kwargs["scale"])
+    torch.testing.assert_close(flash, expected)
+
+
 # ---------------------------------------------------------------- short conv (CPU)
 
 def conv_inputs(B=2, T=11, D=6, W=4, seed=0):

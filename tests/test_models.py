@@ -377,9 +377,6 @@ def test_340m_bf16_auto_backend_matches_torch(name):
         params = dict(model.named_parameters())
         return loss.float(), {k: params[k].grad.float() for k in watched}
 
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return ((a - b).norm() / b.norm()).item()
-
     try:
         _, grads_ref = run("torch")
         model.to(torch.bfloat16)
@@ -387,8 +384,54 @@ def test_340m_bf16_auto_backend_matches_torch(name):
         loss_auto, grads_auto = run("auto")
     finally:
         dispatch.set_backend("auto")
-    errors = {k: (rel(grads_auto[k], grads_ref[k]), rel(grads_torch[k], grads_ref[k])) for k in watched}
-    print(name, f"loss {rel(loss_auto, loss_torch):.1e}",
-          {k: f"auto {a:.1e} / torch {t:.1e}" for k, (a, t) in errors.items()})
-    assert rel(loss_auto, loss_torch) < 1e-2
+    assert_bf16_close(name, loss_auto, grads_auto, loss_torch, grads_torch, grads_ref)
+
+
+def assert_bf16_close(name: str, loss: torch.Tensor, grads: dict[str, torch.Tensor], loss_torch: torch.Tensor,
+                      grads_torch: dict[str, torch.Tensor], grads_ref: dict[str, torch.Tensor]) -> None:
+    """A bf16 run against torch's bf16 run (loss within 1e-2) and against a float32 run (each gradient
+    within 1e-2 or twice torch-bf16's own error, whichever is larger)."""
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    errors = {k: (rel(grads[k], grads_ref[k]), rel(grads_torch[k], grads_ref[k])) for k in grads_ref}
+    print(name, f"loss {rel(loss, loss_torch):.1e}", {k: f"{a:.1e} / torch {t:.1e}" for k, (a, t) in errors.items()})
+    assert rel(loss, loss_torch) < 1e-2
     assert all(a < max(1e-2, 2 * t) for a, t in errors.values()), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "gated_deltanet_340M_swa_hybrid"])
+def test_340m_compiled_blocks_match_eager(name, packed):
+    """The blocks as training runs them (torch.compile per block, bf16 autocast, backend auto: PyTorch norms
+    and short convolutions fused by inductor, fla's recurrences) against eager torch in bf16 and float32.
+    Four layers (the hybrid's fourth is attention) keep compilation short."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    config = AutoConfig.from_pretrained(ROOT / f"configs/{name}.json", num_hidden_layers=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).cuda().train()
+    ids = torch.randint(0, config.vocab_size, (2, 1024), device="cuda")
+    varlen = {"cu_seqlens": torch.tensor([0, 300, 1024, 1500, 2048], dtype=torch.int32, device="cuda")} if packed else {}
+    watched = ["model.layers.0.attn.o_proj.weight", "model.layers.3.attn.o_proj.weight",
+               "model.layers.3.mlp.down_proj.weight"]
+
+    def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dispatch.set_backend(backend)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(ids, labels=ids, **varlen).loss
+        loss.backward()
+        params = dict(model.named_parameters())
+        return loss.float(), {k: params[k].grad.float() for k in watched}
+
+    try:
+        _, grads_ref = run("torch", None)
+        loss_torch, grads_torch = run("torch", torch.bfloat16)
+        torch._dynamo.reset()
+        for block in model.model.layers:
+            block.compile()
+        loss, grads = run("auto", torch.bfloat16)
+    finally:
+        dispatch.set_backend("auto")
+    assert_bf16_close(name, loss, grads, loss_torch, grads_torch, grads_ref)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.kernels import dispatch
+from lmlab.kernels.documents import document_index
 
 # Dispatch keys: flash-attn runs calls without a padding mask; padded batches (evaluation) use SDPA.
 _OP = "attention"
@@ -114,8 +115,7 @@ def _check_inputs(q, k, v, window_size, cu_seqlens, attention_mask) -> None:
 def _document_ids(cu_seqlens: torch.Tensor, rows: torch.Size) -> torch.Tensor:
     """The document index of each packed token, [B, T] for B rows of T tokens."""
     B, T = rows
-    positions = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    doc_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).view(B, T)
+    doc_ids = document_index(cu_seqlens, torch.arange(B * T, device=cu_seqlens.device)).view(B, T)
     # a document crossing rows would be cut there silently: check on the device (no host sync)
     torch._assert_async((doc_ids[1:, 0] != doc_ids[:-1, -1]).all(), "a document crosses a row of cu_seqlens")
     return doc_ids

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.kernels import dispatch
+from lmlab.kernels.documents import document_index
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -47,22 +48,22 @@ def short_conv(
                                        output_final_state=output_final_state, activation=activation,
                                        cu_seqlens=cu_seqlens)
         return y.reshape(rows), final_state
-    if cu_seqlens is None:  # each row is one sequence: the packed layout with one document per row
-        cu_seqlens = torch.arange(0, x.shape[0] * x.shape[1] + 1, x.shape[1], device=x.device)
-        x = x.flatten(0, 1)[None]
-    y, final_state = _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens)
+    y, final_state = _conv_packed(x.flatten(0, 1), weight, bias, initial_state, output_final_state, cu_seqlens,
+                                  row_length=rows[1])
     return (y if activation is None else F.silu(y)).to(x.dtype).reshape(rows), final_state
 
 
-def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens):
-    """Sum of W shifted copies of x [1, T, D], each tap masked to stay inside its token's document."""
-    x = x[0]  # [T, D]
+def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens, row_length):
+    """Sum of W shifted copies of x [T, D], each tap masked to stay inside its token's document (each row
+    of `row_length` tokens is one document without `cu_seqlens`)."""
     T, D = x.shape
     W = weight.shape[-1]
-    cu_seqlens = cu_seqlens.long()
     pos = torch.arange(T, device=x.device)
-    doc = torch.searchsorted(cu_seqlens[1:], pos, right=True)  # document index of each token
-    offset = pos - cu_seqlens[doc]  # position inside its document
+    if cu_seqlens is None:
+        doc, offset = pos // row_length, pos % row_length  # document index, position inside it
+    else:
+        doc = document_index(cu_seqlens, pos)
+        offset = pos - cu_seqlens[doc]
     y = x.new_zeros(T, D, dtype=torch.float32) if bias is None else bias.float().expand(T, D)
     for lag in range(W):  # tap with weight index W-1-lag reads the input `lag` steps back
         shifted = F.pad(x, (0, 0, lag, 0))[:T]
@@ -76,8 +77,10 @@ def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens)
         y = y + source.float() * weight[:, 0, W - 1 - lag].float()
     final_state = None
     if output_final_state:
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, T + 1, row_length, device=x.device)
         final_state = _final_states(x, W, initial_state, cu_seqlens)
-    return y[None], final_state
+    return y, final_state
 
 
 def _final_states(x, W, initial_state, cu_seqlens):

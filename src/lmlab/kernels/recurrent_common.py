@@ -28,6 +28,7 @@ from packaging.version import Version
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import dispatch
+from lmlab.kernels.documents import document_index
 
 CHUNK_SIZE = 64
 # Up to this many tokens without gradients (decoding, short prefills) the step-by-step kernels are used:
@@ -148,10 +149,9 @@ def recurrent_torch(
 def document_starts(cu_seqlens: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position 0 .. length-1: its document's index (N_docs past the last document) and whether the
     document starts there."""
-    cu = cu_seqlens.long()
-    positions = torch.arange(length, device=cu.device)
-    doc = torch.searchsorted(cu[1:], positions, right=True)
-    return doc, positions == cu[doc]
+    positions = torch.arange(length, device=cu_seqlens.device)
+    doc = document_index(cu_seqlens, positions)
+    return doc, positions == cu_seqlens[doc]
 
 
 def keep_initial_if_empty(S: torch.Tensor, cu_seqlens: torch.Tensor, initial_state: State) -> torch.Tensor:
