@@ -12,6 +12,7 @@ import torch
 
 from lmlab.kernels.attention import attention
 from lmlab.kernels.conv import short_conv
+from lmlab.kernels.documents import document_index
 from lmlab.models.blocks import token_positions
 from test_kernels_recurrent import OPS, make_inputs, positional
 from test_models import TINY, make_model
@@ -135,3 +136,13 @@ def test_block_new_document_count_recompiles_once():
                 compiled(x, cu(bounds)).backward()
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bounds", LAYOUTS + [(0, 0, 5, 24)])
+def test_document_index_counts_ends_before_each_position(bounds):
+    """document_index (a search over the whole cu_seqlens, see its docstring) equals the count of document
+    ends at or before each position, with empty documents and positions past the last document."""
+    positions = torch.arange(T + 3)
+    expected = torch.tensor([sum(end <= p for end in bounds[1:]) for p in positions.tolist()])
+    torch.testing.assert_close(document_index(cu(bounds), positions), expected)
+    torch.testing.assert_close(torch.compile(document_index)(cu(bounds), positions), expected)

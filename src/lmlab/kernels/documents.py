@@ -8,8 +8,10 @@ import torch
 def document_index(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The index of the document holding each packed token position (N_docs past the last document).
 
-    The lookup runs on `cu_seqlens` exactly as given, sliced but never cast: torch 2.11's inductor cannot
-    lower searchsorted over boundaries computed inside the compiled graph, a cast or an arange included
-    (CUDA: "NotImplementedError: SliceView", measured on an H200; later versions realize them first).
+    Searches the whole `cu_seqlens` as given (its first entry is 0, so each position counts it once): torch
+    2.11's inductor lowers searchsorted wrongly on CUDA for boundaries that are not a whole graph input,
+    measured on an H200: a slice such as `cu_seqlens[1:]` is read from its storage's start (every index off
+    by one, silently), and boundaries computed in the graph (a cast, an arange) fail to compile
+    ("NotImplementedError: SliceView"). Later versions handle both.
     """
-    return torch.searchsorted(cu_seqlens[1:], positions.to(cu_seqlens.dtype), right=True)
+    return torch.searchsorted(cu_seqlens, positions.to(cu_seqlens.dtype), right=True) - 1
