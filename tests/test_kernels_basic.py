@@ -202,6 +202,27 @@ def conv_inputs(B=2, T=11, D=6, W=4, seed=0):
     return torch.randn(B, T, D, generator=g), torch.randn(D, 1, W, generator=g), torch.randn(D, generator=g)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_short_conv_keeps_only_its_input_for_backward(compiled, packed):
+    """Training keeps x (bf16) and the weight for the convolution's backward, not its float32 sums (which
+    took 4x x's bytes under inductor, 10x eager)."""
+    x = torch.randn(4, 64, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(32, 1, 4, requires_grad=True)
+    fn = lambda x, weight, cu_seqlens: short_conv(x, weight, cu_seqlens=cu_seqlens, backend="torch")[0]  # noqa: E731
+    fn = torch.compile(fn) if compiled else fn
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x, weight, cu(30, 0, 100, 126) if packed else None)
+    y.float().sum().backward()
+    assert sum(saved) < 1.1 * x.numel() * x.element_size(), saved
+
+
 def conv_reference(x, weight, bias, activation):
     W = weight.shape[-1]
     y = F.conv1d(x.transpose(1, 2), weight, bias, padding=W - 1, groups=x.shape[-1])[..., :x.shape[1]]
