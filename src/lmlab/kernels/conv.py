@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import dispatch
 from lmlab.kernels.documents import document_index
-from lmlab.kernels.recurrent_common import needs_grad
+from lmlab.kernels.recurrent_common import recompute_in_backward
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -50,15 +49,11 @@ def short_conv(
                                        output_final_state=output_final_state, activation=activation,
                                        cu_seqlens=cu_seqlens)
         return y.reshape(rows), final_state
-    args = (x.flatten(0, 1), weight, bias, initial_state, output_final_state, cu_seqlens, rows[1], activation)
-    if needs_grad(x, weight, bias, initial_state):
-        # Backward keeps only the inputs and recomputes the sums, as fla's kernel does: keeping the float32
-        # sums for the activation's backward took twice x's bytes per convolution (gated_deltanet_340M at
-        # 16 x 2048 tokens: 81 GiB peak instead of 64, measured on an H200), and recomputing them is a few
-        # element-wise passes. Tensors go in positionally, so checkpoint saves them.
-        y, final_state = checkpoint(_conv_packed, *args, use_reentrant=False, preserve_rng_state=False)
-    else:
-        y, final_state = _conv_packed(*args)
+    # Backward keeps only the inputs and recomputes the sums, as fla's kernel does: keeping the float32 sums
+    # for the activation's backward took twice x's bytes per convolution (gated_deltanet_340M at 16 x 2048
+    # tokens: 81 GiB peak instead of 64, measured on an H200); recomputing them is a few element-wise passes.
+    y, final_state = recompute_in_backward(_conv_packed, x.flatten(0, 1), weight, bias, initial_state,
+                                           output_final_state, cu_seqlens, rows[1], activation)
     return y.reshape(rows), final_state
 
 

@@ -20,7 +20,7 @@ into the next chunk. Each document's final state is rebuilt from its last chunk.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,16 @@ Kernel = Callable[..., tuple[torch.Tensor, State]]
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def recompute_in_backward(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), keeping only its tensor arguments for backward, which reruns fn (torch.utils.checkpoint;
+    under torch.compile, part of the compiled backward), when gradients are needed. Arguments go in
+    positionally: checkpoint keeps tensors passed that way as saved tensors (visible to
+    saved_tensors_hooks), keyword ones only by reference. `fn` must draw no random numbers."""
+    if needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
 
 
 def use_recurrent(q: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
@@ -428,8 +438,4 @@ def call_kernel(
 
     args = (initial_state, cu_seqlens, *sequences.values())
     with torch.autocast(q.device.type, enabled=False):
-        if recompute and needs_grad(initial_state, *sequences.values()):
-            # Tensors go in positionally: checkpoint keeps those as saved tensors (visible to
-            # saved_tensors_hooks), keyword ones only by reference. The kernels draw no random numbers.
-            return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
-        return run(*args)
+        return recompute_in_backward(run, *args) if recompute else run(*args)
