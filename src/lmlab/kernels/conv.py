@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.kernels import dispatch
-from lmlab.kernels.documents import document_index
+from lmlab.kernels.documents import document_positions
 from lmlab.kernels.recurrent_common import recompute_in_backward
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -66,8 +66,7 @@ def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens,
     if cu_seqlens is None:
         doc, offset = pos // row_length, pos % row_length  # document index, position inside it
     else:
-        doc = document_index(cu_seqlens, pos)
-        offset = pos - cu_seqlens[doc]
+        doc, offset = document_positions(cu_seqlens, pos)
     y = x.new_zeros(T, D, dtype=torch.float32) if bias is None else bias.float().expand(T, D)
     for lag in range(W):  # tap with weight index W-1-lag reads the input `lag` steps back
         shifted = F.pad(x, (0, 0, lag, 0))[:T]

@@ -15,3 +15,9 @@ def document_index(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> torch.T
     ("NotImplementedError: SliceView"). Later versions handle both.
     """
     return torch.searchsorted(cu_seqlens, positions.to(cu_seqlens.dtype), right=True) - 1
+
+
+def document_positions(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document index, position inside that document) of each packed token position."""
+    doc = document_index(cu_seqlens, positions)
+    return doc, positions - cu_seqlens[doc]

@@ -28,7 +28,7 @@ from packaging.version import Version
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import dispatch
-from lmlab.kernels.documents import document_index
+from lmlab.kernels.documents import document_positions
 
 CHUNK_SIZE = 64
 # Up to this many tokens without gradients (decoding, short prefills) the step-by-step kernels are used:
@@ -160,8 +160,8 @@ def document_starts(cu_seqlens: torch.Tensor, length: int) -> tuple[torch.Tensor
     """Per position 0 .. length-1: its document's index (N_docs past the last document) and whether the
     document starts there."""
     positions = torch.arange(length, device=cu_seqlens.device)
-    doc = document_index(cu_seqlens, positions)
-    return doc, positions == cu_seqlens[doc]
+    doc, offset = document_positions(cu_seqlens, positions)
+    return doc, offset == 0
 
 
 def keep_initial_if_empty(S: torch.Tensor, cu_seqlens: torch.Tensor, initial_state: State) -> torch.Tensor:

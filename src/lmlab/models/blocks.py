@@ -32,7 +32,7 @@ from lmlab.kernels.activations import swiglu
 from lmlab.kernels.attention import attention
 from lmlab.kernels import dispatch
 from lmlab.kernels.conv import short_conv
-from lmlab.kernels.documents import document_index
+from lmlab.kernels.documents import document_positions
 from lmlab.kernels.loss import linear_cross_entropy
 from lmlab.kernels.norm import gated_rms_norm, rms_norm
 from lmlab.models.cache import Cache
@@ -405,7 +405,7 @@ def token_positions(B: int, T: int, past: int, attention_mask: torch.Tensor | No
     padding, else past .. past + T - 1."""
     if cu_seqlens is not None:
         flat = torch.arange(B * T, device=device)
-        return (flat - cu_seqlens[document_index(cu_seqlens, flat)]).view(B, T)
+        return document_positions(cu_seqlens, flat)[1].view(B, T)
     if attention_mask is not None:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
     return torch.arange(past, past + T, device=device)[None]
