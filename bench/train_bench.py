@@ -262,10 +262,13 @@ def write_profile(step: Callable[[], None], path: Path, title: str, device: torc
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=20)]
+    if device.type == "cuda":  # a step is as slow as the busier of the two: kernels first, then host time
+        tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(f"== {title}\n{prof.key_averages().table(sort_by=sort_by, row_limit=30)}\n\n")
+        f.write(f"== {title}\n" + "\n".join(tables) + "\n\n")
 
 
 def run_row(row: Row, build: Builder, args: argparse.Namespace, flops: float, peak: float | None) -> Row:
