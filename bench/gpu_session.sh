@@ -94,12 +94,14 @@ EOF
 }
 
 stage_bench() {  # bench/train_bench.py, 340M set unless BENCH_ARGS says otherwise
-  timeout "${BENCH_TIMEOUT:-540}" "$PY" bench/train_bench.py ${BENCH_ARGS:-} --out "$OUT/results.json" \
-    --results-md "$OUT/RESULTS.md" --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench.log" | grep -v "^ "
+  local tag=${1:-}  # suffix of the output files, so that both bench stages can run in one session
+  timeout "${BENCH_TIMEOUT:-540}" "$PY" bench/train_bench.py ${BENCH_ARGS:-} --out "$OUT/results$tag.json" \
+    --results-md "$OUT/RESULTS$tag.md" --profile "$OUT/profile$tag.txt" 2>&1 | tee "$OUT/bench$tag.log" | grep -v "^ "
 }
 
-stage_bench-large() {
-  BENCH_ARGS="--large --steps 3 --warmup 2 --no-baseline ${BENCH_ARGS:-}" stage_bench
+stage_bench-large() {  # 1.3B set unless LARGE_ARGS says otherwise; LARGE_TIMEOUT
+  BENCH_ARGS="--large --steps 3 --warmup 2 --no-baseline ${LARGE_ARGS:-}" BENCH_TIMEOUT=${LARGE_TIMEOUT:-540} \
+    stage_bench _large
 }
 
 stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes)
