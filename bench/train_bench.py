@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--steps must be >= 1, --warmup >= 0 and every batch size >= 1")
     args.device = torch.device(args.device)
+    if args.device.type == "cuda" and args.device.index is None:  # some torch.cuda calls need the index
+        args.device = torch.device("cuda", torch.cuda.current_device())
     return args
 
 
