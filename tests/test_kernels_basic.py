@@ -408,6 +408,17 @@ def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
     assert choices == ["torch", "fla", "fla"]
 
 
+
+def test_fla_health_check_traces_without_warnings():
+    """The health checks run inside compiled blocks; tracing them must not warn (torch.compile warns on
+    every traced call of an lru_cache-wrapped function, which filled the GPU training logs)."""
+    def run(x):
+        return x + (1 if dispatch.fla_unavailable_reason() is None else 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.compile(run, backend="eager", fullgraph=True)(torch.zeros(2))
+
 # ---------------------------------------------------------------- accelerated backends (GPU)
 # Realistic sizes: batch 2 x 2048 tokens, hidden 1024, 16 heads of 64; bf16; each accelerated backend
 # against the PyTorch path (outputs and gradients), relative error ||a - b|| / ||b|| < 1e-2. The fla

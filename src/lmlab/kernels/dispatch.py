@@ -14,7 +14,6 @@ passed to one call (`backend=`) is an error.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from typing import Callable
@@ -82,9 +81,21 @@ def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], 
         _eager_only.add((op, backend))
 
 
-@functools.lru_cache(maxsize=None)
 def fla_unavailable_reason() -> str | None:
-    """None when fla's Triton kernels can be imported and launched (CUDA present), else why not."""
+    """None when fla's Triton kernels can be imported and launched (CUDA present), else why not.
+
+    Computed once per process. Memoised in a module list, not with functools.lru_cache: the health checks
+    call this inside compiled blocks, and torch.compile warns of possible silent incorrectness on every
+    traced call of an lru_cache-wrapped function (the warning filled each GPU training log)."""
+    if not _fla_reason:
+        _fla_reason.append(_find_fla_unavailable_reason())
+    return _fla_reason[0]
+
+
+_fla_reason: list[str | None] = []
+
+
+def _find_fla_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     if importlib.util.find_spec("fla") is None:
