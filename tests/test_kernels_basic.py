@@ -408,7 +408,6 @@ def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
     assert choices == ["torch", "fla", "fla"]
 
 
-
 def test_fla_health_check_traces_without_warnings():
     """The health checks run inside compiled blocks; tracing them must not warn (torch.compile warns on
     every traced call of an lru_cache-wrapped function, which filled the GPU training logs)."""
@@ -418,6 +417,7 @@ def test_fla_health_check_traces_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.compile(run, backend="eager", fullgraph=True)(torch.zeros(2))
+
 
 # ---------------------------------------------------------------- accelerated backends (GPU)
 # Realistic sizes: batch 2 x 2048 tokens, hidden 1024, 16 heads of 64; bf16; each accelerated backend
