@@ -287,7 +287,8 @@ def run_row(row: Row, build: Builder, args: argparse.Namespace, flops: float, pe
 
 
 def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
-    """All rows; the JSON is rewritten after each, so a run cut short still leaves what it measured."""
+    """All rows; the JSON and this run's section of the Markdown log are rewritten after each, so a run cut
+    short (a device call's time limit) still leaves what it measured."""
     torch.manual_seed(0)
     if args.memory_cap_gib and args.device.type == "cuda":
         total = torch.cuda.get_device_properties(args.device).total_memory
@@ -296,10 +297,14 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
     env = environment(args, peak)
     baseline_reason = None if args.no_baseline else fla_unavailable(args.device)
     rows: list[Row] = []
+    earlier_log = (args.results_md.read_text() + "\n" if args.results_md.exists()
+                   else "# Training benchmark results (appended by bench/train_bench.py)\n\n")
 
     def add(row: Row) -> None:
         rows.append(row)
         write_json(args.out, env, rows)
+        args.results_md.parent.mkdir(parents=True, exist_ok=True)
+        args.results_md.write_text(earlier_log + markdown(env, rows))
         print(f"bench: {row.config} {row.impl}: {_num(row.tokens_per_second, ',.0f')} tokens/s {row.note}", flush=True)
 
     for name in args.configs:
@@ -407,11 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         env, rows = run(args)
     finally:
         dispatch.set_backend(requested)  # the lmlab rows set the process-wide request (--backends)
-    table = markdown(env, rows)
-    new_log = not args.results_md.exists()
-    with args.results_md.open("a") as f:
-        f.write(("# Training benchmark results (appended by bench/train_bench.py)\n\n" if new_log else "\n") + table)
-    print(f"\nwrote {args.out} and appended to {args.results_md}\n\n{table}", flush=True)
+    print(f"\nwrote {args.out} and appended to {args.results_md}\n\n{markdown(env, rows)}", flush=True)
     return 0
 
 

@@ -45,6 +45,27 @@ def test_cpu_run_writes_json_and_markdown_and_prints_the_table_last(tmp_path, ca
     assert lines[-1].endswith("fla has no CPU path (its kernels are Triton, CUDA only) |")
 
 
+
+def test_a_run_cut_short_leaves_its_finished_rows_in_both_logs(tmp_path, monkeypatch):
+    """A device call's time limit kills the benchmark mid-run: what it measured must already be written."""
+    out, log = tmp_path / "r.json", tmp_path / "RESULTS.md"
+    log.write_text("# earlier results\n")
+    measure_row = bench.run_row
+
+    def killed_at_the_second_row(row, *args):
+        if row.config == "tiny_hybrid":
+            raise KeyboardInterrupt
+        return measure_row(row, *args)
+
+    monkeypatch.setattr(bench, "run_row", killed_at_the_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*TINY, "--configs", "tiny_gla", "tiny_hybrid", "--batch-sizes", "1", "--no-compile",
+                    "--no-baseline", "--out", str(out), "--results-md", str(log)])
+    assert [r["config"] for r in json.loads(out.read_text())["rows"]] == ["tiny_gla"]
+    text = log.read_text()
+    assert text.startswith("# earlier results\n") and "| tiny_gla | lmlab | 1 × 1 |" in text
+    assert "| tiny_hybrid |" not in text
+
 def test_batch_search_takes_the_largest_size_that_fits_and_keeps_the_sequences_per_step():
     args = bench.parse_args([*TINY, "--large", "--batch-sizes", "16", "8", "4"])
     assert args.seq_len == 32 and args.seqs_per_step == 64 and args.configs == bench.CONFIGS_1B
