@@ -81,6 +81,9 @@ def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], 
         _eager_only.add((op, backend))
 
 
+_fla_reason: list[str | None] = []  # fla_unavailable_reason's answer, once computed
+
+
 def fla_unavailable_reason() -> str | None:
     """None when fla's Triton kernels can be imported and launched (CUDA present), else why not.
 
@@ -90,9 +93,6 @@ def fla_unavailable_reason() -> str | None:
     if not _fla_reason:
         _fla_reason.append(_find_fla_unavailable_reason())
     return _fla_reason[0]
-
-
-_fla_reason: list[str | None] = []
 
 
 def _find_fla_unavailable_reason() -> str | None:
