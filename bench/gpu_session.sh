@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU work of issues 3, 5, 6 and 7 in stages, for the device machine (bench/README.md, "GPU session").
-#   bash bench/gpu_session.sh STAGE [STAGE ...]   stages: env tests scaling bench bench-large eval fda-parallel
+#   bash bench/gpu_session.sh STAGE [STAGE ...]   stages: env tests scaling bench bench-large experiment eval fda-parallel
 # Results go under $OUT (the device tool's folder; default out/gpu). Each stage has its own time limit, so one
 # that hangs still leaves the others' results. Packages missing from the GPU image come as wheels in .whl/
 # (made here by bench/gpu_wheels.sh). Everything is overridable for a CPU smoke run, e.g.
@@ -102,6 +102,14 @@ stage_bench() {  # bench/train_bench.py, 340M set unless BENCH_ARGS says otherwi
 stage_bench-large() {  # 1.3B set unless LARGE_ARGS says otherwise; LARGE_TIMEOUT
   BENCH_ARGS="--large --steps 3 --warmup 2 --no-baseline ${LARGE_ARGS:-}" BENCH_TIMEOUT=${LARGE_TIMEOUT:-540} \
     stage_bench _large
+}
+
+stage_experiment() {  # EXPERIMENT="script.py [args]" from bench/experiments/ -> $OUT/<script>.json and .log
+  local name
+  name=$(basename "${EXPERIMENT%% *}" .py)
+  timeout "${EXPERIMENT_TIMEOUT:-540}" "$PY" bench/experiments/$EXPERIMENT --out "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  echo "gpu_session: $name exited $?"; tail -40 "$OUT/$name.log"
 }
 
 stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes)
