@@ -2,6 +2,11 @@
 against the PyTorch paths (GPU, `pytest -m gpu`)."""
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -221,6 +226,19 @@ def test_short_conv_keeps_only_its_input_for_backward(compiled, packed):
         y = fn(x, weight, cu(30, 0, 100, 126) if packed else None)
     y.float().sum().backward()
     assert sum(saved) < 1.1 * x.numel() * x.element_size(), saved
+
+
+def test_triton_short_conv_matches_torch_in_interpreter():
+    """lmlab's Triton short convolution (the CUDA training path) against the PyTorch version, run by Triton's
+    CPU interpreter through `short_conv`: dense rows and packed documents, with and without bias and
+    activation, a strided input, W=3, partial token and channel blocks; forward, final state and
+    gradients."""
+    script = pathlib.Path(__file__).with_name("conv_triton_interpreter.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors_by_case = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
 
 
 def conv_reference(x, weight, bias, activation):
@@ -519,6 +537,26 @@ def test_gpu_fla_short_conv_matches_torch(case):
         return y
 
     assert_backends_agree(fn, [x, w], "fla")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", ["plain", "varlen", "strided"])
+def test_gpu_triton_short_conv_matches_torch(case, compiled):
+    """lmlab's Triton short convolution in bf16 at a 340M layer's size, eager and inside torch.compile."""
+    g = torch.Generator().manual_seed(0)
+    B, T, D, W = (1, 4096, 1536, 4) if case == "varlen" else (2, 2048, 1536, 4)
+    x = torch.randn(B, T, 2 * D if case == "strided" else D, generator=g).cuda().bfloat16().requires_grad_(True)
+    w = (torch.randn(D, 1, W, generator=g) / W).cuda().bfloat16().requires_grad_(True)
+    b = (torch.randn(D, generator=g) / W).cuda().bfloat16().requires_grad_(True)
+    cu_seqlens = gpu_cu_seqlens() if case == "varlen" else None
+
+    def fn(x, w, b, backend):
+        # strided: the input is a fused projection's slice
+        return short_conv(x[..., :D], w, b, cu_seqlens=cu_seqlens, backend=backend)[0]
+
+    assert_backends_agree(torch.compile(fn) if compiled else fn, [x, w, b], "triton")
 
 
 @pytest.mark.gpu

@@ -11,8 +11,10 @@ Variants of `conv._conv_packed` (training path: no initial state, no final state
   explicit  - an autograd.Function keeping only x: backward recomputes the pre-activation, then
               dx = W shifted sums of the gradient, dw / db = two-stage sums over token blocks (so that
               inductor does not fuse a reduction over all tokens into a row-wise pass)
+  triton    - lmlab's Triton kernel (kernels/conv_triton.py; "auto" on CUDA since it landed, so the other
+              variants switch it off)
 Timings: the train step of a 4-layer cut of delta_net_340M / gated_deltanet_340M at 16 x 4 x 2048 tokens
-(bench/train_bench.py's step), variants interleaved as current, explicit, int32, current.
+(bench/train_bench.py's step), variants interleaved as current, triton, current, triton.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 import train_bench as bench  # noqa: E402
 
-from lmlab.kernels import conv  # noqa: E402
+from lmlab.kernels import conv, dispatch  # noqa: E402
 from lmlab.kernels.documents import document_positions  # noqa: E402
 
 ORIGINAL = conv._conv_packed
@@ -103,11 +105,18 @@ def conv_explicit(x, weight, bias, initial_state, output_final_state, cu_seqlens
 
 
 VARIANTS = {"current": (ORIGINAL, ORIGINAL_RECOMPUTE), "int32": (conv_int32, ORIGINAL_RECOMPUTE),
-            "explicit": (conv_explicit, lambda fn, *args: fn(*args))}
+            "explicit": (conv_explicit, lambda fn, *args: fn(*args)), "triton": (ORIGINAL, ORIGINAL_RECOMPUTE)}
+TRITON_CHECK = dispatch._health_checks["short_conv"]["triton"]
 
 
 def use(variant: str) -> None:
     conv._conv_packed, conv.recompute_in_backward = VARIANTS[variant]
+    dispatch._health_checks["short_conv"]["triton"] = (
+        TRITON_CHECK if variant == "triton" else lambda x: "switched off for this variant")
+
+
+def backend_of(variant: str) -> str:
+    return "triton" if variant == "triton" else "torch"
 
 
 def rel(a, b):
@@ -123,20 +132,22 @@ def check(device: torch.device) -> dict:
     cu = torch.tensor([0, 7, 7, 250, 410, 600], device=device, dtype=torch.int32)
     out = {}
     for packed in (False, True):
-        def run(fn, x=x):
+        def run(fn, x=x, backend="torch"):
             leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-            y, _ = fn(leaves[0], leaves[1], leaves[2], cu_seqlens=cu if packed else None, backend="torch")
+            y, _ = fn(leaves[0], leaves[1], leaves[2], cu_seqlens=cu if packed else None, backend=backend)
             y.backward(dy)
             return [y.detach()] + [t.grad for t in leaves]
 
         use("current")
         ref = run(conv.short_conv)
         for variant in VARIANTS:
+            if variant == "triton" and device.type != "cuda":
+                continue
             for compiled in (False, True):
                 use(variant)
                 torch._dynamo.reset()
                 fn = torch.compile(conv.short_conv) if compiled else conv.short_conv
-                got = run(fn)
+                got = run(fn, backend=backend_of(variant))
                 err = max(rel(a, b) for a, b in zip(got, ref))
                 out[f"{variant} {'compiled' if compiled else 'eager'} {'packed' if packed else 'dense'}"] = err
     use("current")
@@ -156,7 +167,7 @@ def timings(device: torch.device, small: bool) -> list[dict]:
         path.write_text(json.dumps(cfg))
         args = bench.parse_args(["--configs", str(path), "--device", str(device), "--seq-len", str(seq),
                                  "--seqs-per-step", str(seqs), "--steps", "2" if small else "5", "--warmup", "2"])
-        for variant in ("current", "explicit", "int32", "current"):
+        for variant in ("current", "triton", "current", "triton"):
             use(variant)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

@@ -44,7 +44,7 @@ class Model:
     tokenizer_path: str | None = None  # local dir or hub id
     name: str = "fla"
     converters: list[str] = field(default_factory=list)
-    backend: str = "auto"  # lmlab: kernel backend auto | torch | fla | flash
+    backend: str = "auto"  # lmlab: kernel backend auto | torch | fla | flash | triton
     trust_remote_code: bool = False  # lmlab: never run code from a checkpoint unless asked
 
 

@@ -4,10 +4,11 @@ Layouts follow fla 0.6.0 so caches are interchangeable: weight `[D, 1, W]` (nn.C
 `[N, D, W]` holding the last W inputs, oldest first (fla's update kernel shifts the state left by one
 and writes the new input at index W-1, then convolves the whole state with the weight).
 
-The PyTorch version is a sum of W shifted copies of the input, masked at sequence starts: element-wise, so
-inside a compiled block inductor fuses it with the activation and the projections around it (F.conv1d
-would be a separate cuDNN call, and fla's kernel a graph break with its Python overhead per call: in
-compiled code "auto" therefore runs this version). It computes in float32 and returns x's dtype, as fla's.
+The PyTorch version (the specification) is a sum of W shifted copies of the input, masked at sequence
+starts; it computes in float32 and returns x's dtype, as fla's. On CUDA, "auto" runs lmlab's Triton kernel
+(`conv_triton`) for convolutions from zeros (training, prompt processing), and fla's kernel in eager code
+for the ones continuing from a state (decoding); inside compiled code fla's kernel would split the graph
+and cost its Python overhead on every call, so convolutions from a state run the PyTorch version there.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.kernels import dispatch
+from lmlab.kernels.conv_triton import short_conv_triton
 from lmlab.kernels.documents import document_positions
 from lmlab.kernels.recurrent_common import recompute_in_backward
 
@@ -43,7 +45,14 @@ def short_conv(
     rows = x.shape
     if cu_seqlens is not None:
         x = x.flatten(0, 1)[None]
-    if dispatch.choose("short_conv", x, backend) == "fla":
+    name = dispatch.choose("short_conv" if initial_state is None else "short_conv_from_state", x, backend)
+    if name == "triton":
+        _, positions = _token_positions(x.shape[0] * x.shape[1], rows[1], cu_seqlens, x.device)
+        y = short_conv_triton(x.flatten(0, 1), weight.squeeze(1), bias, positions.to(torch.int32), activation)
+        final_state = _final_states(x.flatten(0, 1), weight.shape[-1], None, cu_seqlens, rows[1]) \
+            if output_final_state else None
+        return y.reshape(rows), final_state
+    if name == "fla":
         from fla.modules.causal_conv1d import causal_conv1d
         y, final_state = causal_conv1d(x, weight.squeeze(1), bias, initial_state=initial_state,
                                        output_final_state=output_final_state, activation=activation,
@@ -62,11 +71,7 @@ def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens,
     document (each row of `row_length` tokens is one document without `cu_seqlens`)."""
     T, D = x.shape
     W = weight.shape[-1]
-    pos = torch.arange(T, device=x.device)
-    if cu_seqlens is None:
-        doc, offset = pos // row_length, pos % row_length  # document index, position inside it
-    else:
-        doc, offset = document_positions(cu_seqlens, pos)
+    doc, offset = _token_positions(T, row_length, cu_seqlens, x.device)
     y = x.new_zeros(T, D, dtype=torch.float32) if bias is None else bias.float().expand(T, D)
     for lag in range(W):  # tap with weight index W-1-lag reads the input `lag` steps back
         shifted = F.pad(x, (0, 0, lag, 0))[:T]
@@ -78,16 +83,24 @@ def _conv_packed(x, weight, bias, initial_state, output_final_state, cu_seqlens,
             state_idx = (offset - lag + W).clamp(0, W - 1)
             source = torch.where(inside, shifted, initial_state[doc, :, state_idx].to(x.dtype))
         y = y + source.float() * weight[:, 0, W - 1 - lag].float()
-    final_state = None
-    if output_final_state:
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, T + 1, row_length, device=x.device)
-        final_state = _final_states(x, W, initial_state, cu_seqlens)
+    final_state = _final_states(x, W, initial_state, cu_seqlens, row_length) if output_final_state else None
     return (y if activation is None else F.silu(y)).to(x.dtype), final_state
 
 
-def _final_states(x, W, initial_state, cu_seqlens):
-    """The last W inputs of each document, completed from its initial state (or zeros) when shorter."""
+def _token_positions(T, row_length, cu_seqlens, device):
+    """(document index, position inside the document) of each of the T packed tokens; without `cu_seqlens`
+    each row of `row_length` tokens is one document."""
+    pos = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        return pos // row_length, pos % row_length
+    return document_positions(cu_seqlens, pos)
+
+
+def _final_states(x, W, initial_state, cu_seqlens, row_length):
+    """The last W inputs of each document of x `[T, D]`, completed from its initial state (or zeros) when
+    shorter."""
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, x.shape[0] + 1, row_length, device=x.device)
     starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
     rel = (ends - starts)[:, None] - W + torch.arange(W, device=x.device)  # [N, W] position in document
     tokens = x[(starts[:, None] + rel).clamp(min=0)]  # [N, W, D]
@@ -106,4 +119,10 @@ def _fla_conv_unavailable(x: torch.Tensor) -> str | None:
     return dispatch.fla_unavailable_reason()
 
 
+def _triton_conv_unavailable(x: torch.Tensor) -> str | None:
+    return None if x.is_cuda else "input is not on a CUDA device"
+
+
+dispatch.register_health_check("short_conv", _triton_conv_unavailable, backend="triton")
 dispatch.register_health_check("short_conv", _fla_conv_unavailable, eager_only=True)
+dispatch.register_health_check("short_conv_from_state", _fla_conv_unavailable, eager_only=True)

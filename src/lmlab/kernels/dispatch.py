@@ -8,6 +8,7 @@ user override comes from `set_backend` (the model config's `backend` key or `--m
   torch - always the PyTorch implementation
   fla   - fla's kernel; an error if it cannot run here
   flash - flash-attn (attention only); an error if it cannot run here
+  triton - lmlab's own Triton kernel (the short convolution from zeros only); an error if it cannot run here
 An op may have several accelerated backends, registered in priority order. A process-wide request for a
 backend that an op does not have (e.g. "fla" for attention) means "auto" for that op; the same request
 passed to one call (`backend=`) is an error.
@@ -22,7 +23,7 @@ import torch
 
 from lmlab.errors import UserError
 
-BACKENDS = ("auto", "torch", "fla", "flash")
+BACKENDS = ("auto", "torch", "fla", "flash", "triton")
 _requested = "auto"
 # op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
 # backend can run on the given input, else the reason it cannot.
@@ -47,6 +48,8 @@ def require(name: str) -> None:
     """Fail early, with one line, when a forced backend cannot run in this process at all."""
     if name == "fla":
         reason = fla_unavailable_reason()
+    elif name == "triton":
+        reason = None if torch.cuda.is_available() else "no CUDA device"
     elif name == "flash":
         reason = None if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else (
             "flash-attn is not installed" if torch.cuda.is_available() else "no CUDA device")

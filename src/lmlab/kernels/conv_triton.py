@@ -1,0 +1,142 @@
+"""lmlab's Triton short convolution for CUDA: the training path of `conv.short_conv` (no initial state).
+
+Its PyTorch twin and specification is `conv._conv_packed`. Why a kernel of our own: inductor's kernels for the
+PyTorch version ran several times below the H200's memory bandwidth (gated_deltanet_340M: ≈ 280 ms of a
+1.62 s step, bench/NOTES.md step 8), and fla's kernel costs ≈ 1 ms of Python per call forward + backward
+and splits the compiled graph. Registered with `torch.library.triton_op`, so torch.compile keeps it inside
+the block's graph and launches it from the compiled code, without Python wrappers.
+
+Tokens are flattened to `[T, D]` (rows one after the other); `positions[t]` is token t's position inside its
+document (its row without packed documents), so a tap reading `lag` tokens back is used only where
+`positions[t] >= lag`. Backward keeps only x (as fla's kernel): it recomputes the pre-activation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+BLOCK_T = 64  # tokens per program; the weight-gradient partial sums are per block of BLOCK_T tokens
+BLOCK_D = 64  # channels per program
+NUM_WARPS = 4
+
+
+@triton.jit
+def _preactivation(x, weight, bias, o_t, o_d, pos, m_t, m_d, stride_x, W: tl.constexpr, BT: tl.constexpr,
+                   BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """bias + sum over taps of weight[:, W-1-lag] * x[t - lag], taps masked to the token's document."""
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias + o_d, mask=m_d, other=0).to(tl.float32)[None, :]
+    for lag in tl.static_range(W):
+        tap = tl.load(weight + o_d * W + (W - 1 - lag), mask=m_d, other=0).to(tl.float32)
+        m = (m_t & (pos >= lag))[:, None] & m_d[None, :]
+        x_lag = tl.load(x + (o_t - lag)[:, None] * stride_x + o_d[None, :], mask=m, other=0).to(tl.float32)
+        acc += x_lag * tap[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x, weight, bias, positions, y, T, D, stride_x, W: tl.constexpr, BT: tl.constexpr,
+                     BD: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    o_t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    o_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_t, m_d = o_t < T, o_d < D
+    pos = tl.load(positions + o_t, mask=m_t, other=0)
+    acc = _preactivation(x, weight, bias, o_t, o_d, pos, m_t, m_d, stride_x, W, BT, BD, HAS_BIAS)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y + o_t[:, None] * D + o_d[None, :], acc.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(x, weight, bias, positions, dy, dx, dw_blocks, db_blocks, T, D, stride_x, stride_dy,
+                     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr):
+    """dx[t] = sum over lags of weight[:, W-1-lag] * g[t + lag] (taps inside the document), with
+    g = dy * act'(pre-activation), recomputed; dw / db: this block's partial sums over its own tokens."""
+    i_t = tl.program_id(0)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    o_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_t, m_d = o_t < T, o_d < D
+    dx_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for lag in tl.static_range(W):  # the outputs at s = t + lag read x[t] through the tap of this lag
+        o_s = o_t + lag
+        m_s = o_s < T
+        pos_s = tl.load(positions + o_s, mask=m_s, other=0)
+        g = tl.load(dy + o_s[:, None] * stride_dy + o_d[None, :], mask=m_s[:, None] & m_d[None, :],
+                    other=0).to(tl.float32)
+        if SILU:
+            z = _preactivation(x, weight, bias, o_s, o_d, pos_s, m_s, m_d, stride_x, W, BT, BD,
+                               HAS_BIAS)
+            sig = tl.sigmoid(z)
+            g = g * sig * (1 + z * (1 - sig))
+        tap = tl.load(weight + o_d * W + (W - 1 - lag), mask=m_d, other=0).to(tl.float32)
+        dx_acc += tl.where((m_s & (pos_s >= lag))[:, None], g * tap[None, :], 0.0)
+        if lag == 0:  # this block's own outputs: their weight and bias gradients
+            if HAS_BIAS:
+                tl.store(db_blocks + i_t * D + o_d, tl.sum(g, 0), mask=m_d)
+            for tap_lag in tl.static_range(W):
+                m = (m_t & (pos_s >= tap_lag))[:, None] & m_d[None, :]
+                x_lag = tl.load(x + (o_t - tap_lag)[:, None] * stride_x + o_d[None, :], mask=m,
+                                other=0).to(tl.float32)
+                tl.store(dw_blocks + (i_t * D + o_d) * W + (W - 1 - tap_lag), tl.sum(g * x_lag, 0), mask=m_d)
+    tl.store(dx + o_t[:, None] * D + o_d[None, :], dx_acc.to(dx.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
+
+
+def _grid(T: int, D: int) -> tuple[int, int]:
+    return triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D)
+
+
+@triton_op("lmlab::short_conv_fwd", mutates_args={})
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+              silu: bool) -> torch.Tensor:
+    T, D = x.shape
+    y = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    wrap_triton(_conv_fwd_kernel)[_grid(T, D)](
+        x, weight, weight if bias is None else bias, positions, y, T, D, x.stride(0), W=weight.shape[1],
+        BT=BLOCK_T, BD=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu, num_warps=NUM_WARPS)
+    return y
+
+
+@triton_op("lmlab::short_conv_bwd", mutates_args={})
+def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+              silu: bool, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, D = x.shape
+    W = weight.shape[1]
+    blocks = triton.cdiv(T, BLOCK_T)
+    dx = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    # Partial sums per token block, then one sum over blocks: deterministic, unlike atomic adds.
+    dw_blocks = torch.empty((blocks, D, W), dtype=torch.float32, device=x.device)
+    db_blocks = torch.empty((blocks, D), dtype=torch.float32, device=x.device)
+    wrap_triton(_conv_bwd_kernel)[_grid(T, D)](
+        x, weight, weight if bias is None else bias, positions, dy, dx, dw_blocks, db_blocks, T, D,
+        x.stride(0), dy.stride(0), W=W, BT=BLOCK_T, BD=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
+        num_warps=NUM_WARPS)
+    return dx, dw_blocks.sum(0).to(weight.dtype), db_blocks.sum(0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, positions, silu = inputs
+    ctx.save_for_backward(x, weight, bias, positions)
+    ctx.silu = silu
+
+
+def _backward(ctx, dy):
+    x, weight, bias, positions = ctx.saved_tensors
+    dx, dw, db = _conv_bwd(x, weight, bias, positions, ctx.silu, dy if dy.stride(1) == 1 else dy.contiguous())
+    return dx, dw, None if bias is None else db.to(bias.dtype), None, None
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def short_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                      activation: str | None) -> torch.Tensor:
+    """act(causal depthwise conv) of x `[T, D]` (channels contiguous) with weight `[D, W]`, each tap kept
+    inside its token's document (`positions`: int32 `[T]`, position inside the document)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return _conv_fwd(x, weight.contiguous(), bias, positions, activation is not None)
