@@ -1,6 +1,6 @@
 """Run by tests/test_kernels_recurrent.py in a subprocess with TRITON_INTERPRET=1 (set before triton and fla
 are imported, which the interpreter needs): fla's Triton `chunk_bwd_dqkwg` on CPU against lmlab's PyTorch
-replacement `dqkwg_torch`, eager and compiled. Prints one JSON line: case -> max relative error per output
+twin `dqkwg_torch` and its Triton kernel `dqkwg_triton`. Prints one JSON line: case -> max relative error per output
 (dq, dk, dw, dg)."""
 import gc
 import json
@@ -11,7 +11,7 @@ from fla.ops.utils import chunk_local_cumsum
 from fla.ops.utils.index import prepare_chunk_indices
 from triton.runtime.autotuner import Autotuner
 
-from lmlab.kernels.gated_delta_rule_fla import dqkwg_compiled, dqkwg_torch
+from lmlab.kernels.gated_delta_rule_fla import dqkwg_torch, dqkwg_triton
 
 for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
     tuner.configs = tuner.configs[:1]  # the interpreter cannot time configs: keep the first of each
@@ -38,7 +38,10 @@ print(json.dumps({
     "partial last chunk": case(1, 200, 2, 2, 32, 32),
     "grouped value heads": case(1, 150, 2, 4, 16, 32),
     "packed documents": case(1, 300, 2, 2, 32, 32, cu_seqlens=torch.tensor([0, 37, 64, 200, 300])),
-    "compiled, dense": case(2, 128, 2, 2, 32, 16, implementation=dqkwg_compiled),
-    "compiled, packed documents": case(1, 300, 2, 2, 32, 32, cu_seqlens=torch.tensor([0, 37, 64, 200, 300]),
-                                       implementation=dqkwg_compiled),
+    "lmlab's Triton kernel, dense": case(2, 128, 2, 2, 32, 16, implementation=dqkwg_triton),
+    "lmlab's Triton kernel, partial last chunk, two key blocks": case(1, 200, 2, 2, 96, 80,
+                                                                      implementation=dqkwg_triton),
+    "lmlab's Triton kernel, grouped value heads": case(1, 150, 2, 4, 16, 32, implementation=dqkwg_triton),
+    "lmlab's Triton kernel, packed documents": case(1, 300, 2, 2, 32, 32, implementation=dqkwg_triton,
+                                                    cu_seqlens=torch.tensor([0, 37, 64, 200, 300])),
 }))

@@ -338,10 +338,10 @@ def test_gated_delta_rule_fla_kernels_replace_the_broken_one(monkeypatch):
     assert gdr._fla_kernels()[1].__module__.startswith("fla.")
 
 
-def test_dqkwg_torch_matches_fla_kernel_in_triton_interpreter():
-    """lmlab's replacement of fla's Hopper-miscompiled backward kernel against that kernel itself, run by
-    Triton's CPU interpreter: dense, a partial last chunk, grouped value heads, packed documents; eager and
-    compiled."""
+def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():
+    """lmlab's replacements of fla's Hopper-miscompiled backward kernel (its Triton kernel and the PyTorch
+    twin) against that kernel itself, run by Triton's CPU interpreter: dense, a partial last chunk, two key
+    blocks, grouped value heads, packed documents."""
     pytest.importorskip("fla")
     script = pathlib.Path(__file__).with_name("fla_interpreter.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}

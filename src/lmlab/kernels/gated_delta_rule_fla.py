@@ -1,18 +1,21 @@
-"""fla's chunked gated delta rule with its one Hopper-broken backward kernel replaced by PyTorch.
+"""fla's chunked gated delta rule with its one Hopper-broken backward kernel replaced by lmlab's own.
 
 On Hopper GPUs, triton 3.4 - 3.7.0 miscompiles fla's `chunk_bwd_kernel_dqkwg` when a gate is present
-(fla issue #640), and fla 0.6.0 then refuses the whole gated delta rule backward. Every other kernel of
-that backward is sound (the delta rule runs the same `dqkwg` kernel without a gate, and passes on
-Hopper). So this module runs fla's forward and fla's backward kernels unchanged, except `dqkwg`:
-`dqkwg_torch` computes the same gradients with batched matmuls over all chunks at once (no loop, no
-recurrence: that step only reads the chunk states fla's backward already produced), so Gated DeltaNet
-trains on fla's kernels on Hopper instead of on lmlab's much slower all-PyTorch chunk kernel.
+(fla issue #640: a transpose of a matmul result), and fla 0.6.0 then refuses the whole gated delta rule
+backward. Every other kernel of that backward is sound (the delta rule runs the same `dqkwg` kernel
+without a gate, and passes on Hopper). So this module runs fla's forward and fla's backward kernels
+unchanged, except `dqkwg`: `dqkwg_triton` is lmlab's kernel for that step, written without the
+transpose; `dqkwg_torch` is its PyTorch twin and specification (batched matmuls over all chunks at once:
+that step only reads the chunk states fla's backward already produced). Gated DeltaNet thus trains on
+fla's kernels on Hopper instead of on lmlab's much slower all-PyTorch chunk kernel.
 
 Imported only when fla's kernels are used (`gated_delta_rule._fla_kernels`); fla is required here.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
 from fla.ops.common.chunk_o import chunk_bwd_dv_local
 from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
@@ -22,6 +25,8 @@ from fla.ops.utils.index import prepare_chunk_indices
 from fla.utils import input_guard
 
 CHUNK_SIZE = 64  # fla's default for the gated delta rule; every kernel below assumes the same
+DQKWG_BLOCK_K = 64  # key dims per program of `_dqkwg_kernel`
+DQKWG_BLOCK_V = 64  # value dims per step of its loop
 
 
 def chunk_positions(
@@ -119,14 +124,121 @@ def dqkwg_torch(
     return dq, dk, unchunked(dw, w.dtype), unchunked(dg, torch.float32)
 
 
-# Inductor fuses the gathers, decays and float32 sums around the matmuls; run eagerly, the float32
-# product h ⊙ dh alone would take 1.6 GB per layer of Gated DeltaNet 340M at 16 x 2048 tokens.
-dqkwg_compiled = torch.compile(dqkwg_torch)
+
+
+@triton.jit
+def _dqkwg_kernel(q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, chunk_indices, scale, T,
+                  n_tokens, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """One chunk of BT tokens, one value head, BK of the K key dims (`dqkwg_torch` says what it computes).
+
+    Written for Triton 3.4-3.7.0 on Hopper, which miscompile a transpose of a matmul result (fla #640):
+    dSᵀ is accumulated as its own product (V dOᵀ) instead of transposing dS."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    if IS_VARLEN:
+        i_n, i_c = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_state = i_t.to(tl.int64)  # fla's chunk states follow chunk_indices
+    else:
+        i_c = i_t
+        bos, eos = i_b.to(tl.int64) * T, i_b.to(tl.int64) * T + T
+        i_state = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_i = tl.arange(0, BT)
+    rows = bos + i_c * BT + o_i  # token rows in the flattened [B*T] stream
+    m_t = rows < eos
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_state = (i_state * HV + i_hv) * K * V
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_ds_t = tl.zeros([BT, BT], dtype=tl.float32)
+    b_h_dh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        p_tv = (rows[:, None] * HV + i_hv) * V + o_v[None, :]
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+        b_dv = tl.load(dv + p_tv, mask=m_tv, other=0)
+        p_kv = p_state + o_k[:, None] * V + o_v[None, :]
+        b_h = tl.load(h + p_kv, mask=m_kv, other=0)
+        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0)
+        b_h_dh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+        b_ds += tl.dot(b_do, tl.trans(b_v))
+        b_ds_t += tl.dot(b_v, tl.trans(b_do))
+        b_dq += tl.dot(b_do, tl.trans(b_h))
+        b_dk += tl.dot(b_v, tl.trans(b_dh))
+        b_dw += tl.dot(b_dv, tl.trans(b_h))
+
+    b_g = tl.load(g + rows * HV + i_hv, mask=m_t, other=0).to(tl.float32)
+    last = tl.minimum(bos + i_c * BT + BT, eos) - 1
+    b_g_last = tl.load(g + last * HV + i_hv).to(tl.float32)
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = (rows[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0)
+    b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
+    b_dk = b_dk * tl.where(m_t, tl.exp2(b_g_last - b_g), 0)[:, None]
+    dg_last = tl.sum(b_h_dh, 0) * tl.exp2(b_g_last) + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), 1), 0)
+    causal = o_i[:, None] >= o_i[None, :]
+    b_ds = tl.where(causal, b_ds * tl.exp2(b_g[:, None] - b_g[None, :]), 0) * scale
+    b_ds_t = tl.where(causal.T, b_ds_t * tl.exp2(b_g[None, :] - b_g[:, None]), 0) * scale
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    b_dk += tl.dot(b_ds_t.to(b_q.dtype), b_q)
+    b_dg = tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk * b_k.to(tl.float32), 1)
+    b_dg += tl.where(rows == last, dg_last, 0)
+
+    p_out = (rows[:, None] * HV + i_hv) * K + o_k[None, :]
+    tl.store(dq + p_out, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_out, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dw + p_out, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
+    tl.store(dg_blocks + (i_k * n_tokens + rows) * HV + i_hv, b_dg, mask=m_t)  # summed over i_k after
+
+
+def dqkwg_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    dv: torch.Tensor,
+    do: torch.Tensor,
+    dh: torch.Tensor,
+    scale: float,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dqkwg_torch` as one Triton kernel: reads the chunk states h and dh once (the PyTorch version's
+    gathers, products and scatters cost ≈ 210 ms of a gated_deltanet_340M step on an H200)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[-1]
+    n_chunks = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    # grouped value heads: per value head first, then summed into the q/k heads they share
+    grad_dtype = q.dtype if HV == H else torch.float32
+    dq, dk = (q.new_empty(B, T, HV, K, dtype=grad_dtype) for _ in range(2))
+    dw = torch.empty_like(w)
+    n_k = triton.cdiv(K, DQKWG_BLOCK_K)
+    dg_blocks = g.new_empty(n_k, B * T, HV, dtype=torch.float32)
+    _dqkwg_kernel[(n_k, n_chunks, B * HV)](
+        q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, chunk_indices, scale, T, B * T,
+        H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=DQKWG_BLOCK_K, BV=DQKWG_BLOCK_V, IS_VARLEN=cu_seqlens is not None,
+        num_warps=4)
+    if HV != H:
+        dq, dk = (x.view(B, T, H, HV // H, K).sum(3).to(q.dtype) for x in (dq, dk))
+    return dq, dk, dw, dg_blocks.sum(0).view(B, T, HV)
 
 
 class ChunkGatedDeltaRule(torch.autograd.Function):
     """fla 0.6.0's `ChunkGatedDeltaRuleFunction` (plain inputs: no in-kernel l2norm, sigmoid or gate),
-    with `dqkwg_torch` in its backward."""
+    with `dqkwg_triton` in its backward."""
 
     @staticmethod
     @input_guard
@@ -152,7 +264,7 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
         dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=ctx.scale, **common)
         dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=initial_state, dht=dht, do=do,
                                                      dv=dv, scale=ctx.scale, **common)
-        dq, dk, dw, dg = dqkwg_compiled(q, k, v_new, w, g, h, dv, do, dh, ctx.scale, **common)
+        dq, dk, dw, dg = dqkwg_triton(q, k, v_new, w, g, h, dv, do, dh, ctx.scale, **common)
         dk2, dv, db, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv, **common)
         dg = chunk_local_cumsum(dg + dg2, chunk_size=CHUNK_SIZE, reverse=True, **common)
         return dq.to(q), (dk + dk2).to(k), dv.to(v), dg.to(g), db.to(beta), None, dh0, None, None
