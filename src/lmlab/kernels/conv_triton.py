@@ -12,11 +12,18 @@ document (its row without packed documents), so a tap reading `lag` tokens back 
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+# torch 2.11's compile caches key a graph by the names of the ops in it, not by the Triton source behind a
+# triton_op: on an H200 an edited kernel ran in its old version, restored from a carried Inductor cache.
+# Op names that carry a hash of this file make any edit a cache miss.
+_SOURCE_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 BLOCK_T = 64  # tokens per program; the weight-gradient partial sums are per block of BLOCK_T tokens
 BLOCK_D = 64  # channels per program
 NUM_WARPS = 4
@@ -97,7 +104,7 @@ def _grid(T: int, D: int) -> tuple[int, int]:
     return triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D)
 
 
-@triton_op("lmlab::short_conv_fwd", mutates_args={})
+@triton_op(f"lmlab::short_conv_fwd_{_SOURCE_TAG}", mutates_args={})
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
               silu: bool) -> torch.Tensor:
     T, D = x.shape
@@ -108,7 +115,7 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return y
 
 
-@triton_op("lmlab::short_conv_bwd", mutates_args={})
+@triton_op(f"lmlab::short_conv_bwd_{_SOURCE_TAG}", mutates_args={})
 def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
               silu: bool, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Two passes: the gradient at each output first (its pre-activation recomputed once per token), then
