@@ -104,11 +104,10 @@ stage_bench-large() {  # 1.3B set unless LARGE_ARGS says otherwise; LARGE_TIMEOU
     stage_bench _large
 }
 
-stage_experiment() {  # EXPERIMENT="script.py [args]" from bench/experiments/ -> $OUT/<script>.json and .log
+stage_experiment() {  # EXPERIMENT="script.py [args]" from bench/experiments/; its output -> $OUT/<script>.log
   local name
   name=$(basename "${EXPERIMENT%% *}" .py)
-  timeout "${EXPERIMENT_TIMEOUT:-540}" "$PY" bench/experiments/$EXPERIMENT --out "$OUT/$name.json" \
-    > "$OUT/$name.log" 2>&1
+  OUT=$OUT timeout "${EXPERIMENT_TIMEOUT:-540}" "$PY" bench/experiments/$EXPERIMENT > "$OUT/$name.log" 2>&1
   echo "gpu_session: $name exited $?"; tail -40 "$OUT/$name.log"
 }
 
