@@ -426,6 +426,23 @@ def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
     assert choices == ["torch", "fla", "fla"]
 
 
+def test_short_conv_backend_choice_on_cpu():
+    """The Triton short conv is CUDA-only: on CPU "auto" runs PyTorch without a warning, and a request by
+    name fails with one line, as does one for the convolution from a state (which has no Triton kernel)."""
+    x, w, b = conv_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short_conv(x, w, b)
+    assert dispatch.last_choices()["short_conv"] == "torch"
+    with pytest.raises(UserError, match="not on a CUDA device"):
+        short_conv(x, w, b, backend="triton")
+    with pytest.raises(UserError, match="no such backend"):
+        short_conv(x, w, b, initial_state=torch.zeros(2, 6, 4), backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            dispatch.require("triton")
+
+
 def test_fla_health_check_traces_without_warnings():
     """The health checks run inside compiled blocks; tracing them must not warn (torch.compile warns on
     every traced call of an lru_cache-wrapped function, which filled the GPU training logs)."""
