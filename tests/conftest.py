@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (paper_com
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def errors_in_triton_interpreter(script: str) -> dict[str, list[float]]:
+    """Run tests/<script> on CPU under Triton's interpreter (TRITON_INTERPRET must be set before triton is
+    imported, hence the subprocess); it prints one JSON line: case -> max relative errors."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name(script))], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,6 @@
 against the PyTorch paths (GPU, `pytest -m gpu`)."""
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -13,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import errors_in_triton_interpreter
 from lmlab.errors import UserError
 from lmlab.kernels import attention as attention_module
 from lmlab.kernels import dispatch
@@ -233,11 +230,7 @@ def test_triton_short_conv_matches_torch_in_interpreter():
     CPU interpreter through `short_conv`: dense rows and packed documents, with and without bias and
     activation, a strided input, W=3, partial token and channel blocks; forward, final state and
     gradients."""
-    script = pathlib.Path(__file__).with_name("conv_triton_interpreter.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors_by_case = json.loads(done.stdout.strip().splitlines()[-1])
+    errors_by_case = errors_in_triton_interpreter("conv_triton_interpreter.py")
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
 
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
-import os
 import pathlib
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import errors_in_triton_interpreter
 from lmlab.errors import UserError
 
 from lmlab.kernels import delta_rule as dr
@@ -343,11 +340,7 @@ def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():
     twin) against that kernel itself, run by Triton's CPU interpreter: dense, a partial last chunk, two key
     blocks, grouped value heads, packed documents."""
     pytest.importorskip("fla")
-    script = pathlib.Path(__file__).with_name("fla_interpreter.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors_by_case = json.loads(done.stdout.strip().splitlines()[-1])
+    errors_by_case = errors_in_triton_interpreter("fla_interpreter.py")
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
 
 

@@ -47,10 +47,10 @@ def short_conv(
         x = x.flatten(0, 1)[None]
     name = dispatch.choose("short_conv" if initial_state is None else "short_conv_from_state", x, backend)
     if name == "triton":
-        _, positions = _token_positions(x.shape[0] * x.shape[1], rows[1], cu_seqlens, x.device)
-        y = short_conv_triton(x.flatten(0, 1), weight.squeeze(1), bias, positions.to(torch.int32), activation)
-        final_state = _final_states(x.flatten(0, 1), weight.shape[-1], None, cu_seqlens, rows[1]) \
-            if output_final_state else None
+        tokens = x.flatten(0, 1)
+        _, positions = _token_positions(tokens.shape[0], rows[1], cu_seqlens, x.device)
+        y = short_conv_triton(tokens, weight.squeeze(1), bias, positions.to(torch.int32), activation)
+        final_state = _final_states(tokens, weight.shape[-1], None, cu_seqlens, rows[1]) if output_final_state else None
         return y.reshape(rows), final_state
     if name == "fla":
         from fla.modules.causal_conv1d import causal_conv1d

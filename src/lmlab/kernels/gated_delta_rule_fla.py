@@ -124,8 +124,6 @@ def dqkwg_torch(
     return dq, dk, unchunked(dw, w.dtype), unchunked(dg, torch.float32)
 
 
-
-
 @triton.jit
 def _dqkwg_kernel(q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, chunk_indices, scale, T,
                   n_tokens, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
