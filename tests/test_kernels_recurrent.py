@@ -322,17 +322,88 @@ def test_chunk_recomputes_only_for_backward(op, monkeypatch):
     assert len(calls) == 4
 
 
-def test_gated_delta_rule_fla_kernels_replace_the_broken_one(monkeypatch):
-    """With triton < 3.7.1 (fla #640) the fla backend runs lmlab's Hopper-safe wrapper of fla's kernels."""
+def torch_family(op: str):
+    """A stand-in for an fla family of `fla_chunk`'s custom ops that runs lmlab's step-by-step PyTorch kernel
+    (forward) and its vector-Jacobian product (backward): the ops' plumbing checked on CPU, where fla cannot
+    run. (Not the chunk kernel: it recomputes through saved-tensor hooks, which torch.func does not support.)"""
+    from lmlab.kernels import fla_chunk
+
+    kernel, gate_names = OPS[op][1], OPS[op][3]
+
+    def run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+        gates = {"g": g, "gk": g, "beta": beta}
+        return kernel(q, k, v, *(gates[name] for name in gate_names), scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+    def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
+        o, state = run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        A = q.new_zeros(*v.shape[:3], chunk_size, dtype=torch.float32 if op == "gla" else k.dtype)
+        return o, state, A
+
+    def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
+        inputs = (q, k, v, g, beta, initial_state)
+        present = [i for i, x in enumerate(inputs) if x is not None]
+
+        def outputs(*xs):
+            full = list(inputs)
+            for i, x in zip(present, xs):
+                full[i] = x
+            o, state = run(*full[:5], scale, full[5], dht is not None, cu_seqlens)
+            return (o, state) if dht is not None else (o,)
+
+        # torch.func, not torch.autograd: inside a custom op's kernel the autograd dispatch key is off
+        _, vjp = torch.func.vjp(outputs, *(inputs[i] for i in present))
+        grads = dict(zip(present, vjp((do, dht) if dht is not None else (do,))))
+        return tuple(grads.get(i) for i in range(len(inputs)))
+
+    return fla_chunk._Family(forward, backward, a_in_float32=op == "gla")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fla_chunk_ops_route_gradients_and_compile_in_one_graph(op, varlen, monkeypatch):
+    """lmlab's custom ops around fla's chunk kernels (`fla_chunk`), their kernels replaced by PyTorch: the op
+    results and every gradient equal the kernel's own, eagerly and compiled with fullgraph=True (no graph
+    break inside a block), and torch.library.opcheck accepts the ops (schema, fake shapes, autograd)."""
+    pytest.importorskip("fla")
+    from lmlab.kernels import fla_chunk
+
+    monkeypatch.setitem(fla_chunk.FAMILIES, op, torch_family(op))
+    wrapped = {"gla": fla_chunk.chunk_gla, "delta_rule": fla_chunk.chunk_delta_rule,
+               "gated_delta_rule": fla_chunk.chunk_gated_delta_rule}[op]
+    B, T, H, K, V = 2, 100, 2, 16, 24
+    x, h0, kwargs = make_inputs(op, B, T, H, K, V), torch.randn(B, H, K, V), {}
+    if varlen:
+        x = {name: t.reshape(1, B * T, *t.shape[2:]) for name, t in x.items()}
+        kwargs["cu_seqlens"] = torch.tensor([0, 30, 31, 150, B * T], dtype=torch.int32)
+        h0 = torch.randn(4, H, K, V)
+    ref = run_with_grads(OPS[op][1], op, x, h0, **kwargs)
+    assert_close_all(run_with_grads(wrapped, op, x, h0, **kwargs), ref, 1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(wrapped, fullgraph=True, backend="aot_eager")
+    assert_close_all(run_with_grads(compiled, op, x, h0, **kwargs), ref, 1e-6)
+    o, state = compiled(*positional(op, x), output_final_state=False, **kwargs)  # no final state, no h0
+    assert state is None and torch.allclose(o, OPS[op][1](*positional(op, x), **kwargs)[0], atol=1e-6)
+    gates = dict(zip(OPS[op][3], positional(op, x)[3:]))
+    args = (op, x["q"], x["k"], x["v"], gates.get("gk", gates.get("g")), gates.get("beta"), 0.25, h0, True,
+            kwargs.get("cu_seqlens"))
+    torch.library.opcheck(torch.ops.lmlab.fla_chunk_forward, [a.requires_grad_() if a is x["q"] else a for a in args],
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_fla_backend_runs_lmlab_ops_around_fla_kernels():
+    """The fla backend's chunked kernels are lmlab's custom ops (one compiled graph per block), for all three
+    recurrences; the gated delta rule's backward uses lmlab's dqkwg kernel where triton breaks fla's (#640)."""
     pytest.importorskip("fla")
     import lmlab.models
-    from lmlab.kernels import gated_delta_rule_fla
+    from lmlab.kernels import fla_chunk, gated_delta_rule_fla
 
     lmlab.models.register()  # importing fla made its classes the Auto classes' choice for these model types
-    monkeypatch.setattr(gdr, "TRITON_BREAKS_HOPPER_BACKWARD", True)
-    assert gdr._fla_kernels()[1] is gated_delta_rule_fla.chunk_gated_delta_rule
-    monkeypatch.setattr(gdr, "TRITON_BREAKS_HOPPER_BACKWARD", False)
-    assert gdr._fla_kernels()[1].__module__.startswith("fla.")
+    assert gdr._fla_kernels()[1] is fla_chunk.chunk_gated_delta_rule
+    assert gla_mod._fla_kernels()[1] is fla_chunk.chunk_gla
+    assert dr._fla_kernels()[1] is fla_chunk.chunk_delta_rule
+    assert gated_delta_rule_fla.TRITON_BREAKS_HOPPER_BACKWARD == (
+        gated_delta_rule_fla.triton_version() < (3, 7, 1))
 
 
 def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():

@@ -401,6 +401,24 @@ def assert_bf16_close(name: str, loss: torch.Tensor, grads: dict[str, torch.Tens
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M"])
+def test_gpu_recurrent_block_compiles_to_one_graph(name):
+    """A recurrent block as training compiles it (bf16 autocast, backend auto: fla's chunk kernels through
+    lmlab's custom ops, lmlab's Triton conv), with fullgraph=True: a graph break fails, forward or backward."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    config = AutoConfig.from_pretrained(ROOT / f"configs/{name}.json", num_hidden_layers=1)
+    model = AutoModelForCausalLM.from_config(config).cuda().train()
+    ids = torch.randint(0, config.vocab_size, (2, 1024), device="cuda")
+    cu_seqlens = torch.tensor([0, 300, 1024, 1500, 2048], dtype=torch.int32, device="cuda")
+    torch._dynamo.reset()
+    model.model.layers[0].compile(fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.layers[0].attn.o_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "gated_deltanet_340M_swa_hybrid"])
 def test_340m_compiled_blocks_match_eager(name, packed):

@@ -82,7 +82,9 @@ def delta_rule(
 
 
 def _fla_kernels() -> tuple[Kernel, Kernel]:
-    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+    from lmlab.kernels.fla_chunk import chunk_delta_rule
 
     return fused_recurrent_delta_rule, chunk_delta_rule
 

@@ -22,7 +22,6 @@ from lmlab.kernels.recurrent_common import (
     dispatch_op,
     fla_health_check,
     recurrent_torch,
-    triton_version,
 )
 
 OP = "gated_delta_rule"
@@ -87,16 +86,11 @@ def gated_delta_rule(
 
 
 def _fla_kernels() -> tuple[Kernel, Kernel]:
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
-    if TRITON_BREAKS_HOPPER_BACKWARD:
-        from lmlab.kernels.gated_delta_rule_fla import chunk_gated_delta_rule
+    from lmlab.kernels.fla_chunk import chunk_gated_delta_rule
+
     return fused_recurrent_gated_delta_rule, chunk_gated_delta_rule
 
-
-# fla issue #640: on Hopper GPUs, triton < 3.7.1 miscompiles one kernel of fla's gated backward and fla
-# refuses to run it; lmlab then runs fla's kernels with that one replaced (`gated_delta_rule_fla`). The
-# replacement is exact on any GPU, so the version alone decides.
-TRITON_BREAKS_HOPPER_BACKWARD = triton_version() < (3, 7, 1)
 
 dispatch.register_health_check(OP, fla_health_check)

@@ -9,7 +9,8 @@ transpose; `dqkwg_torch` is its PyTorch twin and specification (batched matmuls 
 that step only reads the chunk states fla's backward already produced). Gated DeltaNet thus trains on
 fla's kernels on Hopper instead of on lmlab's much slower all-PyTorch chunk kernel.
 
-Imported only when fla's kernels are used (`gated_delta_rule._fla_kernels`); fla is required here.
+`forward` and `backward` are the gated delta rule's family of `fla_chunk`'s custom ops. Imported only when
+fla's kernels are used; fla is required here.
 """
 from __future__ import annotations
 
@@ -17,16 +18,20 @@ import torch
 import triton
 import triton.language as tl
 from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
-from fla.ops.common.chunk_o import chunk_bwd_dv_local
+from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
 from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd
 from fla.ops.utils import chunk_local_cumsum
-from fla.ops.utils.index import prepare_chunk_indices
-from fla.utils import input_guard
+from fla.ops.utils.constant import RCP_LN2
+
+from lmlab.kernels.recurrent_common import triton_version
 
 CHUNK_SIZE = 64  # fla's default for the gated delta rule; every kernel below assumes the same
 DQKWG_BLOCK_K = 64  # key dims per program of `_dqkwg_kernel`
 DQKWG_BLOCK_V = 64  # value dims per step of its loop
+# fla issue #640: the triton versions that miscompile fla's gated dqkwg kernel on Hopper. lmlab's kernel is
+# exact on any GPU, so the version alone decides.
+TRITON_BREAKS_HOPPER_BACKWARD = triton_version() < (3, 7, 1)
 
 
 def chunk_positions(
@@ -234,53 +239,29 @@ def dqkwg_triton(
     return dq, dk, dw, dg_blocks.sum(0).view(B, T, HV)
 
 
-class ChunkGatedDeltaRule(torch.autograd.Function):
-    """fla 0.6.0's `ChunkGatedDeltaRuleFunction` (plain inputs: no in-kernel l2norm, sigmoid or gate),
-    with `dqkwg_triton` in its backward."""
-
-    @staticmethod
-    @input_guard
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, CHUNK_SIZE)
-        g, o, A, final_state, initial_state, _ = chunk_gated_delta_rule_fwd(
-            q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-        )
-        ctx.save_for_backward(q, k, v, g, beta, A, initial_state, cu_seqlens, chunk_indices)
-        ctx.scale = scale
-        return o.to(q.dtype), final_state
-
-    @staticmethod
-    @input_guard
-    def backward(ctx, do, dht):
-        q, k, v, g, beta, A, initial_state, cu_seqlens, chunk_indices = ctx.saved_tensors
-        common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-        # fla's chunk_gated_delta_rule_bwd, step by step
-        w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g, **common)
-        h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
-                                                   output_final_state=False, **common)
-        dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=ctx.scale, **common)
-        dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=initial_state, dht=dht, do=do,
-                                                     dv=dv, scale=ctx.scale, **common)
-        dq, dk, dw, dg = dqkwg_triton(q, k, v_new, w, g, h, dv, do, dh, ctx.scale, **common)
-        dk2, dv, db, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv, **common)
-        dg = chunk_local_cumsum(dg + dg2, chunk_size=CHUNK_SIZE, reverse=True, **common)
-        return dq.to(q), (dk + dk2).to(k), dv.to(v), dg.to(g), db.to(beta), None, dh0, None, None
+def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
+    """fla's gated delta rule forward: (o, final state or None, A) (a family of `fla_chunk`)."""
+    _, o, A, final_state, _, _ = chunk_gated_delta_rule_fwd(
+        q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+        chunk_size=chunk_size)
+    return o, final_state, A
 
 
-@torch.compiler.disable  # fla's kernels run outside torch.compile's graphs, as fla's own ops do
-def chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's `chunk_gated_delta_rule` (same arguments and results) with a Hopper-safe backward."""
-    scale = k.shape[-1] ** -0.5 if scale is None else scale
-    return ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
+    """fla's `chunk_gated_delta_rule_bwd`, step by step, with lmlab's `dqkwg_triton` where fla's is broken:
+    (dq, dk, dv, dg, dbeta, dh0)."""
+    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)  # the WY steps read the size from A
+    sized = dict(common, chunk_size=chunk_size)
+    g = chunk_local_cumsum(g, scale=RCP_LN2, **sized)  # recomputed: the forward keeps only its input
+    w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g, **common)
+    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
+                                               output_final_state=False, **sized)
+    dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, **sized)
+    dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=initial_state, dht=dht, do=do, dv=dv,
+                                                 scale=scale, **sized)
+    dqkwg = dqkwg_triton if TRITON_BREAKS_HOPPER_BACKWARD else chunk_bwd_dqkwg
+    dq, dk, dw, dg = dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale, **sized)
+    dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv, **common)
+    dg = chunk_local_cumsum(dg + dg2, reverse=True, **sized)
+    return dq, dk + dk2, dv, dg, dbeta, dh0

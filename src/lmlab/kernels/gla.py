@@ -165,12 +165,11 @@ def gla(
 
 
 def _fla_kernels() -> tuple[Kernel, Kernel]:
-    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    from fla.ops.gla import fused_recurrent_gla
 
-    def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, **options):
-        return chunk_gla(q, k, v, g=gk, **options)  # chunk_gla names the decay `g`
+    from lmlab.kernels.fla_chunk import chunk_gla
 
-    return fused_recurrent_gla, chunk
+    return fused_recurrent_gla, chunk_gla
 
 
 dispatch.register_health_check(OP, fla_health_check)

@@ -1,0 +1,198 @@
+"""fla's chunked recurrence kernels (GLA, delta rule, gated delta rule) as two `torch.library` custom ops.
+
+fla exposes each chunk op as a `torch.compiler.disable`d autograd function. Inside a compiled block that
+is a graph break, after which dynamo resumes every enclosing frame as its own compiled piece: 4 compiled
+functions forward and 4 backward per layer call instead of 1 + 1, ≈ 0.7 ms of host time per layer call
+(bench/NOTES.md, step 9), which shows in tokens/s wherever a step is host-bound (gla_340M on an H200).
+As custom ops with a registered backward the block stays one graph, and its compiled code calls fla's
+kernels through the dispatcher. The ops run the same fla forward / backward functions, step for step,
+as fla's autograd functions do; the PyTorch twins of the three recurrences are lmlab's chunk kernels
+(`gla.gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`, `gated_delta_rule.gated_delta_rule_chunk_torch`).
+
+Imported only when fla's kernels are used (each op's `_fla_kernels`); fla is required here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_fwd
+from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.utils.index import prepare_chunk_indices
+from fla.utils import input_guard
+
+from lmlab.kernels import gated_delta_rule_fla
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class _Family:
+    # (q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size)
+    #   -> (o, final_state or None, A): A is the intra-chunk matrix fla's backward reuses
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+    # (q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size)
+    #   -> (dq, dk, dv, dg or None, dbeta or None, dh0 or None)
+    backward: Callable[..., Tensors]
+    a_in_float32: bool  # A's dtype: float32, else k's
+
+
+def _gla_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
+    _, A, _, final_state, o = chunk_gla_fwd(
+        q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        chunk_indices=chunk_indices)
+    return o, final_state, A
+
+
+def _gla_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
+    # g's chunk-local cumulative sum is recomputed (one small kernel) rather than kept from the forward
+    dq, dk, dv, dg, dh0 = chunk_gla_bwd(
+        q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=initial_state, h=None, A=A, do=do,
+        dht=dht, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+    return dq, dk, dv, dg, None, dh0
+
+
+def _delta_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
+    o, A, final_state = chunk_delta_rule_fwd(
+        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    return o, final_state, A
+
+
+def _delta_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
+    dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
+        q=q, k=k, v=v, beta=beta, A=A, scale=scale, initial_state=initial_state, do=do, dht=dht,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    return dq, dk, dv, None, dbeta, dh0
+
+
+FAMILIES = {
+    "gla": _Family(_gla_forward, _gla_backward, a_in_float32=True),
+    "delta_rule": _Family(_delta_forward, _delta_backward, a_in_float32=False),
+    "gated_delta_rule": _Family(gated_delta_rule_fla.forward, gated_delta_rule_fla.backward, a_in_float32=False),
+}
+
+
+def chunk_size_for(family: str, length: int) -> int:
+    """fla's chunk size: 64, except GLA, whose autograd function shrinks it for sequences under 64 tokens."""
+    return min(64, max(16, triton.next_power_of_2(length))) if family == "gla" else 64
+
+
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """The stand-in for an absent tensor result (a custom op returns tensors only)."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def _as(result: torch.Tensor | None, like: torch.Tensor | None, device_of: torch.Tensor) -> torch.Tensor:
+    """A result in its input's dtype (fla returns some gradients in float32), or the empty stand-in."""
+    return result.to(like.dtype) if result is not None else _absent(device_of)
+
+
+@torch.library.custom_op("lmlab::fla_chunk_forward", mutates_args=())
+def _chunk_forward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
+                   beta: Optional[torch.Tensor], scale: float, initial_state: Optional[torch.Tensor],
+                   output_final_state: bool, cu_seqlens: Optional[torch.Tensor],
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, final_state or an empty tensor, A)."""
+    return _run_forward(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+@input_guard  # contiguous inputs, and their GPU as the current device (as fla's own ops)
+def _run_forward(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    chunk_size = chunk_size_for(family, q.shape[1])
+    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    spec = FAMILIES[family]
+    o, final_state, A = spec.forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                     chunk_indices, chunk_size)
+    final_state = final_state if final_state is not None else _absent(q)
+    return o.to(q.dtype), final_state, A.to(torch.float32 if spec.a_in_float32 else k.dtype)
+
+
+@_chunk_forward.register_fake
+def _(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    B, T, HV, V = v.shape
+    states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final_state = q.new_empty(states, HV, k.shape[-1], V, dtype=torch.float32) if output_final_state else _absent(q)
+    a_dtype = torch.float32 if FAMILIES[family].a_in_float32 else k.dtype
+    return v.new_empty(v.shape, dtype=q.dtype), final_state, q.new_empty(B, T, HV, chunk_size_for(family, T),
+                                                                          dtype=a_dtype)
+
+
+@torch.library.custom_op("lmlab::fla_chunk_backward", mutates_args=())
+def _chunk_backward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
+                    beta: Optional[torch.Tensor], A: torch.Tensor, scale: float,
+                    initial_state: Optional[torch.Tensor], do: torch.Tensor, dht: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor],
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dg, dbeta, dh0), each in its input's dtype or an empty tensor where that input is absent."""
+    return _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens)
+
+
+@input_guard
+def _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens):
+    chunk_size = chunk_size_for(family, q.shape[1])
+    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    grads = FAMILIES[family].backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens,
+                                      chunk_indices, chunk_size)
+    return tuple(_as(grad, x, q) for grad, x in zip(grads, (q, k, v, g, beta, initial_state)))
+
+
+@_chunk_backward.register_fake
+def _(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens):
+    return tuple(torch.empty_like(x) if x is not None else _absent(q) for x in (q, k, v, g, beta, initial_state))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    family, q, k, v, g, beta, scale, initial_state, _, cu_seqlens = inputs
+    ctx.family, ctx.scale = family, scale
+    ctx.save_for_backward(q, k, v, g, beta, output[2], initial_state, cu_seqlens)
+    ctx.set_materialize_grads(False)  # no zero tensors for the unused final state's and A's gradients
+
+
+def _backward(ctx, do, dht, _):
+    q, k, v, g, beta, A, initial_state, cu_seqlens = ctx.saved_tensors
+    dht = dht if dht is not None and dht.numel() else None
+    dq, dk, dv, dg, dbeta, dh0 = torch.ops.lmlab.fla_chunk_backward(
+        ctx.family, q, k, v, g, beta, A, ctx.scale, initial_state, do, dht, cu_seqlens)
+    present = lambda grad, x: grad if x is not None else None  # noqa: E731
+    return (None, dq, dk, dv, present(dg, g), present(dbeta, beta), None, present(dh0, initial_state), None, None)
+
+
+_chunk_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+          beta: torch.Tensor | None, scale: float | None, initial_state: torch.Tensor | None,
+          output_final_state: bool, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's chunked `family` op (a key of FAMILIES) on q, k [B,T,H,K], v [B,T,HV,V]: (o, final state or None)."""
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    o, final_state, _ = torch.ops.lmlab.fla_chunk_forward(family, q, k, v, g, beta, scale, initial_state,
+                                                          output_final_state, cu_seqlens)
+    return o, (final_state if output_final_state else None)
+
+
+def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor, *, scale: float | None = None,
+              initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+              cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's `chunk_gla` (gk is its `g`)."""
+    return chunk("gla", q, k, v, gk, None, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                     scale: float | None = None, initial_state: torch.Tensor | None = None,
+                     output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's `chunk_delta_rule` (q and k normalised by the caller)."""
+    return chunk("delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                           *, scale: float | None = None, initial_state: torch.Tensor | None = None,
+                           output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's `chunk_gated_delta_rule` (plain inputs: no in-kernel l2norm or gate), with a backward that runs on
+    Hopper with triton < 3.7.1 (`gated_delta_rule_fla`)."""
+    return chunk("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
