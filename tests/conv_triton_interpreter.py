@@ -34,4 +34,5 @@ print(json.dumps({
     "packed documents over two rows, final state": case(2, 150, 80, 4, lengths=(3, 37, 1, 109, 150),
                                                         final_state=True),
     "strided input, W=3, no bias": case(1, 70, 40, 3, bias=False, strided=True),
+    "channels over two blocks of every kernel": case(1, 90, 200, 4),
 }))

@@ -24,8 +24,12 @@ from torch.library import triton_op, wrap_triton
 # triton_op: on an H200 an edited kernel ran in its old version, restored from a carried Inductor cache.
 # Op names that carry a hash of this file make any edit a cache miss.
 _SOURCE_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-BLOCK_T = 64  # tokens per program; the weight-gradient partial sums are per block of BLOCK_T tokens
-BLOCK_D = 64  # channels per program
+# (tokens, channels) per program of each kernel, the fastest of 24 (tokens 32-256, channels 32-128, 4 or 8
+# warps) on an H200 at 16 x 2048 tokens, D 1024-3072 (bench/NOTES.md, step 11). The gradient pass writes one
+# weight-gradient partial sum per block of its tokens: taller blocks mean fewer column sums per token.
+FWD_BLOCKS = (32, 128)
+GATE_BLOCKS = (128, 64)
+INPUT_BLOCKS = (32, 128)
 NUM_WARPS = 4
 
 
@@ -100,8 +104,8 @@ def _conv_bwd_input_kernel(g, weight, positions, dx, T, D, W: tl.constexpr, BT: 
     tl.store(dx + o_t[:, None] * D + o_d[None, :], acc.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
-def _grid(T: int, D: int) -> tuple[int, int]:
-    return triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D)
+def _grid(T: int, D: int, blocks: tuple[int, int]) -> tuple[int, int]:
+    return triton.cdiv(T, blocks[0]), triton.cdiv(D, blocks[1])
 
 
 @triton_op(f"lmlab::short_conv_fwd_{_SOURCE_TAG}", mutates_args={})
@@ -109,9 +113,9 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               silu: bool) -> torch.Tensor:
     T, D = x.shape
     y = torch.empty((T, D), dtype=x.dtype, device=x.device)
-    wrap_triton(_conv_fwd_kernel)[_grid(T, D)](
+    wrap_triton(_conv_fwd_kernel)[_grid(T, D, FWD_BLOCKS)](
         x, weight, weight if bias is None else bias, positions, y, T, D, x.stride(0), W=weight.shape[1],
-        BT=BLOCK_T, BD=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu, num_warps=NUM_WARPS)
+        BT=FWD_BLOCKS[0], BD=FWD_BLOCKS[1], HAS_BIAS=bias is not None, SILU=silu, num_warps=NUM_WARPS)
     return y
 
 
@@ -123,17 +127,18 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     # forward's time on an H200.) g is kept in x's dtype, as fla's backward keeps the pre-activation.
     T, D = x.shape
     W = weight.shape[1]
-    blocks = triton.cdiv(T, BLOCK_T)
+    blocks = triton.cdiv(T, GATE_BLOCKS[0])
     g = torch.empty((T, D), dtype=x.dtype, device=x.device)
     # Partial sums per token block, then one sum over blocks: deterministic, unlike atomic adds.
     dw_blocks = torch.empty((blocks, D, W), dtype=torch.float32, device=x.device)
     db_blocks = torch.empty((blocks, D), dtype=torch.float32, device=x.device)
-    wrap_triton(_conv_bwd_gate_kernel)[_grid(T, D)](
+    wrap_triton(_conv_bwd_gate_kernel)[_grid(T, D, GATE_BLOCKS)](
         x, weight, weight if bias is None else bias, positions, dy, g, dw_blocks, db_blocks, T, D, x.stride(0),
-        dy.stride(0), W=W, BT=BLOCK_T, BD=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu, num_warps=NUM_WARPS)
+        dy.stride(0), W=W, BT=GATE_BLOCKS[0], BD=GATE_BLOCKS[1], HAS_BIAS=bias is not None, SILU=silu,
+        num_warps=NUM_WARPS)
     dx = torch.empty((T, D), dtype=x.dtype, device=x.device)
-    wrap_triton(_conv_bwd_input_kernel)[_grid(T, D)](g, weight, positions, dx, T, D, W=W, BT=BLOCK_T, BD=BLOCK_D,
-                                                     num_warps=NUM_WARPS)
+    wrap_triton(_conv_bwd_input_kernel)[_grid(T, D, INPUT_BLOCKS)](
+        g, weight, positions, dx, T, D, W=W, BT=INPUT_BLOCKS[0], BD=INPUT_BLOCKS[1], num_warps=NUM_WARPS)
     return dx, dw_blocks.sum(0).to(weight.dtype), db_blocks.sum(0)
 
 
