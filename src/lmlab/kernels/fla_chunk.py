@@ -14,7 +14,7 @@ Imported only when fla's kernels are used (each op's `_fla_kernels`); fla is req
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import triton
@@ -92,9 +92,9 @@ def _as(result: torch.Tensor | None, like: torch.Tensor | None, device_of: torch
 
 
 @torch.library.custom_op("lmlab::fla_chunk_forward", mutates_args=())
-def _chunk_forward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
-                   beta: Optional[torch.Tensor], scale: float, initial_state: Optional[torch.Tensor],
-                   output_final_state: bool, cu_seqlens: Optional[torch.Tensor],
+def _chunk_forward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                   beta: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
+                   output_final_state: bool, cu_seqlens: torch.Tensor | None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final_state or an empty tensor, A)."""
     return _run_forward(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
@@ -122,10 +122,10 @@ def _(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
 
 
 @torch.library.custom_op("lmlab::fla_chunk_backward", mutates_args=())
-def _chunk_backward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
-                    beta: Optional[torch.Tensor], A: torch.Tensor, scale: float,
-                    initial_state: Optional[torch.Tensor], do: torch.Tensor, dht: Optional[torch.Tensor],
-                    cu_seqlens: Optional[torch.Tensor],
+def _chunk_backward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                    beta: torch.Tensor | None, A: torch.Tensor, scale: float,
+                    initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
+                    cu_seqlens: torch.Tensor | None,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0), each in its input's dtype or an empty tensor where that input is absent."""
     return _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens)
