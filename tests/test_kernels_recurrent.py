@@ -393,17 +393,15 @@ def test_fla_chunk_ops_route_gradients_and_compile_in_one_graph(op, varlen, monk
 
 def test_fla_backend_runs_lmlab_ops_around_fla_kernels():
     """The fla backend's chunked kernels are lmlab's custom ops (one compiled graph per block), for all three
-    recurrences; the gated delta rule's backward uses lmlab's dqkwg kernel where triton breaks fla's (#640)."""
+    recurrences."""
     pytest.importorskip("fla")
     import lmlab.models
-    from lmlab.kernels import fla_chunk, gated_delta_rule_fla
+    from lmlab.kernels import fla_chunk
 
     lmlab.models.register()  # importing fla made its classes the Auto classes' choice for these model types
     assert gdr._fla_kernels()[1] is fla_chunk.chunk_gated_delta_rule
     assert gla_mod._fla_kernels()[1] is fla_chunk.chunk_gla
     assert dr._fla_kernels()[1] is fla_chunk.chunk_delta_rule
-    assert gated_delta_rule_fla.TRITON_BREAKS_HOPPER_BACKWARD == (
-        gated_delta_rule_fla.triton_version() < (3, 7, 1))
 
 
 def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():
