@@ -20,7 +20,7 @@ into the next chunk. Each document's final state is rebuilt from its last chunk.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ RECURRENT_MAX_T = 64
 State = torch.Tensor | None
 # A kernel: (q, k, v, *per-token inputs, scale, initial_state, output_final_state, ...) -> (o, final state)
 Kernel = Callable[..., tuple[torch.Tensor, State]]
+Out = TypeVar("Out")
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -304,8 +305,8 @@ def carry_weights(b: torch.Tensor, docs: Docs | None) -> tuple[torch.Tensor, tor
 
 
 def first_state(q: torch.Tensor, v: torch.Tensor, initial_state: State, docs: Docs | None) -> torch.Tensor:
-    """The state the chunk scan starts from, float32 [B,H,K,V] (q, v chunked): the initial state, or zeros
-    (packed documents read theirs where they begin)."""
+    """The state the chunk scan starts from, float32 [B,H,K,V] (q or k, and v chunked): the initial state, or
+    zeros (packed documents read theirs where they begin)."""
     if initial_state is None or docs is not None:
         return q.new_zeros(q.shape[1], q.shape[2], q.shape[-1], v.shape[-1])
     return initial_state.float()
@@ -362,7 +363,8 @@ def delta_chunk_torch(
     so U = u − w S0 with [u, w] = (I + A)^{-1} [βV, βΓK] (`unit_lower_inverse`, batched over all chunks).
     Then  O = (Q ⊙ Γ) S0 + ((Q Kᵀ) ⊙ exp(γ_t − γ_i))_{i<=t} U
     and   S_C = Γ_C S0 + (K ⊙ exp(γ_C − γ))ᵀ U.
-    Only the two small matmuls of U and S_C depend on the previous chunk. Packed documents: see `Docs`.
+    Only the two small matmuls of U and S_C depend on the previous chunk (`delta_chunk_states`). Packed
+    documents: see `Docs`.
     """
     T, dtype = k.shape[1], v.dtype
     docs = None if cu_seqlens is None else Docs(cu_seqlens, T, chunk_size)
@@ -371,16 +373,33 @@ def delta_chunk_torch(
     gcum = torch.zeros_like(beta) if g is None else to_chunks(g, chunk_size).cumsum(-1)[..., None]
     if docs is not None:
         gcum = docs.restart(gcum)
-    n_chunks = q.shape[0]
-
     mask = causal_mask(chunk_size, q.device) if docs is None else docs.pairs
     decay = decay_matrix(gcum[..., 0], mask)  # [NC,B,H,C,C]
+    U, starts, S = delta_chunk_states(k, v, beta, gcum, decay, docs, initial_state)
+    attn = (q @ k.transpose(-1, -2)) * decay
+    o = read_start_states(q * gcum.exp(), starts, docs, initial_state) + attn @ U
+    if docs is not None and output_final_state:
+        S = docs.final_states(starts, U, k, gcum, initial_state)
+    return from_chunks(o, T, dtype), (S if output_final_state else None)
+
+
+def delta_chunk_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    gcum: torch.Tensor,
+    decay: torch.Tensor,
+    docs: Docs | None,
+    initial_state: State,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The state-carrying part of `delta_chunk_torch`, on chunked k, v [NC,B,H,C,*], beta and cumulative
+    log-decays gcum [NC,B,H,C,1] and the masked intra-chunk decays `decay` [NC,B,H,C,C]: returns the
+    corrected values U [NC,B,H,C,V], the state every chunk starts from [NC,B,H,K,V] and the state after
+    the last chunk (packed documents: the carried state, not each document's final one)."""
     k_beta = k * beta
     A = (k_beta @ k.transpose(-1, -2)) * decay  # the inverse ignores its diagonal
     A_inverse = unit_lower_inverse(A)
     u, w = A_inverse @ (v * beta), A_inverse @ (k_beta * gcum.exp())
-    attn = (q @ k.transpose(-1, -2)) * decay
-    q_decayed = q * gcum.exp()
     key_weights, chunk_decay = carry_weights(gcum, docs)
     k_decayed = k * key_weights
     initial_carry = None
@@ -398,15 +417,12 @@ def delta_chunk_torch(
         S = S * chunk_decay[i] + k_decayed[i] @ U
         return (S if initial_carry is None else S + initial_carry[i]), U
 
-    starts, U, S = scan_chunks(first_state(q, v, initial_state, docs), step, n_chunks)
-    o = read_start_states(q_decayed, starts, docs, initial_state) + attn @ U
-    if docs is not None and output_final_state:
-        S = docs.final_states(starts, U, k, gcum, initial_state)
-    return from_chunks(o, T, dtype), (S if output_final_state else None)
+    starts, U, S = scan_chunks(first_state(k, v, initial_state, docs), step, len(u))
+    return U, starts, S
 
 
 def call_kernel(
-    kernel: Kernel,
+    kernel: Callable[..., Out],
     sequences: dict[str, torch.Tensor | None],
     initial_state: State = None,
     *,
@@ -414,10 +430,10 @@ def call_kernel(
     cu_seqlens: torch.Tensor | None = None,
     recompute: bool = False,
     **kwargs,
-) -> tuple[torch.Tensor, State]:
-    """Call a kernel on the per-token inputs `sequences` ([B,T,H,*], by keyword; None entries are passed
-    through), with `scale` defaulting to K^{-1/2}. Autocast is off inside: the kernels compute in float32
-    on purpose (the state must not round to bf16 every chunk).
+) -> Out:
+    """Call a kernel on the per-token inputs `sequences` ([B,T,H,*], by keyword, with any other tensor input
+    that backward needs; None entries are passed through), with `scale` defaulting to K^{-1/2}. Autocast is
+    off inside: the kernels compute in float32 on purpose (the state must not round to bf16 every chunk).
 
     With `recompute` and gradients needed, only the kernel's inputs are kept for backward, which reruns
     its forward (torch.utils.checkpoint; under torch.compile, part of the compiled backward). For the
@@ -431,8 +447,7 @@ def call_kernel(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     names = list(sequences)
 
-    def run(initial_state: State, cu_seqlens: torch.Tensor | None,
-            *tensors: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    def run(initial_state: State, cu_seqlens: torch.Tensor | None, *tensors: torch.Tensor | None) -> Out:
         return kernel(**dict(zip(names, tensors)), initial_state=initial_state, scale=scale,
                       cu_seqlens=cu_seqlens, **kwargs)
 

@@ -1,0 +1,162 @@
+"""Local attention (the HQLT KV-memory): the blocked implementation against the explicit reference (CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmlab.kernels.attention import attention_reference
+from lmlab.kernels.local_attention import local_attention, local_attention_reference
+
+
+def qkv(B=2, Tq=37, Tk=37, H=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda T: torch.randn(B, T, H, D, generator=g).requires_grad_()  # noqa: E731
+    return make(Tq), make(Tk), make(Tk)
+
+
+def doc_positions(*lengths):
+    """Positions of a row of packed documents (restarting at 0 at each document); padding is a run of 0s."""
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def outputs_and_grads(fn, q, k, v, q_pos, k_pos, **kw):
+    out = fn(q, k, v, q_pos, k_pos, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def assert_matches_reference(q, k, v, q_pos, k_pos, **kw):
+    got = outputs_and_grads(local_attention, q, k, v, q_pos, k_pos, **kw)
+    want = outputs_and_grads(local_attention_reference, q, k, v, q_pos, k_pos, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023
+
+
+# Rows of 37 tokens (blocks of 16 or 32 queries: the last block is partial); "cut" rows start inside a
+# document (a cache that kept only its latest keys).
+LAYOUTS = {
+    "plain": [torch.arange(37), torch.arange(37)],
+    "packed": [doc_positions(5, 12, 20), doc_positions(1, 30, 6)],
+    "cut": [torch.arange(50, 87), torch.cat([torch.arange(3, 13), torch.arange(27)])],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("Tq", [37, 21, 1])
+@pytest.mark.parametrize("window", [1, 3, 8, 20])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_matches_reference(chunked, window, Tq, layout):
+    """Outputs and gradients; Tq < 37: the queries are the last Tq keys (a cache before them), their
+    positions continue the cache's."""
+    k_pos = torch.stack(LAYOUTS[layout])
+    q, k, v = qkv(Tq=Tq)
+    assert_matches_reference(q, k, v, k_pos[:, -Tq:], k_pos, window=window, chunked=chunked)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_positions_broadcast_over_the_batch(chunked):
+    q, k, v = qkv(Tq=30)
+    k_pos = doc_positions(4, 33)[None]
+    assert_matches_reference(q, k, v, k_pos[:, -30:], k_pos, window=5, chunked=chunked, scale=0.3)
+
+
+@pytest.mark.parametrize("window", [3, 8])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_left_padding_leaves_the_real_tokens_unchanged(chunked, window):
+    """A row left-padded with 6 tokens (positions 0) gives its real tokens the outputs of the row alone."""
+    q, k, v = qkv(B=1, Tq=26, Tk=26)
+    padded_pos = doc_positions(1, 1, 1, 1, 1, 1, 20)[None]
+    assert_matches_reference(q, k, v, padded_pos, padded_pos, window=window, chunked=chunked)
+    padded = local_attention(q, k, v, padded_pos, padded_pos, window=window, chunked=chunked)
+    pos = torch.arange(20)[None]
+    alone = local_attention(q[:, 6:], k[:, 6:], v[:, 6:], pos, pos, window=window, chunked=chunked)
+    torch.testing.assert_close(padded[:, 6:], alone)
+
+
+@pytest.mark.parametrize("Tq", [37, 5])
+@pytest.mark.parametrize("window", [1, 6, 40])
+def test_sliding_equals_attention_window(window, Tq):
+    """On a plain row the sliding mode is lmlab's sliding-window attention."""
+    q, k, v = (t.detach() for t in qkv(Tq=Tq))
+    k_pos = torch.arange(37)[None]
+    torch.testing.assert_close(local_attention(q, k, v, k_pos[:, -Tq:], k_pos, window=window),
+                               attention_reference(q, k, v, window_size=window), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_sees_only_its_chunk():
+    """With chunks of 4 positions the query at position 5 sees positions 4 and 5 only: keys elsewhere
+    change nothing."""
+    q, k, v = (t.detach() for t in qkv(B=1, Tq=8, Tk=8))
+    pos = torch.arange(8)[None]
+    out = local_attention(q, k, v, pos, pos, window=4, chunked=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, [0, 1, 2, 3, 6, 7]], v2[:, [0, 1, 2, 3, 6, 7]] = 3.0, 3.0
+    torch.testing.assert_close(local_attention(q, k2, v2, pos, pos, window=4, chunked=True)[:, 5], out[:, 5])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bf16_close_to_fp32(chunked):
+    q, k, v = (t.detach() for t in qkv(Tq=37))
+    k_pos = torch.stack(LAYOUTS["packed"])
+    out = local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), k_pos, k_pos, window=8, chunked=chunked)
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()
+    torch.testing.assert_close(out.float(), local_attention(q, k, v, k_pos, k_pos, window=8, chunked=chunked),
+                               atol=2e-2, rtol=2e-2)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_work_grows_with_tokens_times_window():
+    """No [T, T] scores or mask, forward or backward: every tensor stays below T * T at T = 1024."""
+    T, B, H, D = 1024, 1, 1, 4
+    q, k, v = qkv(B=B, Tq=T, Tk=T, H=H, D=D)
+    pos = torch.arange(T)[None]
+    with _LargestTensor() as largest:
+        local_attention(q, k, v, pos, pos, window=8).sum().backward()
+    assert largest.numel < T * T // 16
+
+
+@pytest.mark.slow  # ~20 s on CPU: inductor compiles C++
+def test_compiled_matches_eager():
+    q, k, v = (t.detach() for t in qkv(Tq=21))
+    k_pos = torch.stack(LAYOUTS["packed"])
+    args = (q, k, v, k_pos[:, -21:], k_pos)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(local_attention, fullgraph=True)
+        torch.testing.assert_close(compiled(*args, window=8, chunked=True),
+                                   local_attention(*args, window=8, chunked=True))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=torch.zeros(2, 5, 2)), "expected q"),
+    (dict(k=torch.zeros(2, 9, 3, 8)), "expected q"),
+    (dict(q=torch.zeros(2, 10, 2, 8), q_positions=torch.zeros(2, 10, dtype=torch.long)), "more queries"),
+    (dict(window=0), "window must be"),
+    (dict(q_positions=torch.zeros(3, 5, dtype=torch.long)), "q_positions must be"),
+    (dict(k_positions=torch.zeros(2, 8, dtype=torch.long)), "k_positions must be"),
+    (dict(k_positions=torch.zeros(2, 9)), "integer"),
+])
+def test_bad_inputs(change, match):
+    args = dict(q=torch.zeros(2, 5, 2, 8), k=torch.zeros(2, 9, 2, 8), v=torch.zeros(2, 9, 2, 8),
+                q_positions=torch.zeros(2, 5, dtype=torch.long),
+                k_positions=torch.zeros(1, 9, dtype=torch.long), window=3) | change
+    for fn in (local_attention, local_attention_reference):
+        with pytest.raises(ValueError, match=match):
+            fn(**args)
