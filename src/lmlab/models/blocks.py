@@ -103,9 +103,16 @@ def parse_attn(attn: Any, num_hidden_layers: int) -> dict | list[dict] | None:
     return specs[0] if isinstance(attn, dict) else specs
 
 
+PRENORM_RESIDUAL_STRATEGIES = ("rescale", "zero", None)
+
+
 class LmlabConfig(PretrainedConfig):
     """The keys every fla 0.6.0 family config has, with fla's defaults, plus lmlab's `backend`
-    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone).
+    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone)
+    and `prenorm_residual_strategy`, how the residual branches' output projections (each mixer's `o_proj`,
+    each MLP's `down_proj`) are initialised for training from scratch: "rescale" (GPT-2's scheme, the HQLT
+    paper's fla fork: kaiming-uniform(a=√5) / √(2·num_hidden_layers); the linear families' default),
+    "zero", or None (N(0, initializer_range) like every other weight: fla 0.6.0, and the transformer's).
     A family's config declares only its own keys and passes these on.
 
     Accepted and ignored (lmlab always uses its own kernels and chunked cross-entropy): fuse_swiglu,
@@ -138,10 +145,14 @@ class LmlabConfig(PretrainedConfig):
         vocab_size: int = 32000,
         attnres_block_size: int | None = None,
         backend: str = "auto",
+        prenorm_residual_strategy: str | None = None,
         **kwargs,
     ):
         check_backend(backend)
         check_unsupported(attnres_block_size)
+        if prenorm_residual_strategy not in PRENORM_RESIDUAL_STRATEGIES:
+            raise ValueError(f"prenorm_residual_strategy must be 'rescale', 'zero' or null; "
+                             f"got {prenorm_residual_strategy!r}")
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.max_position_embeddings = max_position_embeddings
@@ -159,6 +170,7 @@ class LmlabConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.attnres_block_size = attnres_block_size
         self.backend = backend
+        self.prenorm_residual_strategy = prenorm_residual_strategy
         # token ids and tie_word_embeddings are PretrainedConfig's own fields: set there, not here
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -166,10 +178,12 @@ class LmlabConfig(PretrainedConfig):
 
 class HybridConfig(LmlabConfig):
     """A linear family's config: adds fla's `attn` key, the softmax-attention layers of a hybrid.
-    `attn` is validated whenever it is set (as in fla)."""
+    `attn` is validated whenever it is set (as in fla). Residual projections are rescaled at
+    initialisation by default, as in the HQLT paper's fla fork (fla 0.6.0: prenorm_residual_strategy=null)."""
 
-    def __init__(self, attn: dict | list[dict] | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, attn: dict | list[dict] | None = None, prenorm_residual_strategy: str | None = "rescale",
+                 **kwargs):
+        super().__init__(prenorm_residual_strategy=prenorm_residual_strategy, **kwargs)
         self.attn = attn  # after num_hidden_layers, which its validation needs
 
     @property
@@ -340,6 +354,7 @@ class Attention(nn.Module):
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by the attention num_heads ({num_heads})")
         self.head_dim = hidden_size // num_heads
         self.window_size, self.rope_theta, self.layer_idx = window_size, rope_theta, layer_idx
+        self.rotary_key = (self.head_dim, rope_theta)  # which of the model's rotary tables it reads
         kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
@@ -358,10 +373,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary[self.head_dim, self.rope_theta]
+        cos, sin = rotary[self.rotary_key]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update_attention(self.layer_idx, k, v, self.window_size)
+            keep = None if self.window_size is None else self.window_size - 1
+            k, v = cache.append(self.layer_idx, "attention", (k, v), keep)
         o = attention(q, k, v, causal=True, window_size=self.window_size, cu_seqlens=cu_seqlens,
                       attention_mask=padding_mask(attention_mask, k.shape[1]))
         return self.o_proj(o.reshape(B, T, -1))
@@ -385,6 +401,8 @@ class DecoderBlock(GradientCheckpointingLayer):
         self.attn = mixer
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
+        # the residual branches' output projections: initialised by the config's prenorm_residual_strategy
+        self.attn.o_proj.is_residual_output = self.mlp.down_proj.is_residual_output = True
 
     def forward(self, hidden_states: torch.Tensor, rotary: Rotary,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -431,13 +449,20 @@ class LmlabPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """fla's scheme: N(0, initializer_range) for linear, conv and embedding weights, zero biases, unit
-        norms, and the family's own rule for special parameters (GDN's A_log / dt_bias). No rescaling of
-        residual projections (fla's default, prenorm_residual_strategy=None)."""
+        norms, and the family's own rule for special parameters (GDN's A_log / dt_bias); then the residual
+        branches' output projections as the config's `prenorm_residual_strategy` says."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, ShortConvolution)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+            strategy = self.config.prenorm_residual_strategy
+            if getattr(module, "is_residual_output", False) and strategy == "rescale":
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    module.weight /= math.sqrt(2 * self.config.num_hidden_layers)
+            elif getattr(module, "is_residual_output", False) and strategy == "zero":
+                nn.init.zeros_(module.weight)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, GatedRMSNorm)) and module.weight is not None:
@@ -458,8 +483,9 @@ class LmlabModel(LmlabPreTrainedModel):
         self.layers = nn.ModuleList(DecoderBlock(config, self.make_mixer(config, i))
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        # (head_dim, rope_theta) of every attention layer, found once: the tables are built every forward
-        self.rotary_keys = {(m.head_dim, m.rope_theta) for m in self.modules() if isinstance(m, Attention)}
+        # (head_dim, rope_theta) of every layer that rotates its queries and keys (a `rotary_key`), found
+        # once: the tables are built every forward
+        self.rotary_keys = {key for m in self.modules() if (key := getattr(m, "rotary_key", None)) is not None}
         self.post_init()
 
     def rotary_tables(self, positions: torch.Tensor) -> Rotary:

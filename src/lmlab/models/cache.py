@@ -1,6 +1,6 @@
-"""Decoding cache of lmlab's models: per layer, either a linear mixer's recurrent state and short-conv
-states, or an attention layer's keys and values (only the last window_size - 1 for sliding windows:
-all a later query can see besides itself).
+"""Decoding cache of lmlab's models: per layer, a dict of named states: a linear mixer's recurrent state
+and short-conv states, an attention layer's keys and values (only the last window_size - 1 for sliding
+windows: all a later query can see besides itself), or a hybrid_qlt layer's mix of both.
 
 It is not a transformers `Cache` subclass on purpose: that class's API changes between the transformers
 versions lmlab supports (5.17 - 5.24). generate() only needs what is here: `get_seq_length` and the
@@ -38,15 +38,18 @@ class Cache:
         """Store a linear layer's states: recurrent_state [B, H, K, V], conv_state (a tuple of [B, D, W])."""
         self.layers.setdefault(layer_idx, {}).update(states)
 
-    def update_attention(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-                         window_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys/values [B, T, Hkv, D]; return all the keys/values the new queries may attend to."""
-        past = self.layers.get(layer_idx)
+    def append(self, layer_idx: int, name: str, new: tuple[torch.Tensor, ...],
+               keep: int | None) -> tuple[torch.Tensor, ...]:
+        """Append [B, T, ...] tensors (time on dim 1) to the ones stored under `name`; store only the last
+        `keep` steps (all with None) and return old + new: e.g. an attention layer's keys and values, of
+        which a sliding window of W needs W - 1 for the next query."""
+        past = self.layers.get(layer_idx, {}).get(name)
         if past is not None:
-            k, v = torch.cat([past["k"], k], dim=1), torch.cat([past["v"], v], dim=1)
-        keep = k.shape[1] if window_size is None else min(window_size - 1, k.shape[1])
-        self.layers[layer_idx] = {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:]}
-        return k, v
+            new = tuple(torch.cat([old, x], dim=1) for old, x in zip(past, new))
+        length = new[0].shape[1]
+        start = 0 if keep is None else length - min(keep, length)
+        self.layers.setdefault(layer_idx, {})[name] = tuple(x[:, start:] for x in new)
+        return new
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t.index_select(0, indices.to(t.device)))
