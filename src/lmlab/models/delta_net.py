@@ -29,7 +29,7 @@ class DeltaNetConfig(HybridConfig):
     """fla 0.6.0's DeltaNetConfig: same keys and defaults (the shared ones in LmlabConfig).
 
     Also accepted and ignored: attn_mode (lmlab's dispatcher picks kernels), use_output_norm (fla ignores
-    it too).
+    it too), norm_first (not an fla 0.6.0 DeltaNetConfig key: stored as an extra attribute, in fla too).
     """
 
     model_type = "delta_net"

@@ -13,7 +13,8 @@ from lmlab.models.blocks import (
 class TransformerConfig(LmlabConfig):
     """fla 0.6.0's TransformerConfig: same keys and defaults (the shared ones in LmlabConfig).
 
-    Also accepted and ignored: elementwise_affine (fla's transformer ignores it too).
+    Also accepted and ignored: elementwise_affine (fla's transformer ignores it too), attention_bias (not an
+    fla 0.6.0 TransformerConfig key: stored as an extra attribute, in fla too; qkv_bias is fla's key).
     """
 
     model_type = "transformer"
