@@ -7,7 +7,10 @@ flame used the Transformer formula 6·N + 12·L·H·d·ctx for every model, whic
   sees: (T+1)/2 on average with a causal mask, at most `window_size` with a sliding window;
 - chunkwise linear recurrences (chunk C = 64): intra-chunk scores and values 2·C·(dk + dv), the
   inter-chunk read-out and state update 2·2·dk·dv, and for the delta rules the WY/UT correction
-  (another 2·C·(dk + dv) + 2·dk·dv), per token and head.
+  (another 2·C·(dk + dv) + 2·dk·dv), per token and head;
+- hybrid_qlt layers: both memories: the local softmax attention over the keys a query sees (at most W =
+  chunk_size in a sliding window, (W+1)/2 on average inside Delayed-Chunk's chunks) and the recurrence
+  (the delta rule, or plain linear attention in sync_chunk_linear mode).
 """
 from __future__ import annotations
 
@@ -59,7 +62,19 @@ def _recurrent_dims(config: PretrainedConfig) -> tuple[int, int, int, bool]:
     heads = config.num_heads
     key_dim = int(h * getattr(config, "expand_k", 1.0))
     value_dim = int(h * getattr(config, "expand_v", 1.0))
-    return heads, key_dim // heads, value_dim // heads, config.model_type == "delta_net"
+    delta = config.model_type == "delta_net" or (config.model_type == "hybrid_qlt"
+                                                 and config.attn_mode != "sync_chunk_linear")
+    return heads, key_dim // heads, value_dim // heads, delta
+
+
+def _local_keys_seen(config: PretrainedConfig, seq_len: int) -> float:
+    """Keys an average query of a hybrid_qlt layer's local attention sees (0 for other families)."""
+    if config.model_type != "hybrid_qlt":
+        return 0.0
+    W = config.chunk_size
+    if config.attn_mode == "chunk":  # a query sees its chunk so far
+        return (min(W, seq_len) + 1) / 2
+    return min(W, (seq_len + 1) / 2)
 
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
@@ -86,6 +101,7 @@ def _flops_per_token(config_json: str, seq_len: int) -> float:
         if delta:
             per_head += 2.0 * CHUNK * (dk + dv) + 2.0 * dk * dv
         forward += recurrent_layers * rheads * per_head
+        forward += recurrent_layers * rheads * 2.0 * (dk + dv) * _local_keys_seen(config, seq_len)
     return 3.0 * forward
 
 

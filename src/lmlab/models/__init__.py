@@ -15,6 +15,7 @@ from lmlab.models.cache import Cache
 from lmlab.models.delta_net import DeltaNetConfig, DeltaNetForCausalLM, DeltaNetModel
 from lmlab.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
 from lmlab.models.gla import GLAConfig, GLAForCausalLM, GLAModel
+from lmlab.models.hybrid_qlt import HybridQLTConfig, HybridQLTForCausalLM, HybridQLTModel
 from lmlab.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 
 FAMILIES = {
@@ -22,6 +23,7 @@ FAMILIES = {
     "delta_net": (DeltaNetConfig, DeltaNetModel, DeltaNetForCausalLM),
     "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetModel, GatedDeltaNetForCausalLM),
     "gla": (GLAConfig, GLAModel, GLAForCausalLM),
+    "hybrid_qlt": (HybridQLTConfig, HybridQLTModel, HybridQLTForCausalLM),
 }
 MODEL_TYPES = tuple(FAMILIES)
 
