@@ -1,10 +1,11 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lmlab.config import ConfigError, JobConfig, parse_args
+from lmlab.config import ConfigError, JobConfig, catalogue, options_table, parse_args
 from paper_command import TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,14 +76,17 @@ def test_equals_form_and_negative_numbers():
         (["--optimiser.lr", "1"], "did you mean optimizer.lr?"),
         (["--training.steps"], "--training.steps is missing its value"),
         (["--training.steps", "--training.seq_len", "3"], "--training.steps is missing its value"),
-        (["--training.steps", "many"], "--training.steps expects an integer, got 'many'"),
-        (["--optimizer.lr", "fast"], "--optimizer.lr expects a number"),
-        (["--training.compile=maybe"], "--training.compile expects true or false"),
-        (["--optimizer.name", "SGD"], "--optimizer.name must be one of Adam, AdamW"),
-        (["--lr_scheduler.decay_type", "step"], "must be one of linear, sqrt, cosine"),
-        (["--checkpoint.keep_latest_k", "1"], "keep_latest_k 1 is unsafe"),
-        (["--training.batch_size", "0"], "--training.batch_size must be positive"),
-        (["--lr_scheduler.lr_min", "2"], "lr_min is a ratio"),
+        (["--training.steps", "many"], "--training.steps: 'many' is not an integer (expected >= 1)"),
+        (["--optimizer.lr", "fast"], "--optimizer.lr: 'fast' is not a number (expected > 0, finite)"),
+        (["--optimizer.lr", "inf"], "--optimizer.lr: inf is not finite (expected > 0, finite)"),
+        (["--optimizer.lr", "nan"], "--optimizer.lr: nan is not a number (expected > 0, finite)"),
+        (["--training.compile=maybe"], "--training.compile: 'maybe' is not true or false"),
+        (["--optimizer.name", "SGD"], "--optimizer.name: 'SGD' is not a valid choice (expected one of Adam, AdamW)"),
+        (["--lr_scheduler.decay_type", "step"], "(expected one of linear, sqrt, cosine)"),
+        (["--checkpoint.keep_latest_k", "1"], "--checkpoint.keep_latest_k: 1 is unsafe"),
+        (["--training.batch_size", "0"], "--training.batch_size: 0 is too small (expected >= 1)"),
+        (["--lr_scheduler.lr_min", "2"], "--lr_scheduler.lr_min: 2.0 is too large (expected in [0, 1])"),
+        (["--job.config_file="], "--job.config_file: '' is empty"),
         (["positional"], "unexpected argument 'positional'"),
         (["--job.config_file", "missing.toml"], "no such file"),
     ],
@@ -100,8 +104,18 @@ def test_unknown_toml_key_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown option --training.seq_length \(did you mean training.seq_len\?\)"):
         parse_args(["--job.config_file", str(bad)])
     bad.write_text("[training]\nsteps = 'ten'\n")
-    with pytest.raises(ConfigError, match="expects an integer"):
+    with pytest.raises(ConfigError, match=r"bad.toml: --training.steps: 'ten' is not an integer \(expected >= 1\)$"):
         parse_args(["--job.config_file", str(bad)])
+
+
+def test_a_bad_value_from_the_toml_names_the_file_and_the_command_line_overrides_it(tmp_path):
+    toml = tmp_path / "job.toml"
+    toml.write_text("[optimizer]\nlr = nan\n")
+    with pytest.raises(ConfigError, match=r"^\S+job.toml: --optimizer.lr: nan is not a number \(expected > 0, finite\)$"):
+        parse_args(["--job.config_file", str(toml)])
+    assert parse_args(["--job.config_file", str(toml), "--optimizer.lr", "1e-3"]).optimizer.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"^--optimizer.lr: inf is not finite"):  # the CLI's own value: no file
+        parse_args(["--job.config_file", str(toml), "--optimizer.lr", "1e999"])
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
@@ -120,3 +134,35 @@ def test_train_sh_rejects_bad_flag_with_exit_code_2(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown option --training.seqlen (did you mean training.seq_len?)"
+
+
+def readme_option_rows() -> dict[str, str]:
+    """README's option table (under "## Training"): option -> the valid-values cell of its row. A row names
+    several options as `section.key` / `key` (the section carries over)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| option | default (fla.toml) | valid values | meaning |"):]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        names, _, valid = [cell.strip() for cell in line.strip("|").split(" | ")][:3]
+        section = None
+        for name in re.findall(r"`([^`]+)`", names):
+            section, key = name.split(".") if "." in name else (section, name)
+            rows[f"{section}.{key}"] = valid
+    return rows
+
+
+def test_readme_option_table_states_every_option_with_its_valid_values():
+    """The catalogue (lmlab.config) and README's table say the same: every option, its valid values."""
+    rows = readme_option_rows()
+    assert sorted(rows) == sorted(catalogue()), "README's option table lists other options than lmlab.config"
+    for name, opt in catalogue().items():
+        assert opt.domain.expected in rows[name], f"README: {name}'s row must say {opt.domain.expected!r}"
+
+
+def test_options_table_prints_the_catalogue():
+    table = options_table().splitlines()
+    assert table[0] == "| option | default | valid values |" and len(table) == 2 + len(catalogue())
+    assert "| `optimizer.lr` | 0.0008 | > 0, finite |" in table
+    assert "| `checkpoint.keep_latest_k` | 0 | 0 or >= 2 |" in table

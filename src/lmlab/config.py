@@ -6,17 +6,26 @@ booleans may be bare (`--training.compile`) or explicit (`--training.compile fal
 switched off from the command line (flame could not). Unknown sections or keys (on the command line AND in
 the TOML), wrong types and missing values raise `ConfigError`, whose message is one line naming the key and
 suggesting the nearest valid one; entry points turn it into exit code 2.
+
+The option catalogue: every option is declared once, in the section dataclasses below, with its type (the
+annotation), its default and its valid values (`option(default, domain)`: `Int(ge=1)`, `Float(gt=0)`,
+`Choice(...)`, ...). `catalogue()` collects them; `validate()` checks every value against it in one place,
+right after parsing and before anything starts; README's option table states the same valid values
+(`python -m lmlab.config` prints them; a test keeps the two equal). A bad value is one line:
+`--section.key: <value> is <problem> (expected <valid values>)`, prefixed by the TOML file it came from.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, Callable, ClassVar
 
 import tomli_w
 
@@ -28,130 +37,436 @@ class ConfigError(UserError, ValueError):
     """A bad flag, TOML key or value. The message is one line meant for the user."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Domains: the valid values of one option
+
+
+def show(value: Any) -> str:
+    """A value as error lines and the option table show it: true/false, none, 'text', 0.001, inf."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return repr(",".join(map(str, value)))
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+class Domain:
+    """The valid values of one option. `expected` says them in words (the option table and every error line
+    quote it); `problem(value, cfg)` is None for a valid value, else what is wrong with it, a phrase that
+    follows "<value> is" ("too small", "not finite"). `cfg` serves the few ranges that depend on another
+    option (checked after it: the catalogue's order)."""
+
+    @property
+    def expected(self) -> str:
+        raise NotImplementedError
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Flag(Domain):
+    @property
+    def expected(self) -> str:
+        return "true or false"
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        return None if isinstance(value, bool) else "not true or false"
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A range that depends on other options: `check(value, cfg)` names the problem or returns None."""
+
+    expected: str
+    check: Callable[[Any, Any], str | None]
+
+
+@dataclass(frozen=True)
+class Number(Domain):
+    """An integer (`Int`) or a finite float (`Float`) within bounds: ge/gt (>=, >) and le/lt (<=, <).
+    `also`: valid values outside the bounds (-1: all ranks); `none`: None is valid too; `refused`: invalid
+    values with the reason to say instead of "too small"; `relation`: a bound set by another option."""
+
+    ge: int | float | None = None
+    gt: int | float | None = None
+    le: int | float | None = None
+    lt: int | float | None = None
+    also: tuple[int, ...] = ()
+    none: bool = False
+    refused: tuple[tuple[int, str], ...] = ()
+    relation: Relation | None = None
+    text: str | None = None  # the expected values in words, where the bounds alone would mislead
+    integer: ClassVar[bool] = False
+
+    @property
+    def expected(self) -> str:
+        if self.text is not None:
+            return self.text
+        low = f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else None
+        high = f"<= {self.le}" if self.le is not None else f"< {self.lt}" if self.lt is not None else None
+        if low and high:
+            bounds = (f"in {'[' if self.ge is not None else '('}{low.split()[1]}, "
+                      f"{high.split()[1]}{']' if self.le is not None else ')'}")
+        else:
+            bounds = low or high or ("an integer" if self.integer else "a number")
+        if not self.integer and not high:
+            bounds += ", finite"
+        text = " or ".join(["none"] * self.none + [show(v) for v in self.also] + [bounds])
+        return f"{text}, {self.relation.expected}" if self.relation else text
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        if value is None:
+            return None if self.none else "not set"
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return "not an integer" if self.integer else "not a number"
+        if value in self.also:
+            return None
+        if isinstance(value, float) and math.isnan(value):
+            return "not a number"
+        if isinstance(value, float) and math.isinf(value):
+            return "not finite"
+        reason = dict(self.refused).get(value)
+        if reason:
+            return reason
+        if (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt):
+            return "too small"
+        if (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt):
+            return "too large"
+        return self.relation.check(value, cfg) if self.relation else None
+
+
+class Int(Number):
+    integer = True
+
+
+class Float(Number):
+    integer = False
+
+
+@dataclass(frozen=True)
+class Choice(Domain):
+    values: tuple[str, ...]
+
+    @property
+    def expected(self) -> str:
+        return "one of " + ", ".join(self.values)
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        return None if value in self.values else "not a valid choice"
+
+
+@dataclass(frozen=True)
+class Only(Domain):
+    """An option flame has and lmlab does not support: only its neutral value is accepted."""
+
+    value: Any
+    why: str
+
+    @property
+    def expected(self) -> str:
+        return f"{'empty' if self.value == [] else show(self.value)} only"
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        return None if value == self.value else f"not supported: {self.why}"
+
+
+@dataclass(frozen=True)
+class Text(Domain):
+    """A string (`what` says which: a path, a hub id); `empty`: "" is valid; `none`: None is valid."""
+
+    what: str = "any text"
+    empty: bool = True
+    none: bool = False
+
+    @property
+    def expected(self) -> str:
+        return f"none or {self.what}" if self.none else self.what
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        if value is None:
+            return None if self.none else "not set"
+        if not isinstance(value, str):
+            return "not a string"
+        return "empty" if not self.empty and not value.strip() else None
+
+
+@dataclass(frozen=True)
+class SubFolder(Domain):
+    """A folder inside the dump folder (`--job.overwrite` deletes some of them: never the dump or beyond)."""
+
+    @property
+    def expected(self) -> str:
+        return "a relative path inside the dump folder"
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        if not isinstance(value, str):
+            return "not a string"
+        path = PurePath(value.strip())
+        if not value.strip():
+            return "empty"
+        if path.is_absolute() or ".." in path.parts:
+            return "outside the dump folder"
+        return "the dump folder itself" if not path.parts else None
+
+
+def dataset_count(cfg: JobConfig) -> int:
+    """The number of sources in --training.dataset (a comma list), as lmlab.data counts them."""
+    return len([s for s in cfg.training.dataset.split(",") if s.strip()])
+
+
+def _sources(n: int) -> str:
+    return f"{n} dataset{'s' if n != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class PerSource(Domain):
+    """One value for every dataset, or a comma list with one per dataset (`own_list`: with a single
+    dataset the value is that dataset's own comma list, e.g. of data files)."""
+
+    none: bool = False
+    own_list: bool = False
+
+    @property
+    def expected(self) -> str:
+        if self.own_list:
+            return "none or files; with several datasets, one entry per dataset"
+        return "none, one value or one per dataset" if self.none else "one value, or one per dataset"
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        if value is None:
+            return None if self.none else "not set"
+        if not isinstance(value, str):
+            return "not a string"
+        items, n = len(value.split(",")), dataset_count(cfg)
+        if n and items > 1 and items != n and not (self.own_list and n == 1):
+            return f"{items} entries for {_sources(n)}"
+        return None
+
+
+@dataclass(frozen=True)
+class Probs(Domain):
+    """--training.data_probs: the sampling weight of each dataset."""
+
+    @property
+    def expected(self) -> str:
+        return "none or one weight >= 0 per dataset, finite, sum > 0"
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return "not a string"
+        try:
+            probs = [float(p) for p in value.split(",")]
+        except ValueError:
+            return "not a comma list of numbers"
+        if not all(math.isfinite(p) for p in probs):
+            return "not finite"
+        if any(p < 0 for p in probs):
+            return "negative"
+        n = dataset_count(cfg)
+        if n and len(probs) != n:
+            return f"{len(probs)} weight{'s' if len(probs) != 1 else ''} for {_sources(n)}"
+        return "all zeros" if sum(probs) <= 0 else None
+
+
+@dataclass(frozen=True)
+class Subset(Domain):
+    """A comma list whose items are names from `values`."""
+
+    values: tuple[str, ...]
+
+    @property
+    def expected(self) -> str:
+        return "a comma list of " + ", ".join(self.values)
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        if not isinstance(value, list):
+            return "not a list"
+        unknown = [v for v in value if v not in self.values]
+        if not unknown:
+            return None
+        return "unknown" if len(value) == 1 else f"not a list of known names ({unknown[0]!r} is unknown)"
+
+
+@dataclass(frozen=True)
+class EveryOrOp(Domain):
+    """--activation_checkpoint.selective_ac_option: "op" or every N-th block."""
+
+    @property
+    def expected(self) -> str:
+        return "op or an integer >= 1"
+
+    def problem(self, value: Any, cfg: JobConfig) -> str | None:
+        ok = value == "op" or (isinstance(value, str) and value.isascii() and value.isdigit() and int(value) >= 1)
+        return None if ok else "neither op nor an integer >= 1"
+
+
+def option(default: Any, domain: Domain) -> Any:
+    """A section field: its default and its valid values (the catalogue's entry)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"domain": domain})
+    return field(default=default, metadata={"domain": domain})
+
+
+def _divides_batch_size(value: int, cfg: JobConfig) -> str | None:
+    if value and cfg.training.batch_size % value:
+        return f"not a divisor of --training.batch_size {cfg.training.batch_size}"
+    return None
+
+
+def _fits_seq_len(value: int, cfg: JobConfig) -> str | None:
+    if cfg.training.varlen and value > cfg.training.seq_len:
+        return f"more than --training.seq_len {cfg.training.seq_len} with --training.varlen"
+    return None
+
+
+CHECKPOINT_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sections: every option with its type, default and valid values (the catalogue)
+
+
 @dataclass
 class Job:
-    config_file: str | None = None
-    dump_folder: str = "exp"
-    description: str = ""
-    print_args: bool = False
+    config_file: str | None = option(None, Text("a TOML file", empty=False, none=True))
+    dump_folder: str = option("exp", Text("a folder path", empty=False))
+    description: str = option("", Text())
+    print_args: bool = option(False, Flag())
     # lmlab: allow starting a new run in a dump folder that holds a different run's checkpoints.
-    overwrite: bool = False
+    overwrite: bool = option(False, Flag())
 
 
 @dataclass
 class Model:
-    config: str | None = None  # JSON path or hub id of an fla-schema (or any causal-LM) config
-    tokenizer_path: str | None = None  # local dir or hub id
-    name: str = "fla"
-    converters: list[str] = field(default_factory=list)
-    backend: str = "auto"  # lmlab: kernel backend auto | torch | fla | flash | triton
-    trust_remote_code: bool = False  # lmlab: never run code from a checkpoint unless asked
+    # JSON path or hub id of an fla-schema (or any causal-LM) config
+    config: str | None = option(None, Text("a config JSON or hub id", empty=False, none=True))
+    tokenizer_path: str | None = option(None, Text("a tokenizer folder or hub id", empty=False, none=True))
+    name: str = option("fla", Text())  # flame's; lmlab takes the model type from the config
+    converters: list[str] = option([], Only([], "no float8 training yet"))
+    backend: str = option("auto", Choice(BACKENDS))  # lmlab: kernel backend auto | torch | fla | flash | triton
+    trust_remote_code: bool = option(False, Flag())  # lmlab: never run code from a checkpoint unless asked
 
 
 @dataclass
 class Optimizer:
-    name: str = "AdamW"
-    eps: float = 1e-8
-    lr: float = 8e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    implementation: str = "fused"
+    name: str = option("AdamW", Choice(("Adam", "AdamW")))
+    eps: float = option(1e-8, Float(gt=0))
+    lr: float = option(8e-4, Float(gt=0))
+    beta1: float = option(0.9, Float(ge=0, lt=1))
+    beta2: float = option(0.95, Float(ge=0, lt=1))
+    weight_decay: float = option(0.1, Float(ge=0))
+    implementation: str = option("fused", Choice(("fused", "foreach", "for-loop")))
 
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = 200
-    decay_ratio: float | None = None  # None: decay right after warmup; x: WSD, decay over the last x of steps
-    decay_type: str = "linear"
-    lr_min: float = 0.0  # a ratio: the floor is lr * lr_min
+    warmup_steps: int = option(200, Int(ge=0))
+    # None: decay right after warmup; x: WSD, decay over the last x of steps
+    decay_ratio: float | None = option(None, Float(gt=0, le=1, none=True))
+    decay_type: str = option("linear", Choice(("linear", "sqrt", "cosine")))
+    lr_min: float = option(0.0, Float(ge=0, le=1))  # a ratio: the floor is lr * lr_min
 
 
 @dataclass
 class Training:
-    batch_size: int = 8  # per device, per micro-batch
-    seq_len: int = 2048
-    context_len: int = 2048  # varlen: documents longer than this are split
-    varlen: bool = False
-    gradient_accumulation_steps: int = 1
-    micro_batch_size: int = 0  # lmlab: rows per forward/backward (0: all of batch_size); must divide batch_size
-    steps: int = 10000
-    max_norm: float = 1.0
-    skip_nan_inf: bool = False
-    max_consecutive_skips: int = 10  # lmlab: stop a run whose steps keep being skipped
-    dataset: str = "HuggingFaceFW/fineweb-edu"
-    dataset_name: str | None = None
-    dataset_split: str = "train"
-    data_dir: str | None = None
-    data_files: str | None = None
-    data_probs: str | None = None
-    text_column: str | None = None  # lmlab: default "text", then "content"
-    streaming: bool = False
-    num_workers: int = 32
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-    persistent_workers: bool = False
-    data_parallel_replicate_degree: int = 1
-    data_parallel_shard_degree: int = -1
-    tensor_parallel_degree: int = 1
-    enable_cpu_offload: bool = False
-    fsdp_reshard_after_forward: str = "default"
-    mixed_precision_param: str = "bfloat16"
-    mixed_precision_reduce: str = "float32"
-    compile: bool = False
-    gc_freq: int = 50
-    seed: int | None = 42
-    deterministic: bool = False
+    batch_size: int = option(8, Int(ge=1))  # per device, per micro-batch
+    seq_len: int = option(2048, Int(ge=2))  # a row of one token has no next token to predict
+    # varlen: documents longer than this are split
+    context_len: int = option(2048, Int(ge=1, relation=Relation("<= seq_len with varlen", _fits_seq_len)))
+    varlen: bool = option(False, Flag())
+    gradient_accumulation_steps: int = option(1, Int(ge=1))
+    # lmlab: rows per forward/backward (0: all of batch_size); must divide batch_size
+    micro_batch_size: int = option(0, Int(ge=0, relation=Relation("divides batch_size", _divides_batch_size),
+                                          text="0 or a divisor of batch_size"))
+    steps: int = option(10000, Int(ge=1))
+    max_norm: float = option(1.0, Float(ge=0))  # 0: measure only
+    skip_nan_inf: bool = option(False, Flag())
+    max_consecutive_skips: int = option(10, Int(ge=1))  # lmlab: stop a run whose steps keep being skipped
+    dataset: str = option("HuggingFaceFW/fineweb-edu", Text("a hub id or path, or a comma list of them", empty=False))
+    dataset_name: str | None = option(None, PerSource(none=True))
+    dataset_split: str = option("train", PerSource())
+    data_dir: str | None = option(None, PerSource(none=True))
+    data_files: str | None = option(None, PerSource(none=True, own_list=True))
+    data_probs: str | None = option(None, Probs())
+    text_column: str | None = option(None, Text("a column name", none=True))  # lmlab: default "text", then "content"
+    streaming: bool = option(False, Flag())
+    num_workers: int = option(32, Int(ge=0))
+    prefetch_factor: int = option(2, Int(ge=1))  # batches per worker; torch's loader fails on 0
+    pin_memory: bool = option(False, Flag())
+    persistent_workers: bool = option(False, Flag())
+    data_parallel_replicate_degree: int = option(1, Int(ge=1))
+    data_parallel_shard_degree: int = option(-1, Int(ge=1, also=(-1,)))  # -1: the remaining ranks
+    tensor_parallel_degree: int = option(1, Only(1, "lmlab trains data parallel: FSDP2 degrees"))
+    enable_cpu_offload: bool = option(False, Flag())
+    fsdp_reshard_after_forward: str = option("default", Choice(("default", "always", "never")))
+    mixed_precision_param: str = option("bfloat16", Choice(("bfloat16", "float32", "float16")))
+    mixed_precision_reduce: str = option("float32", Choice(("float32", "bfloat16")))
+    compile: bool = option(False, Flag())
+    gc_freq: int = option(50, Int(ge=1))
+    # numpy seeds each rank with seed + rank, below 2**32
+    seed: int | None = option(42, Int(ge=0, le=2**31 - 1, none=True))
+    deterministic: bool = option(False, Flag())
 
 
 @dataclass
 class Checkpoint:
-    enable_checkpoint: bool = False
-    folder: str = "checkpoint"
-    interval: int = 500
-    initial_load_path: str | None = None
-    initial_load_model_weights_only: bool = True
-    last_save_model_weights_only: bool = False
-    export_dtype: str = "float32"
-    async_mode: str = "disabled"
-    keep_latest_k: int = 0  # 0 keeps all
-    load_step: int = -1  # -1: the newest complete checkpoint
-    exclude_from_loading: list[str] = field(default_factory=list)
+    enable_checkpoint: bool = option(False, Flag())
+    folder: str = option("checkpoint", SubFolder())
+    interval: int = option(500, Int(ge=1))
+    initial_load_path: str | None = option(None, Text("a checkpoint folder", none=True))
+    initial_load_model_weights_only: bool = option(True, Flag())
+    last_save_model_weights_only: bool = option(False, Flag())
+    export_dtype: str = option("float32", Choice(DTYPE_NAMES))
+    async_mode: str = option("disabled", Choice(("disabled", "async", "async_with_pinned_mem")))
+    # 0 keeps all; 1 would delete the only complete checkpoint before the next is written
+    keep_latest_k: int = option(0, Int(ge=2, also=(0,), refused=(
+        (1, "unsafe: a crash while saving would leave no complete checkpoint"),)))
+    load_step: int = option(-1, Int(ge=0, also=(-1,)))  # -1: the newest complete checkpoint
+    exclude_from_loading: list[str] = option([], Subset(CHECKPOINT_STATES))
 
 
 @dataclass
 class Metrics:
-    log_freq: int = 10
-    enable_tensorboard: bool = False
-    save_tb_folder: str = "tb"
-    enable_wandb: bool = False
-    disable_color_printing: bool = False
+    log_freq: int = option(10, Int(ge=1))
+    enable_tensorboard: bool = option(False, Flag())
+    save_tb_folder: str = option("tb", SubFolder())
+    enable_wandb: bool = option(False, Only(False, "lmlab logs to metrics.jsonl and tensorboard"))
+    disable_color_printing: bool = option(False, Flag())
 
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = "none"
-    selective_ac_option: str = "2"  # "N": every N-th block; "op": per-op policy
+    mode: str = option("none", Choice(("none", "full", "selective")))
+    selective_ac_option: str = option("2", EveryOrOp())  # "N": every N-th block; "op": per-op policy
 
 
 @dataclass
 class Experimental:
-    context_parallel_degree: int = 1
-    pipeline_parallel_degree: int = 1
-    custom_model_path: str | None = None  # module imported at start to register custom models
+    context_parallel_degree: int = option(1, Only(1, "no context parallelism yet"))
+    pipeline_parallel_degree: int = option(1, Only(1, "lmlab trains data parallel: FSDP2 degrees"))
+    # module imported at start to register custom models
+    custom_model_path: str | None = option(None, Text("a module name", empty=False, none=True))
 
 
 @dataclass
 class Profiling:
-    enable_profiling: bool = False
-    save_traces_folder: str = "profile_traces"
-    profile_freq: int = 10
+    enable_profiling: bool = option(False, Flag())
+    save_traces_folder: str = option("profile_traces", SubFolder())
+    profile_freq: int = option(10, Int(ge=1))
 
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = 300
-    train_timeout_seconds: int = 100
+    init_timeout_seconds: int = option(300, Int(ge=1))
+    train_timeout_seconds: int = option(100, Int(ge=1))
 
 
 @dataclass
@@ -178,30 +493,48 @@ class JobConfig:
         )
 
 
-# Values restricted to a set of choices, checked after parsing.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.backend": BACKENDS,
-    "optimizer.name": ("Adam", "AdamW"),
-    "optimizer.implementation": ("fused", "foreach", "for-loop"),
-    "lr_scheduler.decay_type": ("linear", "sqrt", "cosine"),
-    "training.fsdp_reshard_after_forward": ("default", "always", "never"),
-    "training.mixed_precision_param": ("bfloat16", "float32", "float16"),
-    "training.mixed_precision_reduce": ("float32", "bfloat16"),
-    "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),
-    "checkpoint.async_mode": ("disabled", "async", "async_with_pinned_mem"),
-    "activation_checkpoint.mode": ("none", "full", "selective"),
-}
+@dataclass(frozen=True)
+class Option:
+    """One entry of the catalogue."""
+
+    name: str  # "training.seq_len"
+    type: Any  # the annotation: int, float, bool, str, list[str] or X | None
+    default: Any
+    domain: Domain
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """(X, True) for X | None, (tp, False) otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
+    return tp, False
+
+
+@functools.cache
+def catalogue() -> dict[str, Option]:
+    """Every option, in the order of the sections and their fields (validation checks them in this order)."""
+    options: dict[str, Option] = {}
+    defaults = JobConfig()
+    for section in dataclasses.fields(JobConfig):
+        cls = section.default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            name, domain = f"{section.name}.{f.name}", f.metadata.get("domain")
+            assert isinstance(domain, Domain), f"{name} has no domain: declare it with option(default, domain)"
+            base, optional = _optional(hints[f.name])
+            if isinstance(domain, Number):  # the domain agrees with the annotation
+                assert base is (int if domain.integer else float) and optional == domain.none, name
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            assert domain.problem(default, defaults) is None, f"{name}: the default is not valid"
+            options[name] = Option(name, hints[f.name], default, domain)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
-
-
-def _sections() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}  # type: ignore[misc]
-
-
-def _field_types(section_cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -209,30 +542,23 @@ def _nearest(name: str, options: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def _resolve_key(dotted: str) -> tuple[str, str, Any]:
-    """'training.seq_len' -> (section, key, type); ConfigError naming the nearest valid key."""
-    sections = _sections()
-    all_keys = [f"{s}.{k}" for s, cls in sections.items() for k in _field_types(cls)]
-    section, _, key = dotted.partition(".")
-    if section not in sections or not key:
-        raise ConfigError(f"unknown option --{dotted}{_nearest(dotted, all_keys)}")
-    types_ = _field_types(sections[section])
-    if key not in types_:
-        raise ConfigError(f"unknown option --{dotted}{_nearest(dotted, all_keys)}")
-    return section, key, types_[key]
+def _resolve_key(dotted: str) -> Option:
+    """'training.seq_len' -> its Option; ConfigError naming the nearest valid key."""
+    options = catalogue()
+    if dotted not in options:
+        raise ConfigError(f"unknown option --{dotted}{_nearest(dotted, list(options))}")
+    return options[dotted]
 
 
-def _is_bool(tp: Any) -> bool:
-    return tp is bool
+def _bad_type(opt: Option, value: Any, kind: str) -> ConfigError:
+    return ConfigError(f"--{opt.name}: {show(value)} is not {kind} (expected {opt.domain.expected})")
 
 
-def _convert(dotted: str, tp: Any, value: Any) -> Any:
-    """Convert a CLI string (or a TOML value) to the field's type; ConfigError on mismatch."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        tp = next(a for a in args if a is not type(None))
+def _convert(opt: Option, value: Any) -> Any:
+    """Convert a CLI string (or a TOML value) to the option's type; ConfigError on mismatch."""
+    tp, optional = _optional(opt.type)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
     if typing.get_origin(tp) is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
         return [str(v) for v in items]
@@ -243,31 +569,32 @@ def _convert(dotted: str, tp: Any, value: Any) -> Any:
             return True
         if str(value).lower() in _FALSE:
             return False
-        raise ConfigError(f"--{dotted} expects true or false, got {value!r}")
+        raise _bad_type(opt, value, "true or false")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"--{dotted} expects an integer, got {value!r}")
+        if isinstance(value, (bool, float)):
+            raise _bad_type(opt, value, "an integer")
         try:
             return int(value) if isinstance(value, int) else int(str(value), 0)
         except ValueError:
-            raise ConfigError(f"--{dotted} expects an integer, got {value!r}") from None
+            raise _bad_type(opt, value, "an integer") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"--{dotted} expects a number, got {value!r}")
+            raise _bad_type(opt, value, "a number")
         try:
             return float(value)
-        except ValueError:
-            raise ConfigError(f"--{dotted} expects a number, got {value!r}") from None
+        except (ValueError, TypeError):
+            raise _bad_type(opt, value, "a number") from None
     if tp is str:
         if isinstance(value, (dict, list, bool)):
-            raise ConfigError(f"--{dotted} expects a string, got {value!r}")
+            raise _bad_type(opt, value, "a string")
         return str(value)
-    raise AssertionError(f"unhandled config type {tp} for {dotted}")
+    raise AssertionError(f"unhandled config type {tp} for {opt.name}")
 
 
 def _set(cfg: JobConfig, dotted: str, raw: Any) -> None:
-    section, key, tp = _resolve_key(dotted)
-    setattr(getattr(cfg, section), key, _convert(dotted, tp, raw))
+    opt = _resolve_key(dotted)
+    section, key = dotted.split(".")
+    setattr(getattr(cfg, section), key, _convert(opt, raw))
 
 
 def _split_cli(argv: list[str]) -> list[tuple[str, Any]]:
@@ -279,13 +606,13 @@ def _split_cli(argv: list[str]) -> list[tuple[str, Any]]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key value")
         name, eq, value = arg[2:].partition("=")
-        _, _, tp = _resolve_key(name)
+        opt = _resolve_key(name)
         if eq:
             pairs.append((name, value))
             i += 1
             continue
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if _is_bool(tp):
+        if opt.type is bool:
             if nxt is not None and nxt.lower() in _TRUE + _FALSE:
                 pairs.append((name, nxt))
                 i += 2
@@ -308,14 +635,15 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
-def load_toml(cfg: JobConfig, path: str | Path) -> None:
-    """Apply a TOML job config onto `cfg`; unknown sections or keys are errors."""
+def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None = None) -> None:
+    """Apply a TOML job config onto `cfg`; unknown sections or keys are errors. `origins` records which
+    options the file set (dotted name -> path), so that validation can name the file of a bad value."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--job.config_file {path}: no such file")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--job.config_file {path}: invalid TOML: {exc}") from None
     for section, values in data.items():
         if not isinstance(values, dict):
@@ -325,72 +653,54 @@ def load_toml(cfg: JobConfig, path: str | Path) -> None:
                 _set(cfg, f"{section}.{key}", value)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
+            if origins is not None:
+                origins[f"{section}.{key}"] = str(path)
 
 
 def parse_args(argv: list[str]) -> JobConfig:
-    """Build the JobConfig from defaults, the TOML named by --job.config_file, then the command line."""
+    """Build the JobConfig from defaults, the TOML named by --job.config_file, then the command line, and
+    validate every value."""
     pairs = _split_cli(argv)
     cfg = JobConfig()
+    origins: dict[str, str] = {}
     for name, value in pairs:
         if name == "job.config_file":
-            load_toml(cfg, value)
+            _set(cfg, name, value)
+            _check(catalogue()[name], cfg)
+            if cfg.job.config_file is not None:
+                load_toml(cfg, cfg.job.config_file, origins)
     for name, value in pairs:
         _set(cfg, name, value)
-    validate(cfg)
+        origins.pop(name, None)
+    validate(cfg, origins)
     return cfg
 
 
-def validate(cfg: JobConfig) -> None:
-    """Check choices and ranges that a single value's type cannot express."""
-    for dotted, choices in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"--{dotted} must be one of {', '.join(choices)}, got {value!r}")
-    t = cfg.training
-    positive = {
-        "training.batch_size": t.batch_size,
-        "training.seq_len": t.seq_len,
-        "training.context_len": t.context_len,
-        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "training.steps": t.steps,
-        "checkpoint.interval": cfg.checkpoint.interval,
-        "metrics.log_freq": cfg.metrics.log_freq,
-    }
-    for dotted, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"--{dotted} must be positive, got {value}")
-    if t.num_workers < 0:
-        raise ConfigError(f"--training.num_workers must be >= 0, got {t.num_workers}")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"--optimizer.lr must be positive, got {cfg.optimizer.lr}")
-    if not 0.0 <= cfg.lr_scheduler.lr_min <= 1.0:
-        raise ConfigError(f"--lr_scheduler.lr_min is a ratio of lr in [0, 1], got {cfg.lr_scheduler.lr_min}")
-    if cfg.lr_scheduler.warmup_steps < 0:
-        raise ConfigError(f"--lr_scheduler.warmup_steps must be >= 0, got {cfg.lr_scheduler.warmup_steps}")
-    ratio = cfg.lr_scheduler.decay_ratio
-    if ratio is not None and not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"--lr_scheduler.decay_ratio must be in [0, 1], got {ratio}")
-    if cfg.checkpoint.keep_latest_k == 1:
-        # Deleting the only complete checkpoint before the next is written would leave nothing to resume.
-        raise ConfigError("--checkpoint.keep_latest_k 1 is unsafe (a crash while saving loses all); use 0 or >= 2")
-    if cfg.checkpoint.keep_latest_k < 0:
-        raise ConfigError(f"--checkpoint.keep_latest_k must be >= 0, got {cfg.checkpoint.keep_latest_k}")
-    if t.max_norm < 0:
-        raise ConfigError(f"--training.max_norm must be >= 0 (0 disables clipping), got {t.max_norm}")
-    if t.micro_batch_size < 0 or (t.micro_batch_size and t.batch_size % t.micro_batch_size):
-        raise ConfigError(
-            f"--training.micro_batch_size must divide --training.batch_size ({t.batch_size}), got {t.micro_batch_size}"
-        )
-    if t.varlen and t.context_len > t.seq_len:
-        raise ConfigError(f"--training.context_len ({t.context_len}) cannot exceed --training.seq_len ({t.seq_len})")
-    if cfg.experimental.pipeline_parallel_degree != 1 or t.tensor_parallel_degree != 1:
-        raise ConfigError("pipeline and tensor parallelism are not supported; use data parallel (FSDP2) degrees")
-    if cfg.metrics.enable_wandb:
-        raise ConfigError("--metrics.enable_wandb is not supported; lmlab logs to metrics.jsonl and tensorboard")
-    if cfg.model.converters:
-        raise ConfigError(f"--model.converters {','.join(cfg.model.converters)} is not supported (no float8 training yet)")
-    if cfg.profiling.profile_freq <= 0:
-        raise ConfigError(f"--profiling.profile_freq must be positive, got {cfg.profiling.profile_freq}")
-    if cfg.experimental.context_parallel_degree != 1:
-        raise ConfigError("--experimental.context_parallel_degree > 1 is not supported")
+def validate(cfg: JobConfig, origins: dict[str, str] | None = None) -> None:
+    """Check every option's value against the catalogue, in its order; the first bad one is a ConfigError:
+    `[<toml file>: ]--section.key: <value> is <problem> (expected <valid values>)`."""
+    for opt in catalogue().values():
+        _check(opt, cfg, origins)
+
+
+def _check(opt: Option, cfg: JobConfig, origins: dict[str, str] | None = None) -> None:
+    section, key = opt.name.split(".")
+    value = getattr(getattr(cfg, section), key)
+    problem = opt.domain.problem(value, cfg)
+    if problem:
+        where = f"{origins[opt.name]}: " if origins and opt.name in origins else ""
+        raise ConfigError(f"{where}--{opt.name}: {show(value)} is {problem} (expected {opt.domain.expected})")
+
+
+def options_table() -> str:
+    """The catalogue as a Markdown table (option, default, valid values): README's option table states the
+    same valid values."""
+    rows = ["| option | default | valid values |", "|---|---|---|"]
+    for opt in catalogue().values():
+        default = "empty" if opt.default in ([], "") else show(opt.default).strip("'")
+        rows.append(f"| `{opt.name}` | {default} | {opt.domain.expected} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(options_table())

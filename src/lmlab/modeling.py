@@ -9,13 +9,70 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from lmlab.config import Model
+from lmlab.config import Domain, Flag, Float, Int, Model, show
 from lmlab.errors import UserError
+
+
+class TokenIds(Domain):
+    """A token id (an integer >= 0), none, or (eos_token_id) a list of ids."""
+
+    @property
+    def expected(self) -> str:
+        return "none, an integer >= 0 or a list of them"
+
+    def problem(self, value: Any, cfg: Any = None) -> str | None:
+        ids = value if isinstance(value, list) and value else [value]
+        if value is None or all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            return None
+        return "not a token id"
+
+
+# The model config keys lmlab's families read, with their valid values (the domains of lmlab.config): a
+# config is checked against them before transformers or the model classes see it, which would otherwise
+# fail later without naming the key (a ZeroDivisionError for 0 heads, a TypeError deep in torch for a size
+# that is a string) or quietly build something else (no layers for -1, True for the string "false").
+# Keys a config leaves out keep the family's defaults; other keys are the families' own to check. Other model
+# types (fla's, transformers') get only the sizes every causal LM has (CORE_KEYS): their other keys may
+# differ (per-layer lists of heads, say).
+MODEL_KEYS: dict[str, Domain] = {
+    **{key: Int(ge=1) for key in ("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "conv_size",
+                                  "chunk_size")},
+    **{key: Int(ge=1, none=True) for key in ("num_kv_heads", "num_v_heads", "head_dim", "intermediate_size",
+                                             "window_size", "max_position_embeddings")},
+    "hidden_ratio": Float(gt=0, none=True),
+    "expand_k": Float(gt=0),
+    "expand_v": Float(gt=0),
+    "norm_eps": Float(gt=0),
+    "initializer_range": Float(ge=0),
+    "rope_theta": Float(gt=0, none=True),
+    **{key: TokenIds() for key in ("pad_token_id", "bos_token_id", "eos_token_id")},
+    **{key: Flag() for key in (
+        "tie_word_embeddings", "use_cache", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy",
+        "fuse_linear_cross_entropy", "use_l2warp", "use_gate", "use_short_conv", "use_beta", "allow_neg_eigval",
+        "use_output_norm", "use_output_gate", "use_gk", "use_gv", "qkv_bias", "use_forgetting_gate",
+        "use_local_pos_encoding", "use_memory_gate", "use_memory_scaler", "use_memory_gate_separate",
+        "use_memory_dynamic_scaler")},
+}
+
+
+CORE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def check_model_keys(values: dict[str, Any], source: str, model_type: str) -> None:
+    """UserError naming the first key of `values` (a config's keys) outside its valid values (MODEL_KEYS)."""
+    for key, domain in MODEL_KEYS.items():
+        if key in values and (key in CORE_KEYS or model_type in lmlab_model_types()):
+            problem = domain.problem(values[key], None)
+            if problem:
+                raise UserError(f"--model.config {source}: {key}: {show(values[key])} is {problem} "
+                                f"(expected {domain.expected})")
 
 
 def lmlab_model_types() -> list[str]:
@@ -34,23 +91,39 @@ def load_model_config(source: str, *, trust_remote_code: bool = False) -> Pretra
             values = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"--model.config {source}: invalid JSON ({exc})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--model.config {source}: not a text file (JSON must be UTF-8)") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--model.config {source}: the JSON is {_json_kind(values)}, expected an object "
+                            '({"model_type": ..., "hidden_size": ..., ...})')
         model_type = values.pop("model_type", None)
         if model_type is None:
             raise UserError(f"--model.config {source}: missing 'model_type' (one of {', '.join(lmlab_model_types())})")
+        if not isinstance(model_type, str):
+            raise UserError(f"--model.config {source}: model_type: {show(model_type)} is not a string "
+                            f"(expected one of {', '.join(lmlab_model_types())})")
+        check_model_keys(values, source, model_type)
         _ensure_registered(model_type)
         try:
             return AutoConfig.for_model(model_type, **values)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, StrictDataclassError) as exc:
             raise _config_error("--model.config", source, exc) from None
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError:
         raise UserError(
             f"--model.config {source}: not a local file or folder, and not reachable as a hub id "
             "(offline?); pass a local config JSON such as configs/gated_deltanet_340M.json"
         ) from None
-    except ValueError as exc:
+    except (ValueError, StrictDataclassError) as exc:
         raise _config_error("--model.config", source, exc) from None
+    check_model_keys(config.to_dict(), source, config.model_type)
+    return config
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _config_error(option: str, source: str, exc: Exception) -> UserError:
@@ -90,8 +163,28 @@ def import_custom_models(module: str | None) -> None:
         raise UserError(f"--experimental.custom_model_path {module}: cannot import it ({exc})") from None
 
 
+def token_id_bound(tokenizer: PreTrainedTokenizerBase) -> int:
+    """One more than the largest id the tokenizer can produce (vocabulary, added and special tokens): the
+    embedding rows a model needs. `len(tokenizer)` counts the tokens, which is less when the ids are sparse."""
+    ids = [*tokenizer.get_vocab().values(), *getattr(tokenizer, "added_tokens_decoder", {}),
+           *tokenizer.all_special_ids]
+    return max((i for i in ids if isinstance(i, int)), default=-1) + 1
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, source: str) -> None:
+    """UserError unless every token id fits the model's embedding (`vocab_size` rows)."""
+    bound = token_id_bound(tokenizer)
+    if bound > config.vocab_size:
+        raise UserError(
+            f"the tokenizer's token ids go up to {bound - 1} ({len(tokenizer)} tokens) but the model's vocab_size "
+            f"is {config.vocab_size} (--model.config {source}); raise vocab_size to at least {bound} in the model "
+            "config or use a matching tokenizer"
+        )
+
+
 def build_model(cfg: Model, *, vocab_size: int, device: torch.device) -> torch.nn.Module:
-    """A freshly initialised causal LM in float32 on `device` (FSDP / autocast handle precision)."""
+    """A freshly initialised causal LM in float32 on `device` (FSDP / autocast handle precision).
+    `vocab_size`: the embedding rows the tokenizer needs at least (`load_tokenizer` checked its largest id)."""
     if cfg.config is None:
         raise UserError("--model.config is required (a config JSON such as configs/tiny_gated_deltanet.json)")
     config = load_model_config(cfg.config, trust_remote_code=cfg.trust_remote_code)
@@ -109,6 +202,15 @@ def build_model(cfg: Model, *, vocab_size: int, device: torch.device) -> torch.n
 
 
 def load_tokenizer(cfg: Model) -> PreTrainedTokenizerBase:
+    """The tokenizer of `--model.tokenizer_path`; with `--model.config` set, checked to fit that model:
+    its largest token id, not its token count, must be below the config's vocab_size."""
+    tokenizer = _load_tokenizer(cfg)
+    if cfg.config is not None:
+        check_vocab(tokenizer, load_model_config(cfg.config, trust_remote_code=cfg.trust_remote_code), cfg.config)
+    return tokenizer
+
+
+def _load_tokenizer(cfg: Model) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer_path
     if source is None:
         raise UserError("--model.tokenizer_path is required (a local tokenizer folder or a hub id)")
