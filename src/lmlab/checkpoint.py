@@ -18,16 +18,27 @@ Layout: `<dump>/<checkpoint.folder>/step-N/` is a DCP directory. Its flattened k
 `model.<name>` (the model's own parameter names, e.g. `model.model.layers.0.attn.q_proj.weight`),
 `optimizer.*` (from `get_optimizer_state_dict`), `lr_scheduler` and `train_state` (one bytes value each),
 and, per rank r, `dataloader.rank<r>` and `rng.rank<r>` (python, numpy, torch and CUDA generators).
-Rank 0 adds `lmlab.json` (step, world size, weights-only flag) and the model's `config.json`.
+Rank 0 adds `lmlab.json` (step, world size, weights-only flag, optimizer class) and the model's `config.json`.
 Model and optimizer go through DCP's state-dict helpers, so FSDP2-sharded states reshard on load (any
 number of ranks). The per-rank states cannot reshard: loading them with another world size is an error
 that names `--checkpoint.exclude_from_loading dataloader` (RNG states are then left as seeded).
 
 Guarantees:
 - A `step-N` directory is complete or absent: ranks write `step-N.tmp`; after all have finished,
-  rank 0 renames it. Leftover `*.tmp` directories (a killed save) are never loaded or counted, and are
-  removed when the next Checkpointer starts. `keep_latest_k` deletes older complete checkpoints only
-  after a newer one is complete (and renames before deleting, so a half-deleted one is never seen).
+  rank 0 adds lmlab.json and renames it. Complete = DCP's `.metadata` and a readable lmlab.json of step N
+  (`complete_steps`). Leftover `*.tmp` directories (a killed save) and incomplete `step-N` directories
+  are never loaded or counted, and are removed when the next Checkpointer starts (except the one
+  `load_step` names: its load is a one-line error; and DCP checkpoints of other programs, which `load`
+  refuses). `keep_latest_k` deletes older complete checkpoints only after a newer one is complete (and
+  renames before deleting, so a half-deleted one is never seen); it counts steps up to the one just
+  saved only.
+- A save of step N that finds a `step-N` it did not write (another timeline: a longer run before a
+  resume from an earlier step) replaces it: old renamed to `*.replaced.tmp`, new renamed in, old deleted.
+- Non-finite weights are never written: `save` and `export_hf` check every parameter first
+  (`weights_finite`: one fused max-norm, one host sync) and raise a one-line UserError.
+- A load keeps this run's hyperparameters (the optimizer's param-group values and the schedule's base
+  LR, from the flags) over the saved ones, with the saved moments and schedule position; a checkpoint
+  of another optimizer class (lmlab.json's "optimizer") is refused unless the optimizer is excluded.
 - The checkpoint folder must be on a filesystem that every node sees (as DCP requires).
 - A failing write (read-only or full disk) raises `UserError` with one line on every rank, leaving
   earlier checkpoints intact.
@@ -226,11 +237,61 @@ def _model_config_json(model: nn.Module) -> str | None:
 # --- the checkpointer ------------------------------------------------------------------------------
 
 def complete_steps(folder: Path) -> list[int]:
-    """The steps of the complete checkpoints (`step-N` with DCP metadata) in `folder`, oldest first."""
+    """The steps of the complete checkpoints in `folder`, oldest first: `step-N` directories with DCP's
+    `.metadata` and a readable lmlab.json of step N (see `incomplete_reason`)."""
+    return sorted(step for step, path in _step_dirs(folder) if incomplete_reason(path, step) is None)
+
+
+def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
-    found = (_STEP_DIR.fullmatch(p.name) for p in folder.iterdir() if (p / ".metadata").is_file())
-    return sorted(int(m.group(1)) for m in found if m)
+    found = ((_STEP_DIR.fullmatch(p.name), p) for p in folder.iterdir() if p.is_dir())
+    return [(int(m.group(1)), p) for m, p in found if m]
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    """lmlab.json of the checkpoint at `path`; None if there is none; ValueError/OSError if unreadable."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{META_FILE} is not lmlab's checkpoint record")
+    return meta
+
+
+def incomplete_reason(path: Path, step: int) -> str | None:
+    """Why `path` (a `step-N` directory) is not a complete checkpoint of `step`; None when it is.
+
+    Complete: DCP's `.metadata` and lmlab.json (written last, before the rename) naming that step. Without
+    lmlab.json a step would resume as step 0 (its steps run twice, the schedule wrong), so it never counts."""
+    if not (path / ".metadata").is_file():
+        return "no DCP .metadata"
+    try:
+        meta = _read_meta(path)
+    except (OSError, ValueError) as exc:
+        return f"unreadable {META_FILE}: {_one_line(exc)}"
+    if meta is None:
+        return f"no {META_FILE}"
+    if meta["step"] != step:
+        return f"its {META_FILE} is of step {meta['step']}"
+    return None
+
+
+# The top-level state names lmlab writes; a DCP checkpoint with other keys was written by another program.
+_LMLAB_GROUPS = {"model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng"}
+
+
+def _foreign(path: Path) -> bool:
+    """Whether `path` is a readable DCP checkpoint that lmlab did not write (e.g. flame's, whose model keys
+    are at the top level): such a directory is never cleaned up as an incomplete save of lmlab's."""
+    if (path / META_FILE).is_file():
+        return False
+    try:
+        keys = read_metadata(path).state_dict_metadata
+    except UserError:
+        return False
+    return any(key.split(".", 1)[0] not in _LMLAB_GROUPS for key in keys)
 
 
 def _agree(error: BaseException | None, dist: Dist, what: str, note: str = "") -> None:
@@ -266,14 +327,28 @@ def _save_failed(exc: BaseException, tmp: Path, target: Path, dist: Dist) -> Use
 
 
 def _finish_write(tmp: Path, target: Path, meta: dict[str, Any], config_json: str | None, dist: Dist) -> None:
-    """After every rank has written `tmp` (dcp.save returned), rank 0 adds lmlab.json and renames it."""
+    """After every rank has written `tmp` (dcp.save returned), rank 0 adds lmlab.json and renames it.
+
+    An existing `target` (a step of another timeline, or an incomplete one) is replaced: renamed to
+    `*.replaced.tmp`, the new one renamed in, the old one deleted; a kill in between leaves `*.tmp`
+    directories only (cleaned up at the next start) and no `target`, never a mix."""
     error = None
     if dist.is_main:
         try:
             (tmp / META_FILE).write_text(json.dumps(meta))
             if config_json is not None:
                 (tmp / "config.json").write_text(config_json)
-            tmp.rename(target)
+            old = None
+            if target.is_dir():
+                old = target.rename(target.with_name(target.name + ".replaced" + TMP_SUFFIX))
+            try:
+                tmp.rename(target)
+            except OSError:
+                if old is not None:
+                    old.rename(target)  # put the old one back: a failed save changes nothing
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)  # a leftover *.tmp goes at the next start
         except OSError as exc:
             error = exc
             shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +384,7 @@ class Checkpointer:
         self.folder = Path(dump_folder) / cfg.folder
         self.enabled = cfg.enable_checkpoint
         self._pending: _PendingSave | None = None
+        self._current: set[int] = set()  # steps whose step-N holds this run's state (saved or loaded by it)
         self._writer: dcp.FileSystemWriter | None = None  # reused by async saves (keeps pinned buffers)
         # An async save's collectives run in a background thread: give them their own group, so they
         # never interleave with the training loop's collectives on the default one.
@@ -316,10 +392,26 @@ class Checkpointer:
         if self.enabled and cfg.async_mode != "disabled" and dist.initialized:
             self._async_group = torch.distributed.new_group(backend="gloo")
         if self.enabled:
-            if dist.is_main and self.folder.is_dir():
-                for leftover in self.folder.glob(f"*{TMP_SUFFIX}"):
-                    shutil.rmtree(leftover, ignore_errors=True)
+            if dist.is_main:
+                self._clean_up()
             dist.barrier()
+
+    def _clean_up(self) -> None:
+        """Remove what cut-short saves and deletions leave: `*.tmp` directories, and `step-N` directories
+        that are not complete (see `incomplete_reason`); keep the one `load_step` names (its load says
+        what is wrong with it) and DCP checkpoints that other programs wrote (`load` refuses those)."""
+        for leftover in self.folder.glob(f"*{TMP_SUFFIX}") if self.folder.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
+        for step, path in _step_dirs(self.folder):
+            reason = incomplete_reason(path, step)
+            if reason is None or step == self.cfg.load_step or _foreign(path):
+                continue
+            print(f"lmlab: removing the incomplete checkpoint {path} ({reason})", flush=True)
+            try:
+                trash = path.rename(path.with_name(path.name + ".deleted" + TMP_SUFFIX))
+            except OSError:  # left in place: it is never loaded or counted anyway
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints, oldest first."""
@@ -342,11 +434,20 @@ class Checkpointer:
             return
         self.wait()
         target = self.step_dir(step)
-        if target.is_dir():
+        if step in self._current:
             return
+        # A step-N already there is of another timeline (a longer run before a resume from an earlier
+        # step) or incomplete: this save replaces it (see _finish_write).
+        if not weights_finite(states["model"], self.dist):
+            raise UserError(
+                f"step {step}: the model weights are not finite (NaN or inf); not saving {target.name}{_INTACT} "
+                "(resume from one with a lower --optimizer.lr)"
+            )
         weights_only = final and self.cfg.last_save_model_weights_only
         state = self._state_to_save(states, weights_only)
         meta = {"step": step, "world_size": self.dist.world_size, "model_weights_only": weights_only}
+        if "optimizer" in states and not weights_only:
+            meta["optimizer"] = type(states["optimizer"]).__name__
         config_json = _model_config_json(states["model"])
         tmp = _begin_write(target, self.dist)
         try:
@@ -360,10 +461,12 @@ class Checkpointer:
                     state, checkpoint_id=tmp, storage_writer=self._writer, process_group=self._async_group
                 )
                 self._pending = _PendingSave(future, tmp, target, meta, config_json)
+                self._current.add(step)
                 return
         except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
             raise _save_failed(exc, tmp, target, self.dist) from None
         self._complete(tmp, target, meta, config_json)
+        self._current.add(step)
 
     def wait(self) -> None:
         """Finish a pending async save (rename it into place)."""
@@ -402,7 +505,9 @@ class Checkpointer:
         error = None
         if self.dist.is_main and self.cfg.keep_latest_k > 0:
             try:
-                for step in self.steps()[: -self.cfg.keep_latest_k]:
+                # later steps are another timeline's (this run replaces each when it gets there): never
+                # counted, so they cannot push this run's own checkpoints out
+                for step in [s for s in self.steps() if s <= meta["step"]][: -self.cfg.keep_latest_k]:
                     doomed = self.step_dir(step)
                     # rename first: a deletion cut short leaves a *.tmp directory, never a partial step-N
                     trash = doomed.with_name(doomed.name + ".deleted" + TMP_SUFFIX)
@@ -414,8 +519,11 @@ class Checkpointer:
 
     # -- loading --
 
-    def load(self, states: dict[str, Any]) -> int:
-        """Restore `states` in place from the checkpoint chosen by the config; return its step (0 if none)."""
+    def load(self, states: dict[str, Any], *, fresh: bool = False) -> int:
+        """Restore `states` in place from the checkpoint chosen by the config; return its step (0 if none).
+
+        `fresh` (`--job.overwrite`): ignore the checkpoints in the folder (only `initial_load_path` is read).
+        """
         if not self.enabled:
             return 0
         unknown = set(self.cfg.exclude_from_loading) - set(states) - {"rng"}
@@ -424,17 +532,38 @@ class Checkpointer:
                 f"--checkpoint.exclude_from_loading: unknown state {sorted(unknown)[0]!r}; "
                 f"choose from {', '.join(sorted([*states, 'rng']))}"
             )
-        steps = self.steps()
-        if self.cfg.load_step >= 0:
+        steps = [] if fresh else self.steps()
+        if not fresh:
+            for _, path in _step_dirs(self.folder):
+                if _foreign(path):
+                    raise UserError(
+                        f"{path} is a checkpoint that lmlab did not write (no {META_FILE}; e.g. flame's): move it out "
+                        f"of {self.folder}, or warm-start from it with --checkpoint.initial_load_path in another "
+                        "--job.dump_folder"
+                    )
+        step = None
+        if self.cfg.load_step >= 0 and not fresh:
+            path = self.step_dir(self.cfg.load_step)
             if self.cfg.load_step not in steps:
                 available = ", ".join(map(str, steps)) or "none"
-                raise UserError(
-                    f"--checkpoint.load_step {self.cfg.load_step}: no complete checkpoint step-{self.cfg.load_step} "
-                    f"in {self.folder} (available: {available})"
+                reason = incomplete_reason(path, self.cfg.load_step) if path.is_dir() else None
+                problem = f"{path} is incomplete or corrupt ({reason})" if reason else (
+                    f"no complete checkpoint step-{self.cfg.load_step} in {self.folder}")
+                raise UserError(f"--checkpoint.load_step {self.cfg.load_step}: {problem} (available: {available})")
+            step = self._load_step_dir(path, states)
+        elif steps:
+            step = self._load_step_dir(self.step_dir(steps[-1]), states)
+        if step is not None:
+            self._current.add(step)
+            later = [s for s in steps if s > step]
+            if later and self.dist.is_main:
+                print(
+                    f"lmlab: {', '.join(f'step-{s}' for s in later)} in {self.folder}: later than step {step}, from "
+                    "another timeline of this run; each is replaced when this run saves that step (until then, "
+                    "--checkpoint.load_step -1 would resume that timeline)",
+                    flush=True,
                 )
-            return self._load_step_dir(self.step_dir(self.cfg.load_step), states)
-        if steps:
-            return self._load_step_dir(self.step_dir(steps[-1]), states)
+            return step
         if self.cfg.initial_load_path:
             path = Path(self.cfg.initial_load_path)
             if self.cfg.initial_load_model_weights_only:
@@ -445,14 +574,26 @@ class Checkpointer:
 
     def _load_step_dir(self, path: Path, states: dict[str, Any]) -> int:
         metadata = read_metadata(path)
-        meta_file = path / META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        try:
+            meta = _read_meta(path) or {}  # none: a checkpoint of another program (initial_load_path)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path / META_FILE} is corrupt ({_one_line(exc)})") from None
         step = int(meta.get("step", 0))
         if meta.get("model_weights_only"):
             load_model_weights(states["model"], path)
             return step
         saved_groups = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
         wanted = [name for name in [*states, "rng"] if name not in self.cfg.exclude_from_loading]
+        optimizer, scheduler = states.get("optimizer"), states.get("lr_scheduler")
+        saved_optimizer = meta.get("optimizer")
+        if "optimizer" in wanted and optimizer is not None and saved_optimizer not in (None, type(optimizer).__name__):
+            raise UserError(
+                f"--optimizer.name {type(optimizer).__name__}: {path} was saved with {saved_optimizer}, and a resume "
+                "keeps the optimizer (pass --checkpoint.exclude_from_loading optimizer to start its state afresh)"
+            )
+        # the hyperparameters of this run's flags, which the loaded optimizer and schedule states would replace
+        new_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+        new_base_lrs = list(getattr(scheduler, "base_lrs", []))
         if meta.get("world_size", self.dist.world_size) != self.dist.world_size:
             if "dataloader" in wanted and "dataloader" in saved_groups:
                 raise UserError(
@@ -498,7 +639,43 @@ class Checkpointer:
                 states[name].load_state_dict(_unpack(value[rank_key]))
             else:
                 states[name].load_state_dict(_unpack(value))
+        if optimizer is not None:
+            _use_new_hyperparameters(optimizer, scheduler, new_groups, new_base_lrs)
         return step
+
+
+def _use_new_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, groups: list[dict[str, Any]],
+                             base_lrs: list[float]) -> None:
+    """After a load: the optimizer's moments and the schedule's position stay the checkpoint's, its
+    hyperparameters become this run's flags' (lr, betas, eps, weight decay, implementation), and the LR is
+    the new schedule's at the loaded position. The same flags give the same values: an exact resume."""
+    for group, new in zip(optimizer.param_groups, groups):
+        group.update(new)
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:  # the step counter lives where the (new) implementation wants it
+            state = optimizer.state.get(param, {})
+            counter = state.get("step")
+            if type(counter) is torch.Tensor:
+                want = param.device if on_device else torch.device("cpu")
+                if counter.device != want:
+                    state["step"] = counter.to(want)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is None or lambdas is None or len(base_lrs) != len(optimizer.param_groups):
+        return
+    scheduler.base_lrs = list(base_lrs)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, lambdas)]  # as LambdaLR.get_lr
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def weights_finite(model: nn.Module, dist: Dist) -> bool:
+    """Whether every parameter is finite on every rank: one fused max-norm reduction over the local shards
+    (NaN and inf propagate into it) and one host sync, however many tensors."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
+    local = [t for t in local if t.numel()]
+    finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(local, float("inf")))) if local else True
+    return dist.all_true(finite)
 
 
 # --- HF export -------------------------------------------------------------------------------------
@@ -541,11 +718,18 @@ def write_hf(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, dtype: str | torch.dtype, dist: Dist) -> None:
+def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | Path, dtype: str | torch.dtype, dist: Dist,
+              step: int | None = None) -> None:
     """Gather the full weights (a collective: call on every rank); rank 0 writes the HF model into `out_dir`.
+    Non-finite weights are refused (UserError naming `step`, when given), before anything is written.
 
     Afterwards `AutoModelForCausalLM.from_pretrained(out_dir)` works (after `import lmlab` for lmlab's types).
     """
+    if not weights_finite(model, dist):
+        raise UserError(
+            f"{'step ' + str(step) + ': ' if step is not None else ''}the model weights are not finite (NaN or inf); "
+            f"not writing the HF export to {out_dir}; the previous export and the checkpoints are intact"
+        )
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     error = None
     if dist.is_main:

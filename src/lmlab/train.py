@@ -22,13 +22,15 @@ import numpy as np
 import torch
 
 import lmlab  # noqa: F401  (registers lmlab's model families with transformers' Auto classes)
-from lmlab.checkpoint import Checkpointer, complete_steps, export_hf
+from lmlab import dumplock
+from lmlab.checkpoint import Checkpointer, export_hf
 from lmlab.config import JobConfig, parse_args
 from lmlab.data import build_dataloader, data_epoch
 from lmlab.distributed import Dist, init_distributed, parallelize
+from lmlab.dump import clear_previous_run, prepare_dump_folder
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
-from lmlab.metrics import METRICS_FILE, MetricLogger
+from lmlab.metrics import MetricLogger
 from lmlab.errors import UserError
 from lmlab.modeling import build_model, import_custom_models, load_tokenizer
 from lmlab.optim import build_lr_scheduler, build_optimizer
@@ -89,42 +91,6 @@ def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
-    """Create the dump folder; refuse to mix two different runs (train() records the config once it starts)."""
-    dump = Path(cfg.job.dump_folder)
-    saved = dump / "job_config.toml"
-    checkpoints = dump / cfg.checkpoint.folder
-    if dist.is_main:
-        dump.mkdir(parents=True, exist_ok=True)
-        has_run = bool(complete_steps(checkpoints)) or (dump / "model.safetensors").is_file()
-        if has_run and saved.is_file() and not cfg.job.overwrite:
-            previous = saved.read_text()
-            if _run_defining(previous) != _run_defining(cfg.to_toml()):
-                raise UserError(
-                    f"{dump} holds a different run (its model/data config in {saved} differs); "
-                    "use another --job.dump_folder, or --job.overwrite to start over there"
-                )
-        if cfg.job.overwrite:  # start over: the old run's checkpoints and metrics must not mix with the new
-            import shutil
-
-            if checkpoints.is_dir():
-                shutil.rmtree(checkpoints)
-            shutil.rmtree(dump / cfg.metrics.save_tb_folder, ignore_errors=True)
-            (dump / METRICS_FILE).unlink(missing_ok=True)
-    dist.barrier()
-    return dump
-
-
-def _run_defining(toml_text: str) -> tuple:
-    """The parts of a job config that must match to resume a run (model and data, not the schedule)."""
-    import tomllib
-
-    data = tomllib.loads(toml_text)
-    model = {k: data["model"].get(k) for k in ("config", "tokenizer_path")}
-    training = {k: data["training"].get(k) for k in ("dataset", "dataset_name", "seq_len", "varlen")}
-    return tuple(sorted(model.items())), tuple(sorted(training.items()))
-
-
 def train(cfg: JobConfig, stop: StopRequested) -> int:
     dist = init_distributed(cfg)
     # TF32 for the float32 matmuls inside the PyTorch chunk kernels (bf16 work is unaffected; fla's Triton
@@ -159,7 +125,11 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
         "dataloader": dataloader,
         "train_state": train_state,
     }
-    train_state.step = checkpointer.load(states)
+    # --job.overwrite: the old run's checkpoints are not loaded, and its outputs go only now that this run
+    # has loaded what it starts from (a bad --checkpoint.initial_load_path must not cost the old run).
+    train_state.step = checkpointer.load(states, fresh=cfg.job.overwrite)
+    if cfg.job.overwrite:
+        clear_previous_run(cfg, dist)
     if dist.is_main:
         (dump / "job_config.toml").write_text(cfg.to_toml())  # the run has started: its checkpoints' config
         where = f"resumed from step {train_state.step}" if train_state.step else "starting from scratch"
@@ -272,7 +242,7 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     if profiler is not None:
         profiler.stop()
     checkpointer.close()
-    export_hf(model, tokenizer, dump, cfg.checkpoint.export_dtype, dist)
+    export_hf(model, tokenizer, dump, cfg.checkpoint.export_dtype, dist, step=train_state.step)
     if dist.is_main:
         print(f"lmlab: done; {train_state.tokens_seen:,} tokens in {train_state.step} steps; HF model in {dump}", flush=True)
     dist.close()
@@ -377,9 +347,11 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    dumplock.trainer_dies_with_torchrun()  # Linux: SIGTERM (save and stop) when torchrun ends
     try:
         cfg = parse_args(argv)
-        with StopRequested() as stop, scheduled_gc():
+        # one run per dump folder: this trainer holds the lock (with the launcher and torchrun) until train() ends
+        with dumplock.for_trainer(Path(cfg.job.dump_folder)), StopRequested() as stop, scheduled_gc():
             return train(cfg, stop)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
