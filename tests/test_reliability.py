@@ -235,9 +235,10 @@ def test_failing_checkpoint_write_fails_in_one_line_and_keeps_earlier_checkpoint
         corpus, tmp_path, straight, capfd):
     dump = tmp_path / "run"
     shutil.copytree(straight.dump, dump)
-    # everything but the records of this run's own progress and config
+    # everything but the records of this run's own progress, config and lock
     before = {p: p.read_bytes() for p in dump.rglob("*") if p.is_file() and p.name not in ("metrics.jsonl",
-                                                                                          "job_config.toml")}
+                                                                                          "job_config.toml",
+                                                                                          ".lmlab.lock")}
 
     def full_disk() -> None:  # writes past 1 MiB fail with EFBIG, as on a full disk; a checkpoint is ~8 MB
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

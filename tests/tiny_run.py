@@ -72,9 +72,8 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and all its descendants at once, as a cluster kills a job's cgroup (torchrun starts every
-    trainer in a session of its own, so killing train.sh's process group would leave the trainer running)."""
+def descendants(pid: int) -> set[int]:
+    """The PIDs of `pid`'s children, their children, and so on (from /proc)."""
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -82,23 +81,31 @@ def kill_tree(pid: int) -> None:
         except OSError:  # the process just ended
             continue
         parents[int(stat.parent.name)] = int(fields[1])
-    doomed = {pid}
+    found = {pid}
     while True:
-        more = {child for child, parent in parents.items() if parent in doomed} - doomed
+        more = {child for child, parent in parents.items() if parent in found} - found
         if not more:
             break
-        doomed |= more
+        found |= more
+    return found - {pid}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants at once, as a cluster kills a job's cgroup (torchrun starts every
+    trainer in a session of its own, so killing train.sh's process group would leave the trainer running)."""
+    doomed = {pid} | descendants(pid)
     for victim in doomed:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
     for victim in doomed - {pid}:  # reparented children: wait until they are gone (or zombies)
-        while _alive(victim):
+        while alive(victim):
             time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, which has ended and closed its files, does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:

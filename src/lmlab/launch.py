@@ -7,6 +7,11 @@ Bad flags fail here, before any process starts, with one line and exit code 2.
 Stopping: SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, `kill`) sent to this process or to its
 process group reaches every trainer once, through torchrun; the trainers save a checkpoint and exit, and
 train.sh exits 0 with a line saying how to resume.
+
+One run per dump folder: the launcher locks `<dump>/.lmlab.lock` before it writes anything there and refuses a
+second run on the same folder (one line, exit code 2); torchrun and the trainers hold the lock too, so it
+lasts as long as any process of the run. If the launcher is SIGKILLed, torchrun gets SIGTERM (Linux) and stops
+the trainers, which save. See lmlab.dumplock.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lmlab.config import ConfigError, parse_args
+from lmlab import dumplock
+from lmlab.config import ConfigError, JobConfig, parse_args
+from lmlab.errors import UserError
 
 # The signals torchrun passes on to the trainers (they save on SIGINT / SIGTERM).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -40,6 +47,7 @@ def torchrun() -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
+    os.environ[dumplock.AGENT_PID_ENV] = str(os.getpid())  # the trainers' parent: they end with it
     try:
         main()
     except SignalException as exc:
@@ -51,13 +59,16 @@ def torchrun() -> int:
     return 0
 
 
-def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
-    """Run `command` in its own session and pass it the signals in FORWARDED that this process gets.
+def run_forwarding_signals(command: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> int:
+    """Run `command` in its own session and pass it the signals in FORWARDED that this process gets; it gets
+    SIGTERM if this process dies (Linux), and inherits the descriptors in `pass_fds` (the dump's lock).
 
     Its own session: a signal for train.sh's process group (Ctrl-C) must reach torchrun once, through
     us, not twice (a second one would cut short torchrun's wait for the trainers to save).
     """
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    launcher = os.getpid()
+    proc = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=pass_fds,
+                            preexec_fn=lambda: dumplock.die_with_parent(launcher))
     previous = {sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum)) for sig in FORWARDED}
     try:
         return proc.wait()
@@ -73,13 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:  # before anything in the dump folder is written: a second run there must not touch it
+        lock = dumplock.for_launcher(Path(cfg.job.dump_folder))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with lock:
+        return launch(cfg, argv, lock)
+
+
+def launch(cfg: JobConfig, argv: list[str], lock: dumplock.DumpLock) -> int:
     nproc = os.environ.get("NGPU") or str(max(visible_gpus(), 1))
     logs = Path(cfg.job.dump_folder) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         exit_file = Path(tmp) / "exit.json"
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != dumplock.TOKEN_ENV},
+            **dumplock.trainer_env(lock),
             "LMLAB_EXIT_FILE": str(exit_file),
             # Each data worker tokenizes on one thread; a thread pool per worker would oversubscribe the CPUs.
             "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
@@ -95,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "--role", "rank", "--tee", "3", "--log-dir", str(logs),
             "-m", "lmlab.train", *argv,
         ]
-        code = run_forwarding_signals(command, env)
+        code = run_forwarding_signals(command, env, () if lock.fd is None else (lock.fd,))
         if code != 0 and exit_file.is_file():
             # torchrun reports a failed or stopped trainer at length; repeat the trainer's own line last
             # (an error, or how to resume after a stop, which is a success).
