@@ -419,6 +419,27 @@ def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
     assert choices == ["torch", "fla", "fla"]
 
 
+def test_dispatch_compiled_only_backend_is_skipped_in_eager_code(monkeypatch):
+    """Outside torch.compile'd code "auto" runs a compiled-only op's PyTorch version (FlexAttention would be
+    compiled for every input size); inside it, or when asked for by name, the backend."""
+    monkeypatch.setattr(dispatch, "_health_checks", {})
+    monkeypatch.setattr(dispatch, "_compiled_only", set())
+    dispatch.register_health_check("op", lambda x: None, backend="flex", compiled_only=True)
+    x = torch.zeros(1)
+    choices = []
+
+    def run(x, requested=None):
+        choices.append(dispatch._choose("op", x, requested))
+        return x + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preference: no fallback warning
+        run(x)
+        run(x, "flex")
+        torch.compile(run, backend="eager", fullgraph=True)(x)
+    assert choices == ["torch", "flex", "flex"]
+
+
 def test_short_conv_backend_choice_on_cpu():
     """The Triton short conv is CUDA-only: on CPU "auto" runs PyTorch without a warning, and a request by
     name fails with one line, as does one for the convolution from a state (which has no Triton kernel)."""

@@ -89,11 +89,12 @@ def _fla_kernels() -> tuple[Kernel, Kernel]:
     return fused_recurrent_delta_rule, chunk_delta_rule
 
 
-def _health_check(x: torch.Tensor) -> str | None:
+def fla_delta_rule_health_check(x: torch.Tensor) -> str | None:
+    """Whether fla's delta-rule kernels run on x (the chunk-read delta rule's too)."""
     reason = fla_health_check(x)
     if reason is None and x.dtype == torch.float32:
-        reason = "fla's chunk_delta_rule does not support float32 inputs"
+        reason = "fla's delta-rule kernels do not support float32 inputs"
     return reason
 
 
-dispatch.register_health_check(OP, _health_check)
+dispatch.register_health_check(OP, fla_delta_rule_health_check)

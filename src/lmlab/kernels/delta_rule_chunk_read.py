@@ -15,7 +15,10 @@ As pos(t) mod W < C, b(t) lies in t's grid chunk n or in chunk n − 1, so all r
 product: the queries of chunk n against the keys and U of chunks n − 1 and n (2C columns, masked to i in
 b(t)'s chunk, i < b(t), same document), plus q_tᵀ times the start state of chunk n or n − 1, picked per token.
 
-PyTorch only: there is no fla kernel and no backend dispatch (a Triton path is future work).
+Backends: the two PyTorch kernels, and on CUDA fla's delta-rule kernels with a zero intra-chunk term
+(`fla_chunk.chunk_delta_rule_chunk_read`) where fla's grid is the chunk grid: W = 64 (fla's chunk size) and
+positions counting from each row's or packed document's start (`positions=None`), no initial or final
+states (training and full-sequence scoring).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lmlab.kernels import dispatch
+from lmlab.kernels.delta_rule import fla_delta_rule_health_check
+from lmlab.kernels.documents import document_positions
 from lmlab.kernels.recurrent_common import (
     Docs,
     State,
@@ -37,6 +43,9 @@ from lmlab.kernels.recurrent_common import (
     use_recurrent,
 )
 
+OP = "delta_rule_chunk_read"
+FLA_CHUNK_SIZE = 64
+
 Result = tuple[torch.Tensor, State, State]  # (o, final state S, final read state R)
 
 
@@ -45,7 +54,7 @@ def delta_rule_chunk_read(
     k: torch.Tensor,
     v: torch.Tensor,
     beta: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     *,
     chunk_size: int,
     scale: float | None = None,
@@ -53,14 +62,26 @@ def delta_rule_chunk_read(
     initial_read_state: State = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> Result:
     """Chunk-read delta rule on q, k [B,T,H,K], v [B,T,H,V], beta [B,T,H] and token positions [B or 1, T]
-    (chunks of W = `chunk_size` positions); states [B,H,K,V] float32. With `cu_seqlens` the rows are one
-    packed stream and every document starts from zero states (no initial or final states)."""
+    (chunks of W = `chunk_size` positions; None: each row, or packed document, starts at position 0);
+    states [B,H,K,V] float32. With `cu_seqlens` the rows are one packed stream and every document starts
+    from zero states (no initial or final states)."""
     rows = q.shape[:2]
-    if cu_seqlens is not None:
-        positions = positions.expand(rows)
-        q, k, v, beta, positions = (x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v, beta, positions))
+    if cu_seqlens is not None:  # one packed stream [1, B*T]
+        q, k, v, beta = (x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v, beta))
+    fla_grid = (positions is None and chunk_size == FLA_CHUNK_SIZE and initial_state is None
+                and initial_read_state is None and not output_final_state)
+    if fla_grid and dispatch.choose(OP, q, backend) == "fla":
+        from lmlab.kernels.fla_chunk import chunk_delta_rule_chunk_read
+
+        o, _ = chunk_delta_rule_chunk_read(q, k, v, beta, scale=scale, cu_seqlens=cu_seqlens)
+        return o.reshape(*rows, *o.shape[2:]), None, None
+    if positions is None:  # each row, or packed document, from position 0
+        flat = torch.arange(rows[0] * rows[1], device=q.device)
+        positions = (flat % rows[1] if cu_seqlens is None else document_positions(cu_seqlens, flat)[1]).view(rows)
+    positions = positions.expand(rows).reshape(q.shape[:2])
     step_by_step = use_recurrent(q, k, v, beta, initial_state, initial_read_state)
     kernel = delta_rule_chunk_read_recurrent_torch if step_by_step else delta_rule_chunk_read_chunk_torch
     o, S, R = kernel(q, k, v, beta, positions, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
@@ -186,3 +207,6 @@ def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
 def two_blocks(x: torch.Tensor) -> torch.Tensor:
     """[NC,...,C,D] -> [NC,...,2C,D]: chunk n − 1 (zeros for chunk 0) and chunk n along the token axis."""
     return torch.cat([torch.cat([torch.zeros_like(x[:1]), x[:-1]]), x], dim=-2)
+
+
+dispatch.register_health_check(OP, fla_delta_rule_health_check)

@@ -9,6 +9,7 @@ user override comes from `set_backend` (the model config's `backend` key or `--m
   fla   - fla's kernel; an error if it cannot run here
   flash - flash-attn (attention only); an error if it cannot run here
   triton - lmlab's own Triton kernel (the short convolution from zeros only); an error if it cannot run here
+  flex  - torch's FlexAttention (local attention only); an error if it cannot run here
 An op may have several accelerated backends, registered in priority order. A process-wide request for a
 backend that an op does not have (e.g. "fla" for attention) means "auto" for that op; the same request
 passed to one call (`backend=`) is an error.
@@ -23,13 +24,14 @@ import torch
 
 from lmlab.errors import UserError
 
-BACKENDS = ("auto", "torch", "fla", "flash", "triton")
+BACKENDS = ("auto", "torch", "fla", "flash", "triton", "flex")
 _requested = "auto"
 # op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
 # backend can run on the given input, else the reason it cannot.
 _health_checks: dict[str, dict[str, Callable[[torch.Tensor], str | None]]] = {}
-# (op, backend) pairs that "auto" skips inside torch.compile'd code: see `register_health_check`.
+# (op, backend) pairs that "auto" skips inside, or outside, torch.compile'd code: see `register_health_check`.
 _eager_only: set[tuple[str, str]] = set()
+_compiled_only: set[tuple[str, str]] = set()
 _warned: set[tuple[str, str]] = set()
 # op name -> the backend its latest `choose` call returned; only read back (logs, benchmarks), never
 # consulted when choosing.
@@ -48,7 +50,7 @@ def require(name: str) -> None:
     """Fail early, with one line, when a forced backend cannot run in this process at all."""
     if name == "fla":
         reason = fla_unavailable_reason()
-    elif name == "triton":
+    elif name in ("triton", "flex"):
         reason = None if torch.cuda.is_available() else "no CUDA device"
     elif name == "flash":
         reason = None if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else (
@@ -70,18 +72,21 @@ def describe() -> str:
 
 
 def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], backend: str = "fla", *,
-                          eager_only: bool = False) -> None:
+                          eager_only: bool = False, compiled_only: bool = False) -> None:
     """Register the check deciding whether `op`'s accelerated `backend` can run on a given input.
 
     Backends registered first are preferred by "auto". `eager_only`: inside torch.compile'd code "auto"
     picks the PyTorch version instead (for element-wise and normalisation ops, which inductor fuses with
     their neighbours, while the backend's call would split the compiled graph and cost its Python
-    overhead on every call); an explicit request for the backend still gets it."""
+    overhead on every call); `compiled_only`: outside compiled code "auto" picks the PyTorch version (for
+    backends that must be compiled for each input size). An explicit request for the backend still gets it."""
     if backend not in BACKENDS or backend in ("auto", "torch"):
         raise ValueError(f"not an accelerated backend: {backend!r}")
     _health_checks.setdefault(op, {})[backend] = check
     if eager_only:
         _eager_only.add((op, backend))
+    if compiled_only:
+        _compiled_only.add((op, backend))
 
 
 _fla_reason: list[str | None] = []  # fla_unavailable_reason's answer, once computed
@@ -152,7 +157,7 @@ def _choose(op: str, x: torch.Tensor, requested: str | None) -> str:
         return requested
     reasons = []
     for name, check in checks.items():
-        if (op, name) in _eager_only and torch.compiler.is_compiling():
+        if (op, name) in (_eager_only if torch.compiler.is_compiling() else _compiled_only):
             continue  # a preference, not a failure: no warning
         reason = check(x)
         if reason is None:

@@ -1,4 +1,5 @@
-"""fla's chunked recurrence kernels (GLA, delta rule, gated delta rule) as two `torch.library` custom ops.
+"""fla's chunked recurrence kernels (GLA, delta rule, gated delta rule, the chunk-read delta rule) as two
+`torch.library` custom ops.
 
 fla exposes each chunk op as a `torch.compiler.disable`d autograd function. Inside a compiled block that
 is a graph break, after which dynamo resumes every enclosing frame as its own compiled piece: 4 compiled
@@ -6,8 +7,9 @@ functions forward and 4 backward per layer call instead of 1 + 1, ≈ 0.7 ms of 
 (bench/NOTES.md, step 9), which shows in tokens/s wherever a step is host-bound (gla_340M on an H200).
 As custom ops with a registered backward the block stays one graph, and its compiled code calls fla's
 kernels through the dispatcher. The ops run the same fla forward / backward functions, step for step,
-as fla's autograd functions do; the PyTorch twins of the three recurrences are lmlab's chunk kernels
-(`gla.gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`, `gated_delta_rule.gated_delta_rule_chunk_torch`).
+as fla's autograd functions do; the PyTorch twins of the recurrences are lmlab's chunk kernels
+(`gla.gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`, `gated_delta_rule.gated_delta_rule_chunk_torch`,
+`delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`).
 
 Imported only when fla's kernels are used (each op's `_fla_kernels`); fla is required here.
 """
@@ -18,7 +20,10 @@ from typing import Callable
 
 import torch
 import triton
+from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
+from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_fwd_o
 from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_fwd
+from fla.ops.delta_rule.wy_fast import prepare_wy_repr_bwd, prepare_wy_repr_fwd, recompute_w_u_fwd
 from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
 from fla.ops.utils.index import prepare_chunk_indices
 from fla.utils import input_guard
@@ -69,10 +74,44 @@ def _delta_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqle
     return dq, dk, dv, None, dbeta, dh0
 
 
+# The chunk-read delta rule (Delayed-Chunk HQLT's fast-weight memory, chunks of fla's 64 tokens): the delta
+# rule's chunk states, WY form and their backward are fla's, only the read differs: o = scale · q h (the
+# state at the chunk's start), without the intra-chunk term o += tril(q kᵀ) v_new. fla's functions take
+# that term from their value input, so a zero value tensor leaves only the read, forward and backward
+# (each zero-value call costs one tile product of zeros per chunk; fla has no read-only kernel).
+def _chunk_read_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices,
+                        chunk_size):
+    chunked = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    w, u, A = prepare_wy_repr_fwd(k=k, v=v, beta=beta, **chunked)
+    h, _, final_state = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, initial_state=initial_state,
+                                                     output_final_state=output_final_state, save_new_value=False,
+                                                     **chunked)
+    o = chunk_fwd_o(q=q, k=k, v=torch.zeros_like(v), h=h, scale=scale, **chunked)
+    return o, final_state, A
+
+
+def _chunk_read_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices,
+                         chunk_size):
+    chunked = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, initial_state=initial_state, **chunked)
+    # dh_n = scale · Σ_{t in chunk n} q_t do_tᵀ + the later chunks' dh carried back; the gradient of the
+    # corrected values v_new is k dh only (no intra-chunk term)
+    dh, dh0, dv_new = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, do=do, dv=torch.zeros_like(do),
+                                                      h0=initial_state, dht=dht, scale=scale, **chunked)
+    dq, _, _, _ = chunk_bwd_dqkwg(q=q, k=k, v=torch.zeros_like(v_new), do=do, h=h, dh=dh, scale=scale, **chunked)
+    _, dk, dw, _ = chunk_bwd_dqkwg(q=q, k=k, v=v_new, do=torch.zeros_like(do), h=h, dh=dh, w=w, dv=dv_new,
+                                   scale=scale, **chunked)
+    dk_wy, dv, dbeta = prepare_wy_repr_bwd(k=k, v=v, beta=beta, A=A, dw=dw, du=dv_new, cu_seqlens=cu_seqlens,
+                                           chunk_indices=chunk_indices)
+    return dq, dk + dk_wy, dv, None, dbeta, dh0
+
+
 FAMILIES = {
     "gla": _Family(_gla_forward, _gla_backward, a_in_float32=True),
     "delta_rule": _Family(_delta_forward, _delta_backward, a_in_float32=False),
     "gated_delta_rule": _Family(gated_delta_rule_fla.forward, gated_delta_rule_fla.backward, a_in_float32=False),
+    "delta_rule_chunk_read": _Family(_chunk_read_forward, _chunk_read_backward, a_in_float32=False),
 }
 
 
@@ -196,3 +235,13 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     """fla's `chunk_gated_delta_rule` (plain inputs: no in-kernel l2norm or gate), with a backward that runs on
     Hopper with triton < 3.7.1 (`gated_delta_rule_fla`)."""
     return chunk("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_delta_rule_chunk_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,
+                                scale: float | None = None, initial_state: torch.Tensor | None = None,
+                                output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunk-read delta rule on fla's 64-token chunks, aligned to each row's (or packed document's) start:
+    o_t = S_{b(t)}ᵀ (scale · q_t) with b(t) t's chunk start (`delta_rule_chunk_read`'s semantics)."""
+    return chunk("delta_rule_chunk_read", q, k, v, None, beta, scale, initial_state, output_final_state,
+                 cu_seqlens)

@@ -13,16 +13,28 @@ Semantics (the reference, `local_attention_reference`, is the specification):
   query's aligned chunk of `window` positions.
 Every query sees at least itself.
 
-`local_attention` never builds [Tq, Tk] scores or masks: queries go in blocks of Q, each block against the
-Q + window - 1 keys it can see at most (an unfold of the left-padded keys), all blocks in one SDPA call
-with a [Q, Q + window - 1] mask per block built from the positions. The work is T * (Q + window - 1)
-instead of T * Tk, the unfolded keys take (Q + window - 1) / Q times the keys' memory, and shapes depend
-only on the input's sizes (no host sync: torch.compile captures one graph for every document layout).
+Two implementations, neither building [Tq, Tk] scores or masks:
+- the PyTorch one, `local_attention_sdpa`: queries go in blocks of Q, each block against the Q + window - 1
+  keys it can see at most (an unfold of the left-padded keys), all blocks in one SDPA call with a
+  [Q, Q + window - 1] mask per block built from the positions. The work is T * (Q + window - 1) instead of
+  T * Tk, the unfolded keys take (Q + window - 1) / Q times the keys' memory (saved for backward);
+- on CUDA inside torch.compile'd code (training's blocks), the "flex" backend: torch's FlexAttention over
+  the 128 x 128 tiles a query tile can reach (a block mask from the sizes alone), the positions test
+  evaluated inside the kernel; nothing copied or saved but q, k, v and the output.
+Shapes depend only on the input's sizes (no host sync: torch.compile captures one graph for every
+document layout).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from lmlab.kernels import dispatch
+
+OP = "local_attention"
 
 # Queries per block: the window rounded up to a multiple of 16 (GPU attention kernels take queries in
 # tiles), at most 256. Each query does Q + window - 1 keys' work, but smaller blocks are more, smaller
@@ -45,9 +57,30 @@ def local_attention(
     window: int,
     chunked: bool = False,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Local attention output `[B, Tq, H, D]` in q's dtype; see the module docstring for the semantics."""
     _check_inputs(q, k, v, q_positions, k_positions, window)
+    if dispatch.choose(OP, q, backend) == "flex":
+        # inside compiled code dynamo lowers flex_attention itself; called eagerly it needs its compiled form
+        attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
+        return local_attention_flex(q, k, v, q_positions, k_positions, window=window, chunked=chunked,
+                                    scale=scale, attend=attend)
+    return local_attention_sdpa(q, k, v, q_positions, k_positions, window=window, chunked=chunked, scale=scale)
+
+
+def local_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    *,
+    window: int,
+    chunked: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Blocked SDPA over unfolded keys (the PyTorch implementation; see the module docstring)."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     # One block when the queries are few (decoding): all the keys they can see, no padded queries.
@@ -73,6 +106,51 @@ def local_attention(
     k, v = (t.unfold(1, L, Q).permute(0, 1, 2, 4, 3).reshape(B * blocks, H, L, D) for t in (k, v))
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     return o.view(B, blocks, H, Q, D).transpose(2, 3).reshape(B, blocks * Q, H, D)[:, :Tq]
+
+
+# FlexAttention's tile (its default sparse block size): the block mask says which key tiles each query tile
+# visits; the positions test runs per element inside them.
+_FLEX_TILE = 128
+_compiled_flex_attention = torch.compile(flex_attention)
+
+
+def local_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    *,
+    window: int,
+    chunked: bool = False,
+    scale: float | None = None,
+    attend: Callable[..., torch.Tensor] = flex_attention,
+) -> torch.Tensor:
+    """FlexAttention over the key tiles within `window` of each query tile (`attend`: flex_attention or its
+    compiled form; uncompiled it materialises the scores, which only tests may afford)."""
+    B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+    q_pos, k_pos = q_positions.expand(B, Tq), k_positions.expand(B, Tk)
+
+    def mask_mod(b, h, query, key):
+        return _allowed(q_pos[b, query], k_pos[b, key], query + (Tk - Tq) - key, window, chunked)
+
+    o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_window_tiles(
+        Tq, Tk, window, mask_mod, q.device), scale=scale)
+    return o.transpose(1, 2)
+
+
+def _window_tiles(Tq: int, Tk: int, window: int, mask_mod, device: torch.device) -> BlockMask:
+    """The key tiles a query tile can reach: key indices from its first query's t − window + 1 to its last
+    query's t (query i at key index t = Tk − Tq + i); every tile partial, as documents may start anywhere."""
+    tile = _FLEX_TILE
+    query_tiles, key_tiles = -(-Tq // tile), -(-Tk // tile)
+    first = torch.arange(query_tiles, device=device) * tile + (Tk - Tq)
+    low = (first - window + 1).clamp_min(0) // tile
+    high = (first + tile - 1).clamp_max(Tk - 1) // tile
+    # FlexAttention wants one column per key tile; the entries past a row's count are ignored
+    indices = (low[:, None] + torch.arange(key_tiles, device=device)).clamp_max(key_tiles - 1)
+    return BlockMask.from_kv_blocks((high - low + 1).int()[None, None], indices.int()[None, None],
+                                    BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(Tq, Tk))
 
 
 def local_attention_reference(
@@ -121,3 +199,12 @@ def _check_inputs(q, k, v, q_positions, k_positions, window) -> None:
             raise ValueError(f"{name} must be [B or 1, {T}] for B = {B}, got {tuple(positions.shape)}")
         if positions.is_floating_point():
             raise ValueError(f"{name} must be an integer tensor, got {positions.dtype}")
+
+
+def _flex_health_check(x: torch.Tensor) -> str | None:
+    return None if x.is_cuda else "input is not on a CUDA device"
+
+
+# auto takes FlexAttention only inside compiled code: eager calls (evaluation, generation) would compile it
+# anew for every input size, where the SDPA path needs no compilation
+dispatch.register_health_check(OP, _flex_health_check, backend="flex", compiled_only=True)

@@ -254,8 +254,11 @@ class HybridQLT(nn.Module):
         if self.qk_norm == "l2":
             q_fw, k_fw = l2_norm(q_fw), l2_norm(k_fw)
         if self.mode == "chunk":
+            # without padding or a cache, positions count from each row's (or document's) start: the kernel
+            # may then use a grid of its own (fla's chunks)
+            chunk_positions = None if mask is None and not keep else positions
             o, h, read_state = delta_rule_chunk_read(
-                q_fw, k_fw, v, beta, positions, chunk_size=self.window, initial_state=h0,
+                q_fw, k_fw, v, beta, chunk_positions, chunk_size=self.window, initial_state=h0,
                 initial_read_state=state.get("read_state"), output_final_state=keep, cu_seqlens=cu_seqlens)
             return o, dict(recurrent_state=h, read_state=read_state) if keep else {}
         states = {}
