@@ -398,12 +398,14 @@ def test_dispatch_priority_and_requests(monkeypatch):
         dispatch.choose("op", x, "cuda")
 
 
-def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
-    """Inside torch.compile'd code "auto" runs an eager-only op's PyTorch version (inductor fuses it);
-    eagerly, or when asked for by name, the backend."""
+@pytest.mark.parametrize("preference", ["eager_only", "compiled_only"])
+def test_dispatch_backend_preferred_in_one_kind_of_code(monkeypatch, preference):
+    """An eager-only backend: inside torch.compile'd code "auto" runs the op's PyTorch version (inductor fuses
+    it). A compiled-only one: outside (FlexAttention would compile for every input size). Elsewhere, or
+    when asked for by name, the backend; a preference, so no fallback warning."""
     monkeypatch.setattr(dispatch, "_health_checks", {})
-    monkeypatch.setattr(dispatch, "_eager_only", set())
-    dispatch.register_health_check("op", lambda x: None, backend="fla", eager_only=True)
+    monkeypatch.setattr(dispatch, f"_{preference}", set())
+    dispatch.register_health_check("op", lambda x: None, backend="fla", **{preference: True})
     x = torch.zeros(1)
     choices = []
 
@@ -412,32 +414,14 @@ def test_dispatch_eager_only_backend_is_skipped_when_compiling(monkeypatch):
         return x + 1
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a preference: no fallback warning
-        torch.compile(run, backend="eager", fullgraph=True)(x)
-        torch.compile(run, backend="eager", fullgraph=True)(x, "fla")
-    run(x)
-    assert choices == ["torch", "fla", "fla"]
-
-
-def test_dispatch_compiled_only_backend_is_skipped_in_eager_code(monkeypatch):
-    """Outside torch.compile'd code "auto" runs a compiled-only op's PyTorch version (FlexAttention would be
-    compiled for every input size); inside it, or when asked for by name, the backend."""
-    monkeypatch.setattr(dispatch, "_health_checks", {})
-    monkeypatch.setattr(dispatch, "_compiled_only", set())
-    dispatch.register_health_check("op", lambda x: None, backend="flex", compiled_only=True)
-    x = torch.zeros(1)
-    choices = []
-
-    def run(x, requested=None):
-        choices.append(dispatch._choose("op", x, requested))
-        return x + 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a preference: no fallback warning
+        warnings.simplefilter("error")
+        compiled = torch.compile(run, backend="eager", fullgraph=True)
+        compiled(x)
+        compiled(x, "fla")
         run(x)
-        run(x, "flex")
-        torch.compile(run, backend="eager", fullgraph=True)(x)
-    assert choices == ["torch", "flex", "flex"]
+        run(x, "fla")
+    in_compiled, in_eager = ("torch", "fla") if preference == "eager_only" else ("fla", "torch")
+    assert choices == [in_compiled, "fla", in_eager, "fla"]
 
 
 def test_short_conv_backend_choice_on_cpu():
