@@ -32,7 +32,7 @@ from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
 from lmlab.metrics import MetricLogger
 from lmlab.errors import UserError
-from lmlab.modeling import build_model, import_custom_models, load_tokenizer
+from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
 from lmlab.optim import build_lr_scheduler, build_optimizer
 
 
@@ -98,7 +98,6 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     torch.set_float32_matmul_precision("high")
     seed_everything(cfg.training.seed, dist.rank, cfg.training.deterministic)
     dispatch.require(cfg.model.backend)
-    dispatch.set_backend(cfg.model.backend)
     if cfg.job.print_args and dist.is_main:
         print(cfg.to_toml(), flush=True)
 
@@ -135,7 +134,7 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
         where = f"resumed from step {train_state.step}" if train_state.step else "starting from scratch"
         print(
             f"lmlab: {model.config.model_type} with {n_params / 1e6:.2f}M parameters on {dist.world_size} x "
-            f"{dist.device.type}, {where}; kernels: {dispatch.describe()}",
+            f"{dist.device.type}, {where}; kernels: {dispatch.describe(kernel_backend(cfg.model, model.config))}",
             flush=True,
         )
 

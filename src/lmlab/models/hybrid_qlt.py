@@ -43,6 +43,7 @@ from lmlab.models.blocks import (
     ShortConvolution,
     GatedRMSNorm,
     RMSNorm,
+    UsesKernels,
     apply_rotary,
     delta_mixer_output,
     l2_norm,
@@ -149,7 +150,7 @@ def _config_problem(attn_mode, chunk_size, qk_norm, use_forgetting_gate, use_mem
     return None
 
 
-class HybridQLT(nn.Module):
+class HybridQLT(nn.Module, UsesKernels):
     """The fork's HybridQLT layer (same parameter names and shapes)."""
 
     def __init__(self, config: HybridQLTConfig, layer_idx: int):
@@ -264,7 +265,7 @@ class HybridQLT(nn.Module):
             if self.delayed_beta == "delayed":
                 beta = delayed_beta
         o, states["recurrent_state"] = delta_rule(q_fw, k_fw, v, beta, initial_state=h0, output_final_state=keep,
-                                                  cu_seqlens=cu_seqlens)
+                                                  cu_seqlens=cu_seqlens, backend=self.backend)
         return o, states if keep else {}
 
     def delay(self, tensors: tuple[torch.Tensor, ...], positions: torch.Tensor,
@@ -286,7 +287,7 @@ class HybridQLT(nn.Module):
         if over_time:  # a column of ones: the same recurrence then also sums φ(k) over time
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         o, h = gla(phi_q, phi_k, v, torch.zeros_like(phi_k), scale=scale, initial_state=h0,
-                   output_final_state=keep, cu_seqlens=cu_seqlens)
+                   output_final_state=keep, cu_seqlens=cu_seqlens, backend=self.backend)
         if over_time:
             o, z = o[..., :-1], o[..., -1:]
         else:
