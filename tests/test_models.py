@@ -241,7 +241,7 @@ def test_forward_backward_and_loss(name):
     ids = random_ids(2, 20)
     labels = ids.clone()
     labels[0, :5] = -100
-    out = model(ids, labels=labels)
+    out = model(ids, labels=labels, loss_only=True)
     assert out.logits is None
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -255,6 +255,8 @@ def test_forward_backward_and_loss(name):
         summed = model(ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
         assert math.isclose(summed.item(), (token_sum / 7).item(), rel_tol=1e-5)
         assert max_err(model(ids, logits_to_keep=3).logits, logits[:, -3:]) < 1e-6
+        with_labels = model(ids, labels=labels)  # HF's convention: the logits come with the loss
+        assert max_err(with_labels.logits, logits) < 1e-6 and math.isclose(with_labels.loss.item(), out.loss.item())
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -33,6 +33,7 @@ from lmlab.kernels import dispatch
 from lmlab.metrics import MetricLogger
 from lmlab.errors import UserError
 from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
+from lmlab.models.blocks import LmlabForCausalLM
 from lmlab.optim import build_lr_scheduler, build_optimizer
 
 
@@ -274,6 +275,8 @@ def forward_backward(
     so the accumulated gradient is the mean over all tokens of the step whatever the accumulation split.
     """
     loss_sum = torch.zeros((), device=device)
+    # lmlab's models skip the logits (never materialised in fp32); other causal LMs don't take the argument.
+    loss_only = {"loss_only": True} if isinstance(model, LmlabForCausalLM) else {}
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # cu_seqlens (varlen) only when the batch has it: other causal LMs don't take the argument.
@@ -284,6 +287,7 @@ def forward_backward(
                 labels=batch["labels"],
                 num_items_in_batch=denominator,
                 use_cache=False,  # no KV cache while training (HF models build one by default)
+                **loss_only,
                 **varlen,
             )
         out.loss.backward()

@@ -598,10 +598,12 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        loss_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """With `labels` (unshifted, -100 ignored): loss = token sum / num_items_in_batch when given, else the
-        token mean, computed chunk by chunk from the hidden states; logits are then not computed (None)."""
+        token mean, computed chunk by chunk from the hidden states, and the logits as without labels (HF's
+        convention). `loss_only` (the trainer's memory-saving path): the logits are not computed (None)."""
         outputs = self.model(input_ids, attention_mask, cache if cache is not None else past_key_values,
                              inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
                              output_hidden_states=output_hidden_states)
@@ -615,7 +617,7 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
                                         backend=self.backend)
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
-        else:
+        if labels is None or not loss_only:
             if isinstance(logits_to_keep, int):
                 hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             else:
