@@ -254,7 +254,10 @@ def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_
     shutil.copytree(earlier_run, dump)
     monkeypatch.chdir(REPO)
     assert lmlab.train.main(run_args(corpus, dump, **{"training.steps": "3"})) == 0  # same model and data
-    assert "resumed from step 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out
+    # a longer run reshapes the LR schedule: said in one line
+    assert "lmlab: resuming at step 2 with --training.steps 3 (was 2): the LR schedule is recomputed" in out
     assert [r["step"] for r in metrics_lines(dump)] == [1, 2, 3]
 
     other = {"training.seq_len": "64", "job.overwrite": "true"}  # another run: refused above, now started over
@@ -262,6 +265,13 @@ def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_
     assert "starting from scratch" in capsys.readouterr().out
     records = metrics_lines(dump)
     assert [r["step"] for r in records] == [1, 2] and records[-1]["tokens_seen"] == 2 * 2 * 63  # the new run's
+
+    # the recorded config never holds --job.overwrite: rerunning it (the command a stopped run prints) continues
+    record = dump / "job_config.toml"
+    assert "overwrite = false" in record.read_text()
+    assert lmlab.train.main(["--job.config_file", str(record), "--training.steps", "3"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert [r["step"] for r in metrics_lines(dump)] == [1, 2, 3]
 
 
 # --- every option, every kind of bad value its valid values imply (generated from the catalogue) ---------

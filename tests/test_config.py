@@ -1,11 +1,11 @@
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lmlab.config import ConfigError, JobConfig, catalogue, options_table, parse_args
+from conftest import CLEAN_ENV
 from paper_command import TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,10 +127,17 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     assert again == cfg
 
 
+def test_the_recorded_config_never_holds_overwrite():
+    """A run's job_config.toml is what `--job.config_file` continues: the destructive flag is never part of it."""
+    cfg = parse_args(["--job.overwrite", "--training.steps", "7"])
+    assert cfg.job.overwrite and "overwrite = true" in cfg.to_toml()  # what --job.print_args shows
+    assert "overwrite = false" in cfg.record_toml() and cfg.job.overwrite
+
+
 def test_train_sh_rejects_bad_flag_with_exit_code_2(tmp_path):
     result = subprocess.run(
         ["bash", str(REPO / "train.sh"), "--job.dump_folder", str(tmp_path), "--training.seqlen", "8"],
-        capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, env=CLEAN_ENV,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown option --training.seqlen (did you mean training.seq_len?)"

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lmlab  # noqa: F401  (registers the model families)
+from conftest import CLEAN_ENV
 from lmlab.eval import harness
 from lmlab.eval.tasks import recall
 
@@ -238,7 +239,7 @@ def test_paper_commands_train_and_evaluate_hqlt(work, corpus, tmp_path):
     dump = tmp_path / "mymodel"
     train = subprocess.run(["bash", "train.sh", *tiny_args(corpus, dump, **{"model.config": "configs/tiny_hqlt_sync.json"})],
                            cwd=ROOT, capture_output=True, text=True,
-                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+                           env=CLEAN_ENV)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     records = read_metrics(dump)
     assert records[-1]["loss"] < records[0]["loss"] - 0.5

@@ -385,6 +385,7 @@ class Checkpointer:
         self.enabled = cfg.enable_checkpoint
         self._pending: _PendingSave | None = None
         self._current: set[int] = set()  # steps whose step-N holds this run's state (saved or loaded by it)
+        self.loaded_from: Path | None = None  # the checkpoint `load` read: a step of this dump or initial_load_path
         self._writer: dcp.FileSystemWriter | None = None  # reused by async saves (keeps pinned buffers)
         # An async save's collectives run in a background thread: give them their own group, so they
         # never interleave with the training loop's collectives on the default one.
@@ -552,8 +553,10 @@ class Checkpointer:
                 raise UserError(f"--checkpoint.load_step {self.cfg.load_step}: {problem} (available: {available})")
             step = self._load_step_dir(path, states)
         elif steps:
-            step = self._load_step_dir(self.step_dir(steps[-1]), states)
+            path = self.step_dir(steps[-1])
+            step = self._load_step_dir(path, states)
         if step is not None:
+            self.loaded_from = path
             self._current.add(step)
             later = [s for s in steps if s > step]
             if later and self.dist.is_main:
@@ -565,7 +568,7 @@ class Checkpointer:
                 )
             return step
         if self.cfg.initial_load_path:
-            path = Path(self.cfg.initial_load_path)
+            path = self.loaded_from = Path(self.cfg.initial_load_path)
             if self.cfg.initial_load_model_weights_only:
                 load_model_weights(states["model"], path)
                 return 0

@@ -16,6 +16,7 @@ right after parsing and before anything starts; README's option table states the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -491,6 +492,13 @@ class JobConfig:
         return tomli_w.dumps(
             {s: {k: v for k, v in sec.items() if v is not None} for s, sec in self.to_dict().items()}
         )
+
+    def record_toml(self) -> str:
+        """The config a run records in its dump (job_config.toml), which `--job.config_file` continues: without
+        the destructive --job.overwrite, so that rerunning the record never deletes the run."""
+        record = copy.deepcopy(self)
+        record.job.overwrite = False
+        return record.to_toml()
 
 
 @dataclass(frozen=True)

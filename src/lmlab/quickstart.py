@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     import lmlab  # noqa: F401
     from lmlab.metrics import read_metrics
     from lmlab.plot import plot_runs
+    from lmlab.train import continue_command
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(dump).eval()
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy sample: {text!r}")
     print(f"outputs: checkpoints {dump / 'checkpoint'}, HF model {dump} (config.json, model.safetensors, tokenizer),")
     print(f"         metrics {dump / 'metrics.jsonl'} and {dump / 'tb'}, plot {plot_path}")
+    print(f"train it longer (continues from step {args.steps}; rerunning the quickstart starts over): "
+          f"NGPU=1 {continue_command(dump / 'job_config.toml')} --training.steps {2 * args.steps}")
     print(f"wall time: {time.time() - started:.0f} s")
     return 0
 

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +36,7 @@ from lmlab.metrics import MetricLogger
 from lmlab.errors import UserError
 from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
 from lmlab.models.blocks import LmlabForCausalLM
-from lmlab.optim import build_lr_scheduler, build_optimizer
+from lmlab.optim import build_lr_scheduler, build_optimizer, schedule_change
 
 
 @dataclasses.dataclass
@@ -130,9 +132,19 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     train_state.step = checkpointer.load(states, fresh=cfg.job.overwrite)
     if cfg.job.overwrite:
         clear_previous_run(cfg, dist)
+    record = dump / "job_config.toml"
     if dist.is_main:
-        (dump / "job_config.toml").write_text(cfg.to_toml())  # the run has started: its checkpoints' config
-        where = f"resumed from step {train_state.step}" if train_state.step else "starting from scratch"
+        if checkpointer.loaded_from is None:
+            where = "starting from scratch"
+        elif train_state.step:
+            where = f"resumed from step {train_state.step} ({checkpointer.loaded_from})"
+            change = schedule_change(tomllib.loads(record.read_text()), cfg, train_state.step) \
+                if record.is_file() and not cfg.job.overwrite else None
+            if change:
+                print(change, flush=True)
+        else:
+            where = f"warm start: model weights from {checkpointer.loaded_from}"
+        record.write_text(cfg.record_toml())  # the run has started: its checkpoints' config
         print(
             f"lmlab: {model.config.model_type} with {n_params / 1e6:.2f}M parameters on {dist.world_size} x "
             f"{dist.device.type}, {where}; kernels: {dispatch.describe(kernel_backend(cfg.model, model.config))}",
@@ -225,10 +237,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
             checkpointer.save(step, states)  # a no-op when this step was just saved
             checkpointer.close()
             saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
-            message = (
-                f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Resume with the same command "
-                "(--checkpoint.load_step -1 picks the newest checkpoint)."
-            )
+            message = (f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Continue it with: "
+                       f"{continue_command(record)} (add --training.steps N to train longer; same NGPU)")
             if dist.is_main:
                 print(message, flush=True)
             report_exit(message, 0)
@@ -360,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         report_exit(f"error: {exc}", 2)
         return 2
+
+
+def continue_command(record: Path) -> str:
+    """The command that continues a run from its newest checkpoint: its recorded config `record` (which never
+    holds --job.overwrite), not "the same command", which may start over."""
+    return f"bash train.sh --job.config_file {shlex.quote(str(record))}"
 
 
 def report_exit(message: str, exit_code: int) -> None:
