@@ -101,12 +101,14 @@ def heldout_perplexity(model, tokenizer, docs: list[str], seq_len: int) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="exp/quickstart", help="where everything is written")
-    parser.add_argument("--config", default="configs/tiny_gated_deltanet.json")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = argparse.ArgumentParser(prog="python -m lmlab.quickstart", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="exp/quickstart",
+                        help="where everything is written (data, tokenizer, the run in OUT/run); rerunning starts over")
+    parser.add_argument("--config", default="configs/tiny_gated_deltanet.json", help="the model config")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
     args = parser.parse_args(argv)
 
     out = Path(args.out)

@@ -162,11 +162,24 @@ def run(argv: list[str], data_dir: str | None) -> None:
             raise error from None
 
 
+LMLAB_HELP = f"""
+lmlab's additions (python -m evals.harness):
+  --data_dir DIR   read every task from DIR/<task>/<split>.jsonl or .parquet (the hub dataset's fields; README
+                   "Offline data" lists them); the environment variable {DATA_ENV}=DIR does the same
+  tasks            lmlab's squad_completion, squad_completion_stock, swde, fda and based_fda come first on
+                   --include_path; lmlab's model families are registered
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
     try:
         run(argv, data_dir)
+    except SystemExit as done:  # lm-eval's own --help: then say what lmlab adds
+        if done.code == 0 and any(arg in ("-h", "--help") for arg in argv):
+            print(LMLAB_HELP)
+        raise
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
