@@ -55,6 +55,7 @@ training (dcp.async_save); the rename happens at the next save or `close()`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -63,10 +64,11 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import safetensors
@@ -220,11 +222,21 @@ def load_model_weights(model: nn.Module, path: Path) -> None:
     set_model_state_dict(model, model_sd)
 
 
+@contextlib.contextmanager
+def _single_process_allowed() -> Iterator[None]:
+    """Without a process group DCP warns on every call that it assumes a single process: lmlab's one-process
+    runs and conversions are that, by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def load_state(state: dict[str, Any], path: Path) -> None:
     """dcp.load of `state` (templates, filled in place) from `path`, safely, with one-line errors."""
     read_metadata(path)  # refuses a .metadata that would run code when DCP unpickles it
     try:
-        dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
+        with _single_process_allowed():
+            dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise UserError(f"cannot load checkpoint {path}: {_one_line(exc)}") from None
 
@@ -359,7 +371,8 @@ def save_model_weights(model: nn.Module, target: Path, dist: Dist) -> None:
     """Write a weights-only checkpoint at `target` (the layout `Checkpointer.load` and `initial_load_path` read)."""
     tmp = _begin_write(target, dist)
     try:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+        with _single_process_allowed():
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise _save_failed(exc, tmp, target, dist) from None
     meta = {"step": 0, "world_size": dist.world_size, "model_weights_only": True}
@@ -453,7 +466,8 @@ class Checkpointer:
         tmp = _begin_write(target, self.dist)
         try:
             if self.cfg.async_mode == "disabled":
-                dcp.save(state, checkpoint_id=tmp)
+                with _single_process_allowed():
+                    dcp.save(state, checkpoint_id=tmp)
             else:
                 if self._writer is None:
                     pinned = self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available()

@@ -27,9 +27,9 @@ import lmlab  # noqa: F401  (registers lmlab's model families with transformers'
 from lmlab import dumplock
 from lmlab.checkpoint import Checkpointer, export_hf
 from lmlab.config import JobConfig, parse_args
-from lmlab.data import build_dataloader, data_epoch
+from lmlab.data import build_dataloader, data_epoch, load_sources
 from lmlab.distributed import Dist, init_distributed, parallelize
-from lmlab.dump import clear_previous_run, prepare_dump_folder
+from lmlab.dump import clear_previous_run, dump_paths, prepare_dump_folder
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
 from lmlab.metrics import MetricLogger
@@ -92,6 +92,19 @@ def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
     torch.manual_seed(seed)  # same on every rank: identical initial weights
     if deterministic:
         torch.use_deterministic_algorithms(True)
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """The checks that need no process group, device or dump folder, in the order train() meets them: the
+    kernel backend, custom models, the tokenizer against the model config, the model (built on the meta
+    device: no memory), the data sources and the paths inside the dump. train.sh runs them before torchrun,
+    so that a bad input is one line and creates nothing; UserError."""
+    dispatch.require(cfg.model.backend)
+    import_custom_models(cfg.experimental.custom_model_path)
+    tokenizer = load_tokenizer(cfg.model)
+    build_model(cfg.model, vocab_size=len(tokenizer), device=torch.device("meta"))
+    load_sources(cfg.training)
+    dump_paths(cfg)
 
 
 def train(cfg: JobConfig, stop: StopRequested) -> int:
@@ -367,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         with dumplock.for_trainer(Path(cfg.job.dump_folder)), StopRequested() as stop, scheduled_gc():
             return train(cfg, stop)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        report_exit(f"error: {exc}", 2)
+        if not report_exit(f"error: {exc}", 2):  # train.sh's launcher prints it, last
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 
@@ -378,11 +391,13 @@ def continue_command(record: Path) -> str:
     return f"bash train.sh --job.config_file {shlex.quote(str(record))}"
 
 
-def report_exit(message: str, exit_code: int) -> None:
-    """Tell train.sh's launcher why this process ends, so that it can say so last, after torchrun's output."""
+def report_exit(message: str, exit_code: int) -> bool:
+    """Tell train.sh's launcher why this process ends, so that it can say so last, after torchrun's output;
+    False when there is no launcher to tell."""
     exit_file = os.environ.get("LMLAB_EXIT_FILE")
     if exit_file:
         Path(exit_file).write_text(json.dumps({"message": message, "exit_code": exit_code}))
+    return bool(exit_file)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,17 @@ would have read.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import huggingface_hub
 import lm_eval
 import torch
 import yaml
@@ -104,10 +109,64 @@ def missing_data(exc: OSError, tasks: list[str], data_dir: str | None) -> UserEr
         data = TASKS.get(task)
         served_locally = data_dir is not None and data is not None and local_file(data_dir, task, data.splits[0])
         if data is not None and data.hub in message and not served_locally:
-            where = Path(data_dir or f"${DATA_ENV}") / (data.folder or task) / f"{data.splits[0]}.jsonl"
             return UserError(f"task {task}: cannot load {data.hub} ({type(exc).__name__}: {message}); "
-                             f"for local data put {where} (or .parquet) and pass --data_dir or set {DATA_ENV}")
+                             f"{local_alternative(task, data_dir)}")
     return None
+
+
+def local_alternative(task: str, data_dir: str | None) -> str:
+    data = TASKS[task]
+    where = Path(data_dir or f"${DATA_ENV}") / (data.folder or task) / f"{data.splits[0]}.jsonl"
+    return f"for local data put {where} (or .parquet) and pass --data_dir or set {DATA_ENV}"
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (offline mode, or no connection within 3 s); None if it can."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        return f"cannot connect to {host}: {exc}"
+    return None
+
+
+def unreachable_data(tasks: list[str], data_dir: str | None) -> UserError | None:
+    """At once, before lm-eval indexes its tasks (~20 s on 2 cores): the first of lmlab's tasks that would
+    load from the hub, neither local nor in the datasets cache, while the hub cannot be reached."""
+    def cached(hub: str) -> bool:
+        return ((Path(datasets.config.HF_DATASETS_CACHE) / hub.replace("/", "___")).is_dir()
+                or (Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{hub.replace('/', '--')}").is_dir())
+
+    from_hub = [task for task in tasks if task in TASKS and not cached(TASKS[task].hub)
+                and not (data_dir and local_file(data_dir, task, TASKS[task].splits[0]))]
+    reason = hub_unreachable_reason() if from_hub else None
+    if reason is None:
+        return None
+    task = from_hub[0]
+    return UserError(f"task {task}: {TASKS[task].hub} is on the Hugging Face Hub, which cannot be reached ({reason}); "
+                     f"{local_alternative(task, data_dir)}")
+
+
+class QuietOwnChoices(logging.Filter):
+    """Drops two lm-eval warnings that every lmlab evaluation would print: a task of `own_task_dirs` (lmlab's
+    definitions, the generated local-data ones) or a tag overriding lm-eval's of the same name, their purpose,
+    and "HF model type is neither marked as CausalLM or Seq2SeqLM", which lm-eval says of every model type
+    registered at run time (transformers' static tables list none), lmlab's causal LMs included."""
+
+    LOGGERS = ("lm_eval.tasks._index", "lm_eval.models.huggingface")
+
+    def __init__(self, own_task_dirs: list[str]):
+        super().__init__()
+        self.own_task_dirs = tuple(own_task_dirs)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Task '%s' from %s overrides"):
+            # a tag has no file (None): lmlab's task files re-declare the tags of the definitions they include
+            return not (record.args[1] is None or str(record.args[1]).startswith(self.own_task_dirs))
+        return not message.startswith("HF model type is neither marked as CausalLM")
 
 
 def register_models() -> None:
@@ -145,14 +204,20 @@ def run(argv: list[str], data_dir: str | None) -> None:
         args = cli.parse_args()
     finally:
         sys.argv = saved
+    error = unreachable_data(getattr(args, "tasks", None) or [], data_dir)
+    if error is not None:
+        raise error
     with tempfile.TemporaryDirectory() as local_tasks:
         paths = [str(TASKS_DIR)]
         if data_dir:
             write_local_tasks(data_dir, Path(local_tasks))
             paths.append(local_tasks)
+        quiet = QuietOwnChoices(paths)
         if getattr(args, "include_path", None):
             paths.append(args.include_path)
         args.include_path = paths
+        for name in quiet.LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             cli.execute(args)
         except OSError as exc:
@@ -160,6 +225,9 @@ def run(argv: list[str], data_dir: str | None) -> None:
             if error is None:
                 raise
             raise error from None
+        finally:
+            for name in quiet.LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
 
 
 LMLAB_HELP = f"""
