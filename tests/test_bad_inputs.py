@@ -100,7 +100,6 @@ CASES: dict[str, Bad] = {
                                  {"training.data_parallel_replicate_degree": "2"}),
     "flag-cpu-offload-one-process": Bad("--training.enable_cpu_offload needs FSDP2",
                                         {"training.enable_cpu_offload": "true"}),
-    "flag-unsupported-wandb": Bad("--metrics.enable_wandb: true is not supported", {"metrics.enable_wandb": "true"}),
     "toml-missing": Bad("no such file", {"job.config_file": lambda tmp, dump: str(tmp / "nope.toml")}),
     "toml-invalid": Bad("invalid TOML", {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training\n")}),
     "toml-unknown-key": Bad("unknown option --training.batchsize (did you mean training.batch_size?)",

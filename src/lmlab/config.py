@@ -469,8 +469,11 @@ class Metrics:
     log_freq: int = option(10, Int(ge=1), "log every N steps")
     enable_tensorboard: bool = option(False, Flag(), "write tensorboard events in the dump folder")
     save_tb_folder: str = option("tb", SubFolder(), "where the tensorboard events go")
-    enable_wandb: bool = option(False, Only(False, "lmlab logs to metrics.jsonl and tensorboard"),
-                                "flame's; lmlab logs to metrics.jsonl and tensorboard")
+    enable_wandb: bool = option(False, Flag(),
+                                "log to Weights & Biases too, named as flame does: project $WANDB_PROJECT (fla), "
+                                "run $WANDB_NAME (model type-dump folder name), entity $WANDB_ENTITY; a resume "
+                                "continues the same W&B run; offline without a login or network (upload later "
+                                "with the wandb sync command it prints)")
     disable_color_printing: bool = option(False, Flag(), "plain log lines in a terminal")
 
 

@@ -32,7 +32,7 @@ from lmlab.distributed import Dist, init_distributed, parallelize
 from lmlab.dump import clear_previous_run, dump_paths, prepare_dump_folder
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
-from lmlab.metrics import MetricLogger
+from lmlab.metrics import MetricLogger, start_wandb
 from lmlab.errors import UserError
 from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
 from lmlab.models.blocks import LmlabForCausalLM
@@ -168,7 +168,11 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     t = cfg.training
     use_bf16 = dist.device.type == "cuda" and t.mixed_precision_param == "bfloat16" and dist.world_size == 1
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
-    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main)
+    wandb_run = None
+    if cfg.metrics.enable_wandb and dist.is_main:
+        wandb_run = start_wandb(dump, cfg.to_dict(), f"{model.config.model_type}-{dump.resolve().name}",
+                                fresh=not train_state.step)
+    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main, wandb_run=wandb_run)
     data_iter = iter(dataloader)
     peak = peak_flops(dist.device)
     window = _Window()

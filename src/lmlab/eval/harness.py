@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sys
 import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import yaml
 
 import lmlab.models
 from lmlab.errors import UserError
+from lmlab.network import unreachable_reason
 
 DATA_ENV = "LMLAB_EVAL_DATA"
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -124,12 +123,7 @@ def hub_unreachable_reason() -> str | None:
     """Why the Hugging Face Hub cannot be reached now (offline mode, or no connection within 3 s); None if it can."""
     if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
-    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as exc:
-        return f"cannot connect to {host}: {exc}"
-    return None
+    return unreachable_reason(huggingface_hub.constants.ENDPOINT)
 
 
 def unreachable_data(tasks: list[str], data_dir: str | None) -> UserError | None:
