@@ -33,7 +33,7 @@ for name in ("torch", "triton", "transformers", "datasets", "torchdata", "lm_eva
         print(name, "NOT IMPORTABLE:", type(exc).__name__, str(exc).splitlines()[0][:200])
 import lmlab
 from lmlab.kernels import dispatch
-print("lmlab kernels:", dispatch.describe())
+print("lmlab kernels:", dispatch.describe("auto"))
 EOF
 }
 

@@ -139,7 +139,6 @@ def lmlab_builder(path: Path, args: argparse.Namespace, backend: str) -> Builder
         cfg.training.seq_len, cfg.training.batch_size = args.seq_len, micro
         cfg.training.gradient_accumulation_steps = accumulation_for(micro, args.seqs_per_step)
         cfg.training.compile = not args.no_compile
-        dispatch.set_backend(cfg.model.backend)
         torch.set_float32_matmul_precision("high")  # as train.py
         vocab_size = load_model_config(str(path)).vocab_size
         model = build_model(cfg.model, vocab_size=vocab_size, device=args.device)
@@ -407,11 +406,7 @@ def markdown(env: dict, rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    requested = dispatch.get_backend()
-    try:
-        env, rows = run(args)
-    finally:
-        dispatch.set_backend(requested)  # the lmlab rows set the process-wide request (--backends)
+    env, rows = run(args)
     print(f"\nwrote {args.out} and appended to {args.results_md}\n\n{markdown(env, rows)}", flush=True)
     return 0
 

@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (paper_com
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment of subprocesses that must not inherit the caller's: they run this checkout's lmlab (not an
+# editable install's from another worktree), offline.
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
 
 
 def errors_in_triton_interpreter(script: str) -> dict[str, list[float]]:

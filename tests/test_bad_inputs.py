@@ -100,7 +100,6 @@ CASES: dict[str, Bad] = {
                                  {"training.data_parallel_replicate_degree": "2"}),
     "flag-cpu-offload-one-process": Bad("--training.enable_cpu_offload needs FSDP2",
                                         {"training.enable_cpu_offload": "true"}),
-    "flag-unsupported-wandb": Bad("--metrics.enable_wandb: true is not supported", {"metrics.enable_wandb": "true"}),
     "toml-missing": Bad("no such file", {"job.config_file": lambda tmp, dump: str(tmp / "nope.toml")}),
     "toml-invalid": Bad("invalid TOML", {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training\n")}),
     "toml-unknown-key": Bad("unknown option --training.batchsize (did you mean training.batch_size?)",
@@ -237,15 +236,18 @@ def test_bad_input_fails_in_one_line_and_overwrites_nothing(case, corpus, tmp_pa
 
 
 @pytest.mark.parametrize("name", ["flag-misspelled", "flag-missing-value-at-end", "config-unknown-model-type",
-                                  "data-missing-path"])
+                                  "data-missing-path", "dump-holds-another-run"])
 def test_train_sh_turns_bad_input_into_one_line_and_exit_2(name, corpus, tmp_path, earlier_run):
-    """Flags fail in the launcher before torchrun starts; the others in the trainer, whose line the launcher
-    repeats last, after torchrun's report."""
+    """Flags, configs, tokenizer and data fail in the launcher before torchrun starts, creating nothing; what
+    only the trainer can see (the dump's other run) fails there, and the launcher prints the trainer's line,
+    once, without torchrun's report. Either way stderr is that one line."""
     argv, dump = bad_command(CASES[name], corpus, tmp_path, earlier_run)
     before = snapshot(dump)
     result = train_sh(argv)
     check_refusal(result.returncode, result.stderr, CASES[name])
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert snapshot(dump) == before
+    assert (dump / "logs").exists() == (name == "dump-holds-another-run")  # torchrun started only there
 
 
 def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_overwrite(
@@ -254,7 +256,10 @@ def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_
     shutil.copytree(earlier_run, dump)
     monkeypatch.chdir(REPO)
     assert lmlab.train.main(run_args(corpus, dump, **{"training.steps": "3"})) == 0  # same model and data
-    assert "resumed from step 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out
+    # a longer run reshapes the LR schedule: said in one line
+    assert "lmlab: resuming at step 2 with --training.steps 3 (was 2): the LR schedule is recomputed" in out
     assert [r["step"] for r in metrics_lines(dump)] == [1, 2, 3]
 
     other = {"training.seq_len": "64", "job.overwrite": "true"}  # another run: refused above, now started over
@@ -262,6 +267,13 @@ def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_
     assert "starting from scratch" in capsys.readouterr().out
     records = metrics_lines(dump)
     assert [r["step"] for r in records] == [1, 2] and records[-1]["tokens_seen"] == 2 * 2 * 63  # the new run's
+
+    # the recorded config never holds --job.overwrite: rerunning it (the command a stopped run prints) continues
+    record = dump / "job_config.toml"
+    assert "overwrite = false" in record.read_text()
+    assert lmlab.train.main(["--job.config_file", str(record), "--training.steps", "3"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert [r["step"] for r in metrics_lines(dump)] == [1, 2, 3]
 
 
 # --- every option, every kind of bad value its valid values imply (generated from the catalogue) ---------

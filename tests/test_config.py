@@ -1,11 +1,12 @@
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from lmlab.config import ConfigError, JobConfig, catalogue, options_table, parse_args
+from lmlab.config import (ConfigError, JobConfig, catalogue, default_text, help_text, options_table, parse_args,
+                          type_name)
+from conftest import CLEAN_ENV
 from paper_command import TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,42 +128,56 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     assert again == cfg
 
 
+def test_the_recorded_config_never_holds_overwrite():
+    """A run's job_config.toml is what `--job.config_file` continues: the destructive flag is never part of it."""
+    cfg = parse_args(["--job.overwrite", "--training.steps", "7"])
+    assert cfg.job.overwrite and "overwrite = true" in cfg.to_toml()  # what --job.print_args shows
+    assert "overwrite = false" in cfg.record_toml() and cfg.job.overwrite
+
+
 def test_train_sh_rejects_bad_flag_with_exit_code_2(tmp_path):
     result = subprocess.run(
         ["bash", str(REPO / "train.sh"), "--job.dump_folder", str(tmp_path), "--training.seqlen", "8"],
-        capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, env=CLEAN_ENV,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown option --training.seqlen (did you mean training.seq_len?)"
 
 
-def readme_option_rows() -> dict[str, str]:
-    """README's option table (under "## Training"): option -> the valid-values cell of its row. A row names
-    several options as `section.key` / `key` (the section carries over)."""
-    text = (REPO / "README.md").read_text()
-    table = text[text.index("| option | default (fla.toml) | valid values | meaning |"):]
-    rows = {}
-    for line in table.splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        names, _, valid = [cell.strip() for cell in line.strip("|").split(" | ")][:3]
-        section = None
-        for name in re.findall(r"`([^`]+)`", names):
-            section, key = name.split(".") if "." in name else (section, name)
-            rows[f"{section}.{key}"] = valid
-    return rows
+def test_readme_option_table_is_the_catalogue():
+    """README's option table is `python -m lmlab.config`'s output: every option, type, default, valid values
+    and meaning come from the one catalogue."""
+    assert options_table() in (REPO / "README.md").read_text()
 
 
-def test_readme_option_table_states_every_option_with_its_valid_values():
-    """The catalogue (lmlab.config) and README's table say the same: every option, its valid values."""
-    rows = readme_option_rows()
-    assert sorted(rows) == sorted(catalogue()), "README's option table lists other options than lmlab.config"
-    for name, opt in catalogue().items():
-        assert opt.domain.expected in rows[name], f"README: {name}'s row must say {opt.domain.expected!r}"
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_train_sh_help_lists_every_option_with_type_default_and_meaning(flag, capsys):
+    from lmlab.launch import main  # what train.sh runs
+    with pytest.raises(SystemExit) as done:
+        main(["--job.dump_folder", "x", flag])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for opt in catalogue().values():
+        assert f"--{opt.name}  {type_name(opt)}, default {default_text(opt)}; {opt.domain.expected}\n" in out
+    assert " ".join(catalogue()["training.micro_batch_size"].meaning.split()[:6]) in out
+
+
+@pytest.mark.slow
+def test_train_sh_help_through_bash():
+    result = subprocess.run(["bash", str(REPO / "train.sh"), "-h"], capture_output=True, text=True, env=CLEAN_ENV)
+    assert result.returncode == 0 and not result.stderr and result.stdout.strip() == help_text()
+
+
+def test_lmlab_train_help_is_train_sh_help(capsys):
+    from lmlab.cli import main
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == help_text()
 
 
 def test_options_table_prints_the_catalogue():
     table = options_table().splitlines()
-    assert table[0] == "| option | default | valid values |" and len(table) == 2 + len(catalogue())
-    assert "| `optimizer.lr` | 0.0008 | > 0, finite |" in table
-    assert "| `checkpoint.keep_latest_k` | 0 | 0 or >= 2 |" in table
+    assert table[0] == "| option | type | default | valid values | meaning |" and len(table) == 2 + len(catalogue())
+    assert "| `optimizer.lr` | float | 0.0008 | > 0, finite | peak learning rate |" in table
+    assert "| `checkpoint.keep_latest_k` | int | 0 | 0 or >= 2 | keep only the newest k complete checkpoints (0: all) |" \
+        in table

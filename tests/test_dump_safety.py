@@ -106,7 +106,7 @@ def test_overwrite_deletes_only_the_old_runs_outputs_once_the_new_run_has_loaded
     extra = {"job.overwrite": "true", "training.steps": "1", "training.seq_len": "16",
              "checkpoint.initial_load_path": str(dump / "checkpoint" / "step-3")}
     assert lmlab.train.main(args(corpus, dump, **extra)) == 0
-    assert "starting from scratch" in capsys.readouterr().out
+    assert f"warm start: model weights from {dump / 'checkpoint' / 'step-3'}" in capsys.readouterr().out
     assert complete_steps(dump / "checkpoint") == [1]
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == ["step-1"]
     assert [r["step"] for r in metrics_lines(dump)] == [1]

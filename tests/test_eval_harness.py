@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lmlab  # noqa: F401  (registers the model families)
+from conftest import CLEAN_ENV
 from lmlab.eval import harness
 from lmlab.eval.tasks import recall
 
@@ -140,6 +141,8 @@ def test_paper_command_runs_every_task_on_local_data(work):
     assert configs["piqa"]["dataset_kwargs"]["data_files"] == {"validation": f"{work['data']}/piqa/validation.jsonl"}
     assert results["config"]["model_args"]["dtype"] == "bfloat16"
     assert '"word_perplexity,none"' in proc.stdout  # --show_config prints the results JSON
+    for every_run_warning in ("overrides existing task", "HF model type is neither"):  # lmlab's own choices
+        assert every_run_warning not in proc.stderr
 
 
 @pytest.mark.parametrize("name, until, max_gen_toks", [
@@ -202,13 +205,25 @@ def test_batch_4_equals_batch_1(work, model):
             compare(a["resps"], b["resps"], f"{task}[{a['doc_id']}]")
 
 
-def test_missing_data_is_one_line_naming_task_and_file(work, capsys):
+def test_missing_data_is_one_line_naming_task_and_file_at_once_offline(work, capsys, monkeypatch):
+    """Offline (the tests' HF_HUB_OFFLINE), a task with neither local nor cached data stops before lm-eval
+    indexes its tasks (~20 s): one line naming the task and the local file to put."""
+    from lm_eval._cli.harness import HarnessCLI
+    monkeypatch.setattr(HarnessCLI, "execute", lambda *a: pytest.fail("lm-eval started"))
     code = harness.main(["--model", "hf", "--model_args", f"pretrained={work['recurrent']}", "--tasks",
                          "piqa,arc_easy", "--device", "cpu", "--data_dir", work["data"] + "/missing"])
     assert code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: task piqa: cannot load baber/piqa")
-    assert f"{work['data']}/missing/piqa/validation.jsonl" in last
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: task piqa: baber/piqa is on the Hugging Face Hub, which cannot be reached (HF_HUB_OFFLINE / "
+        f"HF_DATASETS_OFFLINE is set); for local data put {work['data']}/missing/piqa/validation.jsonl (or "
+        ".parquet) and pass --data_dir or set LMLAB_EVAL_DATA")
+
+
+def test_a_hub_failure_while_loading_is_one_line_naming_task_and_file():
+    error = harness.missing_data(ConnectionError("Couldn't reach 'baber/piqa' on the Hub"), ["arc_easy", "piqa"], None)
+    assert str(error) == ("task piqa: cannot load baber/piqa (ConnectionError: Couldn't reach 'baber/piqa' on the "
+                          "Hub); for local data put $LMLAB_EVAL_DATA/piqa/validation.jsonl (or .parquet) and pass "
+                          "--data_dir or set LMLAB_EVAL_DATA")
 
 
 def test_launch_hf_paper_command(work, tmp_path):
@@ -238,7 +253,7 @@ def test_paper_commands_train_and_evaluate_hqlt(work, corpus, tmp_path):
     dump = tmp_path / "mymodel"
     train = subprocess.run(["bash", "train.sh", *tiny_args(corpus, dump, **{"model.config": "configs/tiny_hqlt_sync.json"})],
                            cwd=ROOT, capture_output=True, text=True,
-                           env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+                           env=CLEAN_ENV)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     records = read_metrics(dump)
     assert records[-1]["loss"] < records[0]["loss"] - 0.5

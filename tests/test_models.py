@@ -16,7 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import lmlab  # noqa: F401  (registers the model types)
 from lmlab.kernels import dispatch
 from lmlab.models import Cache
-from lmlab.models.blocks import apply_rotary, rotary_tables, token_positions
+from lmlab.config import Model
+from lmlab.modeling import build_model
+from lmlab.models.blocks import UsesKernels, apply_rotary, rotary_tables, token_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests/fixtures/fla_state_dict_shapes.json").read_text())
@@ -239,7 +241,7 @@ def test_forward_backward_and_loss(name):
     ids = random_ids(2, 20)
     labels = ids.clone()
     labels[0, :5] = -100
-    out = model(ids, labels=labels)
+    out = model(ids, labels=labels, loss_only=True)
     assert out.logits is None
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -253,6 +255,8 @@ def test_forward_backward_and_loss(name):
         summed = model(ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
         assert math.isclose(summed.item(), (token_sum / 7).item(), rel_tol=1e-5)
         assert max_err(model(ids, logits_to_keep=3).logits, logits[:, -3:]) < 1e-6
+        with_labels = model(ids, labels=labels)  # HF's convention: the logits come with the loss
+        assert max_err(with_labels.logits, logits) < 1e-6 and math.isclose(with_labels.loss.item(), out.loss.item())
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -395,6 +399,47 @@ def test_batched_generate_with_left_padding_matches_unbatched(name):
     assert torch.equal(batched[1, pad:], model.generate(short[None], **kwargs)[0])
 
 
+TINY_HQLT = ["tiny_hqlt_sync", "tiny_hqlt_delayed_stream", "tiny_hqlt_delayed_chunk", "tiny_hqlt_linear"]
+
+
+@pytest.mark.parametrize("name", [*MODELS, *TINY_HQLT])
+def test_each_model_runs_its_own_kernel_backend(name, monkeypatch):
+    """Two models of one process with different backends: building the second changes nothing for the first,
+    and every kernel call of each (loss, logits, decoding) carries its own model's backend."""
+    requests = []
+    choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda op, x, requested=None: requests.append(requested) or
+                        choose(op, x, requested))
+
+    def build(backend: str) -> torch.nn.Module:
+        if name in MODELS:
+            return make_model(name, backend=backend)
+        config = AutoConfig.from_pretrained(ROOT / f"configs/{name}.json", num_hidden_layers=1, backend=backend)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    auto, portable = build("auto"), build("torch")
+    ids = random_ids(1, 6)
+    for model, backend in ((auto, "auto"), (portable, "torch")):
+        requests.clear()
+        model(ids, labels=ids)
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert requests and set(requests) == {backend}
+    portable.set_kernel_backend("auto")
+    assert {m.backend for m in portable.modules() if isinstance(m, UsesKernels)} == {"auto"}
+    assert portable.config.backend == "torch"  # the config keeps what was loaded
+
+
+def test_model_backend_flag_sets_the_built_models_kernels_only():
+    """--model.backend (not auto) replaces the config's backend for the run's model, and for no other; the
+    config (hence the HF export) keeps its own key."""
+    other = make_model("gla")
+    cfg = Model(config=str(ROOT / "configs/tiny_gated_deltanet.json"), backend="torch")
+    model = build_model(cfg, vocab_size=100, device=torch.device("cpu"))
+    assert {m.backend for m in model.modules() if isinstance(m, UsesKernels)} == {"torch"}
+    assert model.config.backend == "auto"
+    assert {m.backend for m in other.modules() if isinstance(m, UsesKernels)} == {"auto"}
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_and_load_round_trip(tmp_path, tie):
     model = make_model("hybrid", tie_word_embeddings=tie)
@@ -438,20 +483,17 @@ def test_340m_bf16_auto_backend_matches_torch(name):
                f"model.layers.{last}.mlp.down_proj.weight", "lm_head.weight"]
 
     def run(backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        dispatch.set_backend(backend)  # the config says "auto": the process-wide choice decides
+        model.set_kernel_backend(backend)
         model.zero_grad()
         loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
         loss.backward()
         params = dict(model.named_parameters())
         return loss.float(), {k: params[k].grad.float() for k in watched}
 
-    try:
-        _, grads_ref = run("torch")
-        model.to(torch.bfloat16)
-        loss_torch, grads_torch = run("torch")
-        loss_auto, grads_auto = run("auto")
-    finally:
-        dispatch.set_backend("auto")
+    _, grads_ref = run("torch")
+    model.to(torch.bfloat16)
+    loss_torch, grads_torch = run("torch")
+    loss_auto, grads_auto = run("auto")
     assert_bf16_close(name, loss_auto, grads_auto, loss_torch, grads_torch, grads_ref)
 
 
@@ -506,7 +548,7 @@ def test_340m_compiled_blocks_match_eager(name, packed):
                "model.layers.3.mlp.down_proj.weight"]
 
     def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        dispatch.set_backend(backend)
+        model.set_kernel_backend(backend)
         model.zero_grad()
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(ids, labels=ids, **varlen).loss
@@ -514,13 +556,10 @@ def test_340m_compiled_blocks_match_eager(name, packed):
         params = dict(model.named_parameters())
         return loss.float(), {k: params[k].grad.float() for k in watched}
 
-    try:
-        _, grads_ref = run("torch", None)
-        loss_torch, grads_torch = run("torch", torch.bfloat16)
-        torch._dynamo.reset()
-        for block in model.model.layers:
-            block.compile()
-        loss, grads = run("auto", torch.bfloat16)
-    finally:
-        dispatch.set_backend("auto")
+    _, grads_ref = run("torch", None)
+    loss_torch, grads_torch = run("torch", torch.bfloat16)
+    torch._dynamo.reset()
+    for block in model.model.layers:
+        block.compile()
+    loss, grads = run("auto", torch.bfloat16)
     assert_bf16_close(name, loss, grads, loss_torch, grads_torch, grads_ref)

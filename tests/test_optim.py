@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from lmlab.config import LRScheduler, Optimizer
-from lmlab.optim import build_lr_scheduler, build_optimizer, lr_multiplier
+from lmlab.config import JobConfig, LRScheduler, Optimizer
+from lmlab.optim import build_lr_scheduler, build_optimizer, lr_multiplier, schedule_change
 
 STEPS, WARMUP, LR_MIN = 1000, 100, 0.1
 
@@ -70,3 +70,17 @@ def test_optimizer_settings_and_weight_decay_on_every_parameter():
     assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-15 and group["weight_decay"] == 0.1
     assert len(group["params"]) == 3  # embedding, norm weight, norm bias: all decayed, as in flame
     assert isinstance(build_optimizer(model, Optimizer(name="Adam")), torch.optim.Adam)
+
+
+def test_a_resume_that_reshapes_the_schedule_says_how_in_one_line():
+    saved = JobConfig()
+    saved.training.steps, saved.lr_scheduler.warmup_steps = 100, 10
+    record = saved.to_dict()
+    assert schedule_change(record, saved, 50) is None  # the same flags: an exact resume
+    longer = JobConfig()
+    longer.training.steps, longer.lr_scheduler.warmup_steps = 200, 10
+    before = saved.optimizer.lr * lr_multiplier(50, saved.lr_scheduler, 100)
+    after = longer.optimizer.lr * lr_multiplier(50, longer.lr_scheduler, 200)
+    assert schedule_change(record, longer, 50) == (
+        "lmlab: resuming at step 50 with --training.steps 200 (was 100): the LR schedule is recomputed from the "
+        f"new values (the LR of step 51: {before:.3g} -> {after:.3g})")

@@ -212,7 +212,8 @@ def stop_with(sig: signal.Signals, args: list[str], dump: Path, after_step: int,
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err[-3000:]
     assert "Traceback" not in err
-    saved = re.fullmatch(rf"lmlab: {sig.name} received; saved step (\d+)\. Resume with the same command .*",
+    saved = re.fullmatch(rf"lmlab: {sig.name} received; saved step (\d+)\. Continue it with: bash train\.sh "
+                         rf"--job\.config_file {re.escape(str(dump / 'job_config.toml'))} .*",
                          out.strip().splitlines()[-1])
     assert saved, out[-1000:]
     assert int(saved[1]) in complete_steps(dump / "checkpoint")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import lmlab  # noqa: F401
 import lmlab.train
-from conftest import REPO
+from conftest import CLEAN_ENV, REPO
 from lmlab.checkpoint import load_model_weights
 from paper_command import train_args
 
@@ -42,7 +42,7 @@ def read_metrics(dump):
 def test_paper_train_command_on_cpu(corpus, tmp_path):
     dump = tmp_path / "mymodel"
     result = subprocess.run(["bash", "train.sh", *tiny_args(corpus, dump)], cwd=REPO, capture_output=True,
-                            text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+                            text=True, env=CLEAN_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = read_metrics(dump)
     assert [r["step"] for r in records] == list(range(1, 21))  # log_freq 1

@@ -1,8 +1,9 @@
 """The training step's arithmetic: gradient accumulation equivalence (on a tiny Llama)."""
+import lmlab  # noqa: F401  (registers lmlab's model types)
 import contextlib
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lmlab.train import forward_backward, split_rows
 
@@ -39,6 +40,18 @@ def test_accumulation_split_gives_the_same_loss_and_gradients():
     with torch.no_grad():
         reference = model(input_ids=ids, labels=labels).loss
     assert abs(loss_1 - float(reference)) < 1e-6
+
+
+def test_the_trainer_asks_lmlab_models_for_the_loss_only(monkeypatch):
+    """The training step takes lmlab's memory-saving path (no logits) explicitly; other models get no such
+    argument (the Llama above)."""
+    config = AutoConfig.for_model("gla", hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config)
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    ids = torch.randint(0, 64, (2, 8))
+    forward_backward(model, [{"input_ids": ids, "labels": ids}], torch.device("cpu"), 14, contextlib.nullcontext())
+    assert outputs[0].logits is None and outputs[0].loss is not None
 
 
 def test_micro_batches_split_rows_and_document_boundaries():

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO
+from conftest import CLEAN_ENV, REPO
 from test_train_e2e import tiny_args
 
 SMALL_MODEL = {
@@ -20,7 +20,7 @@ SMALL_MODEL = {
     "eos_token_id": 2, "tie_word_embeddings": False,
 }
 STEPS = 20
-TRAIN_SH_ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+TRAIN_SH_ENV = {**CLEAN_ENV, "HF_DATASETS_OFFLINE": "1"}
 
 
 def small_config(corpus: dict) -> Path:

@@ -55,6 +55,7 @@ training (dcp.async_save); the rename happens at the next save or `close()`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -63,10 +64,11 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import safetensors
@@ -220,11 +222,21 @@ def load_model_weights(model: nn.Module, path: Path) -> None:
     set_model_state_dict(model, model_sd)
 
 
+@contextlib.contextmanager
+def _single_process_allowed() -> Iterator[None]:
+    """Without a process group DCP warns on every call that it assumes a single process: lmlab's one-process
+    runs and conversions are that, by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def load_state(state: dict[str, Any], path: Path) -> None:
     """dcp.load of `state` (templates, filled in place) from `path`, safely, with one-line errors."""
     read_metadata(path)  # refuses a .metadata that would run code when DCP unpickles it
     try:
-        dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
+        with _single_process_allowed():
+            dcp.load(state, checkpoint_id=path, planner=_SafeLoadPlanner())
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise UserError(f"cannot load checkpoint {path}: {_one_line(exc)}") from None
 
@@ -359,7 +371,8 @@ def save_model_weights(model: nn.Module, target: Path, dist: Dist) -> None:
     """Write a weights-only checkpoint at `target` (the layout `Checkpointer.load` and `initial_load_path` read)."""
     tmp = _begin_write(target, dist)
     try:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+        with _single_process_allowed():
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise _save_failed(exc, tmp, target, dist) from None
     meta = {"step": 0, "world_size": dist.world_size, "model_weights_only": True}
@@ -385,6 +398,7 @@ class Checkpointer:
         self.enabled = cfg.enable_checkpoint
         self._pending: _PendingSave | None = None
         self._current: set[int] = set()  # steps whose step-N holds this run's state (saved or loaded by it)
+        self.loaded_from: Path | None = None  # the checkpoint `load` read: a step of this dump or initial_load_path
         self._writer: dcp.FileSystemWriter | None = None  # reused by async saves (keeps pinned buffers)
         # An async save's collectives run in a background thread: give them their own group, so they
         # never interleave with the training loop's collectives on the default one.
@@ -452,7 +466,8 @@ class Checkpointer:
         tmp = _begin_write(target, self.dist)
         try:
             if self.cfg.async_mode == "disabled":
-                dcp.save(state, checkpoint_id=tmp)
+                with _single_process_allowed():
+                    dcp.save(state, checkpoint_id=tmp)
             else:
                 if self._writer is None:
                     pinned = self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available()
@@ -552,8 +567,10 @@ class Checkpointer:
                 raise UserError(f"--checkpoint.load_step {self.cfg.load_step}: {problem} (available: {available})")
             step = self._load_step_dir(path, states)
         elif steps:
-            step = self._load_step_dir(self.step_dir(steps[-1]), states)
+            path = self.step_dir(steps[-1])
+            step = self._load_step_dir(path, states)
         if step is not None:
+            self.loaded_from = path
             self._current.add(step)
             later = [s for s in steps if s > step]
             if later and self.dist.is_main:
@@ -565,7 +582,7 @@ class Checkpointer:
                 )
             return step
         if self.cfg.initial_load_path:
-            path = Path(self.cfg.initial_load_path)
+            path = self.loaded_from = Path(self.cfg.initial_load_path)
             if self.cfg.initial_load_model_weights_only:
                 load_model_weights(states["model"], path)
                 return 0

@@ -16,10 +16,12 @@ right after parsing and before anything starts; README's option table states the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
 import math
+import textwrap
 import tomllib
 import types
 import typing
@@ -307,11 +309,12 @@ class EveryOrOp(Domain):
         return None if ok else "neither op nor an integer >= 1"
 
 
-def option(default: Any, domain: Domain) -> Any:
-    """A section field: its default and its valid values (the catalogue's entry)."""
+def option(default: Any, domain: Domain, meaning: str) -> Any:
+    """A section field: its default, its valid values and what it means (the catalogue's entry)."""
+    metadata = {"domain": domain, "meaning": meaning}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"domain": domain})
-    return field(default=default, metadata={"domain": domain})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _divides_batch_size(value: int, cfg: JobConfig) -> str | None:
@@ -336,137 +339,170 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class Job:
-    config_file: str | None = option(None, Text("a TOML file", empty=False, none=True))
-    dump_folder: str = option("exp", Text("a folder path", empty=False))
-    description: str = option("", Text())
-    print_args: bool = option(False, Flag())
-    # lmlab: allow starting a new run in a dump folder that holds a different run's checkpoints.
-    overwrite: bool = option(False, Flag())
+    config_file: str | None = option(None, Text("a TOML file", empty=False, none=True),
+                                     "the TOML whose values the command line overrides")
+    dump_folder: str = option("exp", Text("a folder path", empty=False),
+                              "where checkpoints, logs, metrics and the HF export go")
+    description: str = option("", Text(), "a free-text label")
+    print_args: bool = option(False, Flag(), "print the resolved config")
+    overwrite: bool = option(False, Flag(),
+                             "start over in a dump folder that holds another run (otherwise refused); once the new "
+                             "run has started, deletes the old run's checkpoints, metrics, tensorboard events and HF "
+                             "export; never recorded in job_config.toml")
 
 
 @dataclass
 class Model:
-    # JSON path or hub id of an fla-schema (or any causal-LM) config
-    config: str | None = option(None, Text("a config JSON or hub id", empty=False, none=True))
-    tokenizer_path: str | None = option(None, Text("a tokenizer folder or hub id", empty=False, none=True))
-    name: str = option("fla", Text())  # flame's; lmlab takes the model type from the config
-    converters: list[str] = option([], Only([], "no float8 training yet"))
-    backend: str = option("auto", Choice(BACKENDS))  # lmlab: kernel backend auto | torch | fla | flash | triton
-    trust_remote_code: bool = option(False, Flag())  # lmlab: never run code from a checkpoint unless asked
+    config: str | None = option(None, Text("a config JSON or hub id", empty=False, none=True),
+                                "fla-schema model config: a JSON path (e.g. configs/gated_deltanet_340M.json) or hub id")
+    tokenizer_path: str | None = option(None, Text("a tokenizer folder or hub id", empty=False, none=True),
+                                        "a local tokenizer folder or a hub id; its largest token id must be below "
+                                        "the model config's vocab_size")
+    name: str = option("fla", Text(), "flame's; ignored (lmlab takes the model type from the config)")
+    converters: list[str] = option([], Only([], "no float8 training yet"), "flame's float8 converters; none in lmlab")
+    backend: str = option("auto", Choice(BACKENDS),
+                          "kernels: auto (accelerated where healthy), torch (portable), fla, flash, triton (lmlab's "
+                          "short convolution); not auto: replaces the model config's backend key for this run's "
+                          "model only (the export keeps the config's)")
+    trust_remote_code: bool = option(False, Flag(), "allow code from a hub checkpoint (never on by default)")
 
 
 @dataclass
 class Optimizer:
-    name: str = option("AdamW", Choice(("Adam", "AdamW")))
-    eps: float = option(1e-8, Float(gt=0))
-    lr: float = option(8e-4, Float(gt=0))
-    beta1: float = option(0.9, Float(ge=0, lt=1))
-    beta2: float = option(0.95, Float(ge=0, lt=1))
-    weight_decay: float = option(0.1, Float(ge=0))
-    implementation: str = option("fused", Choice(("fused", "foreach", "for-loop")))
+    name: str = option("AdamW", Choice(("Adam", "AdamW")),
+                       "torch.optim's Adam or AdamW; weight decay applies to every parameter, as in flame")
+    eps: float = option(1e-8, Float(gt=0), "Adam's epsilon")
+    lr: float = option(8e-4, Float(gt=0), "peak learning rate")
+    beta1: float = option(0.9, Float(ge=0, lt=1), "Adam's beta1")
+    beta2: float = option(0.95, Float(ge=0, lt=1), "Adam's beta2")
+    weight_decay: float = option(0.1, Float(ge=0), "decoupled weight decay (AdamW)")
+    implementation: str = option("fused", Choice(("fused", "foreach", "for-loop")),
+                                 "the optimizer's kernels: fused (CUDA; foreach on CPU), foreach, for-loop")
 
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = option(200, Int(ge=0))
-    # None: decay right after warmup; x: WSD, decay over the last x of steps
-    decay_ratio: float | None = option(None, Float(gt=0, le=1, none=True))
-    decay_type: str = option("linear", Choice(("linear", "sqrt", "cosine")))
-    lr_min: float = option(0.0, Float(ge=0, le=1))  # a ratio: the floor is lr * lr_min
+    warmup_steps: int = option(200, Int(ge=0), "linear warmup steps: the LR multiplier is (s+1)/warmup_steps")
+    decay_ratio: float | None = option(None, Float(gt=0, le=1, none=True),
+                                       "none: decay right after warmup; x: WSD, stay at lr, decay over the last "
+                                       "fraction x of the steps")
+    decay_type: str = option("linear", Choice(("linear", "sqrt", "cosine")), "the shape of the decay")
+    lr_min: float = option(0.0, Float(ge=0, le=1), "a ratio: the LR decays to lr x lr_min")
 
 
 @dataclass
 class Training:
-    batch_size: int = option(8, Int(ge=1))  # per device, per micro-batch
-    seq_len: int = option(2048, Int(ge=2))  # a row of one token has no next token to predict
-    # varlen: documents longer than this are split
-    context_len: int = option(2048, Int(ge=1, relation=Relation("<= seq_len with varlen", _fits_seq_len)))
-    varlen: bool = option(False, Flag())
-    gradient_accumulation_steps: int = option(1, Int(ge=1))
-    # lmlab: rows per forward/backward (0: all of batch_size); must divide batch_size
+    batch_size: int = option(8, Int(ge=1), "sequences per device per micro-batch")
+    seq_len: int = option(2048, Int(ge=2), "tokens per row")
+    context_len: int = option(2048, Int(ge=1, relation=Relation("<= seq_len with varlen", _fits_seq_len)),
+                              "with varlen, documents longer than this are split")
+    varlen: bool = option(False, Flag(),
+                          "pass document boundaries (cu_seqlens): attention and recurrent states reset per document")
+    gradient_accumulation_steps: int = option(1, Int(ge=1),
+                                              "micro-batches per optimizer step; a step's loss is the mean over all "
+                                              "its tokens, so 1x16 and 4x4 give the same gradient")
     micro_batch_size: int = option(0, Int(ge=0, relation=Relation("divides batch_size", _divides_batch_size),
-                                          text="0 or a divisor of batch_size"))
-    steps: int = option(10000, Int(ge=1))
-    max_norm: float = option(1.0, Float(ge=0))  # 0: measure only
-    skip_nan_inf: bool = option(False, Flag())
-    max_consecutive_skips: int = option(10, Int(ge=1))  # lmlab: stop a run whose steps keep being skipped
-    dataset: str = option("HuggingFaceFW/fineweb-edu", Text("a hub id or path, or a comma list of them", empty=False))
-    dataset_name: str | None = option(None, PerSource(none=True))
-    dataset_split: str = option("train", PerSource())
-    data_dir: str | None = option(None, PerSource(none=True))
-    data_files: str | None = option(None, PerSource(none=True, own_list=True))
-    data_probs: str | None = option(None, Probs())
-    text_column: str | None = option(None, Text("a column name", none=True))  # lmlab: default "text", then "content"
-    streaming: bool = option(False, Flag())
-    num_workers: int = option(32, Int(ge=0))
-    prefetch_factor: int = option(2, Int(ge=1))  # batches per worker; torch's loader fails on 0
-    pin_memory: bool = option(False, Flag())
-    persistent_workers: bool = option(False, Flag())
-    data_parallel_replicate_degree: int = option(1, Int(ge=1))
-    data_parallel_shard_degree: int = option(-1, Int(ge=1, also=(-1,)))  # -1: the remaining ranks
-    tensor_parallel_degree: int = option(1, Only(1, "lmlab trains data parallel: FSDP2 degrees"))
-    enable_cpu_offload: bool = option(False, Flag())
-    fsdp_reshard_after_forward: str = option("default", Choice(("default", "always", "never")))
-    mixed_precision_param: str = option("bfloat16", Choice(("bfloat16", "float32", "float16")))
-    mixed_precision_reduce: str = option("float32", Choice(("float32", "bfloat16")))
-    compile: bool = option(False, Flag())
-    gc_freq: int = option(50, Int(ge=1))
+                                          text="0 or a divisor of batch_size"),
+                                   "lmlab: run each loaded batch as forward/backward passes of this many rows (0: "
+                                   "all): the same step loss in less activation memory")
+    steps: int = option(10000, Int(ge=1), "optimizer steps of the run (a resume with another value reshapes the "
+                                          "LR schedule, and says so)")
+    max_norm: float = option(1.0, Float(ge=0), "gradient clipping norm (0: measure only)")
+    skip_nan_inf: bool = option(False, Flag(),
+                                "a non-finite loss or gradient norm skips the optimizer step (counted and logged; "
+                                "the LR schedule still advances); without it the run stops at once")
+    max_consecutive_skips: int = option(10, Int(ge=1), "stop the run after this many skipped steps in a row")
+    dataset: str = option("HuggingFaceFW/fineweb-edu", Text("a hub id or path, or a comma list of them", empty=False),
+                          "training data: a hub id (streamed) or a local file or folder; a comma list mixes sources")
+    dataset_name: str | None = option(None, PerSource(none=True), "passed to datasets.load_dataset as name")
+    dataset_split: str = option("train", PerSource(), "the split to read")
+    data_dir: str | None = option(None, PerSource(none=True), "passed to datasets.load_dataset as data_dir")
+    data_files: str | None = option(None, PerSource(none=True, own_list=True), "one source's files (a comma list)")
+    data_probs: str | None = option(None, Probs(), "mixing weights of the sources (none: equal)")
+    text_column: str | None = option(None, Text("a column name", none=True),
+                                     "the text column (none: text, then content)")
+    streaming: bool = option(False, Flag(), "stream local datasets too (hub ids always stream)")
+    num_workers: int = option(32, Int(ge=0), "data loader processes per rank (0: in the trainer)")
+    prefetch_factor: int = option(2, Int(ge=1), "batches each data worker prepares ahead")
+    pin_memory: bool = option(False, Flag(), "pin batches in page-locked memory")
+    persistent_workers: bool = option(False, Flag(), "keep the data workers alive between epochs")
+    data_parallel_replicate_degree: int = option(1, Int(ge=1), "HSDP replication degree")
+    data_parallel_shard_degree: int = option(-1, Int(ge=1, also=(-1,)), "FSDP2 sharding degree (-1: all ranks)")
+    tensor_parallel_degree: int = option(1, Only(1, "lmlab trains data parallel: FSDP2 degrees"),
+                                         "flame's; lmlab trains data parallel")
+    enable_cpu_offload: bool = option(False, Flag(), "FSDP2 CPU offload (several ranks)")
+    fsdp_reshard_after_forward: str = option("default", Choice(("default", "always", "never")),
+                                             "FSDP2's reshard_after_forward policy")
+    mixed_precision_param: str = option("bfloat16", Choice(("bfloat16", "float32", "float16")),
+                                        "FSDP2 compute dtype (one GPU: bf16 autocast over fp32 weights; CPU: fp32)")
+    mixed_precision_reduce: str = option("float32", Choice(("float32", "bfloat16")),
+                                         "FSDP2 gradient-reduction dtype")
+    compile: bool = option(False, Flag(), "torch.compile each block")
+    gc_freq: int = option(50, Int(ge=1), "run Python's garbage collector every N steps")
     # numpy seeds each rank with seed + rank, below 2**32
-    seed: int | None = option(42, Int(ge=0, le=2**31 - 1, none=True))
-    deterministic: bool = option(False, Flag())
+    seed: int | None = option(42, Int(ge=0, le=2**31 - 1, none=True), "random seed (none: unseeded)")
+    deterministic: bool = option(False, Flag(), "torch.use_deterministic_algorithms")
 
 
 @dataclass
 class Checkpoint:
-    enable_checkpoint: bool = option(False, Flag())
-    folder: str = option("checkpoint", SubFolder())
-    interval: int = option(500, Int(ge=1))
-    initial_load_path: str | None = option(None, Text("a checkpoint folder", none=True))
-    initial_load_model_weights_only: bool = option(True, Flag())
-    last_save_model_weights_only: bool = option(False, Flag())
-    export_dtype: str = option("float32", Choice(DTYPE_NAMES))
-    async_mode: str = option("disabled", Choice(("disabled", "async", "async_with_pinned_mem")))
-    # 0 keeps all; 1 would delete the only complete checkpoint before the next is written
+    enable_checkpoint: bool = option(False, Flag(), "save checkpoints and resume from them")
+    folder: str = option("checkpoint", SubFolder(), "where the step-N directories go")
+    interval: int = option(500, Int(ge=1), "save every N steps and at the last step")
+    initial_load_path: str | None = option(None, Text("a checkpoint folder", none=True),
+                                           "warm-start from this checkpoint when the dump has none")
+    initial_load_model_weights_only: bool = option(True, Flag(), "warm-start the model weights only")
+    last_save_model_weights_only: bool = option(False, Flag(), "the final checkpoint holds the model only")
+    export_dtype: str = option("float32", Choice(DTYPE_NAMES), "the HF export's dtype")
+    async_mode: str = option("disabled", Choice(("disabled", "async", "async_with_pinned_mem")),
+                             "write checkpoints in the background")
+    # 1 would delete the only complete checkpoint before the next is written
     keep_latest_k: int = option(0, Int(ge=2, also=(0,), refused=(
-        (1, "unsafe: a crash while saving would leave no complete checkpoint"),)))
-    load_step: int = option(-1, Int(ge=0, also=(-1,)))  # -1: the newest complete checkpoint
-    exclude_from_loading: list[str] = option([], Subset(CHECKPOINT_STATES))
+        (1, "unsafe: a crash while saving would leave no complete checkpoint"),)),
+        "keep only the newest k complete checkpoints (0: all)")
+    load_step: int = option(-1, Int(ge=0, also=(-1,)), "resume from step N (-1: the newest complete checkpoint)")
+    exclude_from_loading: list[str] = option([], Subset(CHECKPOINT_STATES), "states a resume leaves out")
 
 
 @dataclass
 class Metrics:
-    log_freq: int = option(10, Int(ge=1))
-    enable_tensorboard: bool = option(False, Flag())
-    save_tb_folder: str = option("tb", SubFolder())
-    enable_wandb: bool = option(False, Only(False, "lmlab logs to metrics.jsonl and tensorboard"))
-    disable_color_printing: bool = option(False, Flag())
+    log_freq: int = option(10, Int(ge=1), "log every N steps")
+    enable_tensorboard: bool = option(False, Flag(), "write tensorboard events in the dump folder")
+    save_tb_folder: str = option("tb", SubFolder(), "where the tensorboard events go")
+    enable_wandb: bool = option(False, Flag(),
+                                "log to Weights & Biases too, named as flame does: project $WANDB_PROJECT (fla), "
+                                "run $WANDB_NAME (model type-dump folder name), entity $WANDB_ENTITY; a resume "
+                                "continues the same W&B run; offline without a login or network (upload later "
+                                "with the wandb sync command it prints)")
+    disable_color_printing: bool = option(False, Flag(), "plain log lines in a terminal")
 
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = option("none", Choice(("none", "full", "selective")))
-    selective_ac_option: str = option("2", EveryOrOp())  # "N": every N-th block; "op": per-op policy
+    mode: str = option("none", Choice(("none", "full", "selective")), "recompute activations in the backward")
+    selective_ac_option: str = option("2", EveryOrOp(), "selective mode: N, every N-th block; op, save matmul outputs")
 
 
 @dataclass
 class Experimental:
-    context_parallel_degree: int = option(1, Only(1, "no context parallelism yet"))
-    pipeline_parallel_degree: int = option(1, Only(1, "lmlab trains data parallel: FSDP2 degrees"))
-    # module imported at start to register custom models
-    custom_model_path: str | None = option(None, Text("a module name", empty=False, none=True))
+    context_parallel_degree: int = option(1, Only(1, "no context parallelism yet"), "flame's; not in lmlab")
+    pipeline_parallel_degree: int = option(1, Only(1, "lmlab trains data parallel: FSDP2 degrees"),
+                                           "flame's; not in lmlab")
+    custom_model_path: str | None = option(None, Text("a module name", empty=False, none=True),
+                                           "a module imported at start to register your own model types")
 
 
 @dataclass
 class Profiling:
-    enable_profiling: bool = option(False, Flag())
-    save_traces_folder: str = option("profile_traces", SubFolder())
-    profile_freq: int = option(10, Int(ge=1))
+    enable_profiling: bool = option(False, Flag(), "a torch profiler trace of one step every profile_freq steps")
+    save_traces_folder: str = option("profile_traces", SubFolder(), "where the traces go")
+    profile_freq: int = option(10, Int(ge=1), "profile one step every N steps")
 
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = option(300, Int(ge=1))
-    train_timeout_seconds: int = option(100, Int(ge=1))
+    init_timeout_seconds: int = option(300, Int(ge=1), "collective timeout at the start")
+    train_timeout_seconds: int = option(100, Int(ge=1), "collective timeout per step after the first")
 
 
 @dataclass
@@ -492,6 +528,13 @@ class JobConfig:
             {s: {k: v for k, v in sec.items() if v is not None} for s, sec in self.to_dict().items()}
         )
 
+    def record_toml(self) -> str:
+        """The config a run records in its dump (job_config.toml), which `--job.config_file` continues: without
+        the destructive --job.overwrite, so that rerunning the record never deletes the run."""
+        record = copy.deepcopy(self)
+        record.job.overwrite = False
+        return record.to_toml()
+
 
 @dataclass(frozen=True)
 class Option:
@@ -501,6 +544,7 @@ class Option:
     type: Any  # the annotation: int, float, bool, str, list[str] or X | None
     default: Any
     domain: Domain
+    meaning: str
 
 
 def _optional(tp: Any) -> tuple[Any, bool]:
@@ -526,7 +570,7 @@ def catalogue() -> dict[str, Option]:
                 assert base is (int if domain.integer else float) and optional == domain.none, name
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             assert domain.problem(default, defaults) is None, f"{name}: the default is not valid"
-            options[name] = Option(name, hints[f.name], default, domain)
+            options[name] = Option(name, hints[f.name], default, domain, f.metadata["meaning"])
     return options
 
 
@@ -659,7 +703,10 @@ def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None =
 
 def parse_args(argv: list[str]) -> JobConfig:
     """Build the JobConfig from defaults, the TOML named by --job.config_file, then the command line, and
-    validate every value."""
+    validate every value. `-h` / `--help` prints `help_text()` and exits 0, as argparse does."""
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(help_text())
+        raise SystemExit(0)
     pairs = _split_cli(argv)
     cfg = JobConfig()
     origins: dict[str, str] = {}
@@ -692,14 +739,44 @@ def _check(opt: Option, cfg: JobConfig, origins: dict[str, str] | None = None) -
         raise ConfigError(f"{where}--{opt.name}: {show(value)} is {problem} (expected {opt.domain.expected})")
 
 
+def type_name(opt: Option) -> str:
+    """int, float, bool, str or list (the option's annotation, without its None)."""
+    base, _ = _optional(opt.type)
+    return "list" if typing.get_origin(base) is list else base.__name__
+
+
+def default_text(opt: Option) -> str:
+    return "empty" if opt.default in ([], "") else show(opt.default).strip("'")
+
+
 def options_table() -> str:
-    """The catalogue as a Markdown table (option, default, valid values): README's option table states the
-    same valid values."""
-    rows = ["| option | default | valid values |", "|---|---|---|"]
+    """The catalogue as a Markdown table (option, type, default, valid values, meaning): README's option
+    table is this table."""
+    rows = ["| option | type | default | valid values | meaning |", "|---|---|---|---|---|"]
     for opt in catalogue().values():
-        default = "empty" if opt.default in ([], "") else show(opt.default).strip("'")
-        rows.append(f"| `{opt.name}` | {default} | {opt.domain.expected} |")
+        rows.append(f"| `{opt.name}` | {type_name(opt)} | {default_text(opt)} | {opt.domain.expected} | {opt.meaning} |")
     return "\n".join(rows)
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def help_text() -> str:
+    """`bash train.sh --help`: every option with its type, default, valid values and meaning (the catalogue)."""
+    lines = [
+        "usage: bash train.sh [--section.key value | --section.key=value ...]   (lmlab train: the same flags)",
+        "",
+        "Trains through torchrun on every GPU (one process without GPUs); environment: NGPU, NNODE, MASTER_ADDR,",
+        "MASTER_PORT, LOG_RANK. Precedence: command line > --job.config_file TOML > the defaults below. Booleans",
+        "may be bare (--training.compile) or explicit (--training.compile false). flame/models/fla.toml holds the",
+        "paper's values.",
+        "",
+        "options (type, default; valid values):",
+    ]
+    for opt in catalogue().values():
+        lines.append(f"  --{opt.name}  {type_name(opt)}, default {default_text(opt)}; {opt.domain.expected}")
+        lines.append(textwrap.fill(opt.meaning, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ the trainers, which save. See lmlab.dumplock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,8 +25,9 @@ import tempfile
 from pathlib import Path
 
 from lmlab import dumplock
-from lmlab.config import ConfigError, JobConfig, parse_args
+from lmlab.config import JobConfig, parse_args
 from lmlab.errors import UserError
+from lmlab.train import check_inputs
 
 # The signals torchrun passes on to the trainers (they save on SIGINT / SIGTERM).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -48,6 +50,7 @@ def torchrun() -> int:
     from torch.distributed.run import main
 
     os.environ[dumplock.AGENT_PID_ENV] = str(os.getpid())  # the trainers' parent: they end with it
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_explained_failure_filter)
     try:
         main()
     except SignalException as exc:
@@ -57,6 +60,13 @@ def torchrun() -> int:
             raise
         return 1
     return 0
+
+
+def _explained_failure_filter(record: logging.LogRecord) -> bool:
+    """Drop torchrun's "failed (exitcode: 2) local_rank: 0 ..." line for a trainer that explained its exit
+    (the launcher prints the trainer's line instead); keep it for a crash."""
+    explained = Path(os.environ.get("LMLAB_EXIT_FILE", "")).is_file()
+    return not (explained and str(record.msg).startswith("failed (exitcode"))
 
 
 def run_forwarding_signals(command: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> int:
@@ -81,10 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_args(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:  # before anything in the dump folder is written: a second run there must not touch it
+        check_inputs(cfg)  # a bad input: one line, nothing started or created
+        # before anything in the dump folder is written: a second run there must not touch it
         lock = dumplock.for_launcher(Path(cfg.job.dump_folder))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Training metrics: a console line, JSONL (`<dump>/metrics.jsonl`), tensorboard events, a progress bar.
+"""Training metrics: a console line, JSONL (`<dump>/metrics.jsonl`), tensorboard events, Weights & Biases,
+a progress bar.
 
 Only the main rank writes. The JSONL file is the source of truth for `lmlab plot` and `lmlab report`;
 one JSON object per logged step.
@@ -6,14 +7,20 @@ one JSON object per logged step.
 from __future__ import annotations
 
 import json
+import netrc
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from lmlab.config import Metrics
+from lmlab.network import unreachable_reason
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_FOLDER = "wandb"  # wandb's own folder in the dir it is given (the dump)
+WANDB_ID_FILE = "lmlab_run_id"  # in it: the W&B run id that a resume continues
 
 
 def format_duration(seconds: float) -> str:
@@ -23,12 +30,53 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def wandb_offline_reason() -> str | None:
+    """Why a W&B run cannot go online now (no login, no connection); None if it can."""
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not os.environ.get("WANDB_API_KEY"):
+        try:  # `wandb login` stores the key in ~/.netrc
+            logged_in = netrc.netrc().authenticators(base_url.split("://")[-1].split("/")[0]) is not None
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+        if not logged_in:
+            return "not logged in: run `wandb login`"
+    return unreachable_reason(base_url)
+
+
+def start_wandb(dump_folder: Path, config: dict[str, Any], default_name: str, fresh: bool) -> Any:
+    """The W&B run of --metrics.enable_wandb, named as flame names it: project $WANDB_PROJECT (default
+    "fla"), run name $WANDB_NAME (default `default_name`), entity $WANDB_ENTITY (else the login's). Its id
+    is kept in the dump, so that a resumed run (not `fresh`) continues the same W&B run. Without a login or
+    a connection it runs offline, as with WANDB_MODE=offline: into a folder under <dump>/wandb that
+    `wandb sync` uploads later (one line says which)."""
+    import wandb
+
+    id_file = dump_folder / WANDB_FOLDER / WANDB_ID_FILE
+    run_id = os.environ.get("WANDB_RUN_ID") or (
+        id_file.read_text().strip() if id_file.is_file() and not fresh else uuid.uuid4().hex[:8])
+    mode = os.environ.get("WANDB_MODE")
+    offline = None if mode else wandb_offline_reason()
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fla"), name=os.environ.get("WANDB_NAME", default_name),
+                     id=run_id, resume="allow", dir=dump_folder, config=config,
+                     mode=mode or ("offline" if offline else "online"),
+                     settings=wandb.Settings(silent=True))  # wandb's banner lines: the line below says what matters
+    id_file.parent.mkdir(exist_ok=True)
+    id_file.write_text(run_id)
+    if run.settings.mode == "offline":
+        print(f"lmlab: W&B run {run_id} is offline ({offline or 'WANDB_MODE=offline'}); upload it later with: "
+              f"wandb sync {Path(run.dir).parent}", flush=True)
+    return run
+
+
 class MetricLogger:
-    def __init__(self, dump_folder: Path, cfg: Metrics, total_steps: int, enabled: bool) -> None:
+    def __init__(self, dump_folder: Path, cfg: Metrics, total_steps: int, enabled: bool,
+                 wandb_run: Any = None) -> None:
+        """`wandb_run`: a W&B run (`start_wandb`) that gets the same values, or None."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.tb = None
         self.bar = None
+        self.wandb_run = wandb_run
         if not enabled:
             return
         self.file = open(dump_folder / METRICS_FILE, "a")
@@ -48,10 +96,12 @@ class MetricLogger:
         record = {"step": step, "time": time.time(), **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        numbers = {key: value for key, value in values.items() if isinstance(value, (int, float))}
         if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, step)
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=step)
         self._print(step, values)
 
     def _print(self, step: int, v: dict[str, Any]) -> None:
@@ -80,6 +130,8 @@ class MetricLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
         if self.bar is not None:
             self.bar.close()
 

@@ -198,7 +198,19 @@ def build_model(cfg: Model, *, vocab_size: int, device: torch.device) -> torch.n
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     except ValueError as exc:  # a config the layers reject, e.g. head dims that do not divide
         raise _config_error("--model.config", cfg.config, exc) from None
+    backend = kernel_backend(cfg, config)
+    if hasattr(model, "set_kernel_backend"):
+        model.set_kernel_backend(backend)
+    elif backend != "auto":
+        raise UserError(f"--model.backend {backend}: {config.model_type} models do not run lmlab's kernels; "
+                        "use --model.backend auto")
     return model.float()
+
+
+def kernel_backend(cfg: Model, config: PretrainedConfig) -> str:
+    """The kernel backend a run gives its model: `--model.backend`, or the config's `backend` key when
+    the flag is auto (the export keeps the config's key: the flag is the run's choice, not the model's)."""
+    return cfg.backend if cfg.backend != "auto" else getattr(config, "backend", "auto")
 
 
 def load_tokenizer(cfg: Model) -> PreTrainedTokenizerBase:

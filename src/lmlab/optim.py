@@ -9,12 +9,18 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lmlab.config import LRScheduler, Optimizer
+from lmlab.config import JobConfig, LRScheduler, Optimizer, show
+
+# The options that shape the LR schedule: a resume takes them from the command, not the checkpoint.
+SCHEDULE_OPTIONS = ("optimizer.lr", "lr_scheduler.warmup_steps", "lr_scheduler.decay_type", "lr_scheduler.lr_min",
+                    "lr_scheduler.decay_ratio", "training.steps")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
@@ -50,6 +56,26 @@ def lr_multiplier(step: int, cfg: LRScheduler, total_steps: int) -> float:
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr_min + (1.0 - cfg.lr_min) * shape
+
+
+def schedule_change(previous: dict[str, dict[str, Any]], cfg: JobConfig, step: int) -> str | None:
+    """One line for a resume at `step` whose flags reshape the LR schedule of the run recorded in `previous`
+    (its job_config.toml, parsed): the changed flags and the LR of the next step under both; None if none."""
+    def value(source: dict | JobConfig, name: str) -> Any:
+        section, key = name.split(".")
+        return source.get(section, {}).get(key) if isinstance(source, dict) else getattr(getattr(source, section), key)
+
+    changed = [name for name in SCHEDULE_OPTIONS if value(previous, name) != value(cfg, name)]
+    if not changed:
+        return None
+    old = {name: value(previous, name) for name in SCHEDULE_OPTIONS}
+    old_schedule = dataclasses.replace(cfg.lr_scheduler, **{name.split(".")[1]: v for name, v in old.items()
+                                                             if name.startswith("lr_scheduler.")})
+    before = old["optimizer.lr"] * lr_multiplier(step, old_schedule, old["training.steps"])
+    after = cfg.optimizer.lr * lr_multiplier(step, cfg.lr_scheduler, cfg.training.steps)
+    flags = ", ".join(f"--{name} {show(value(cfg, name))} (was {show(old[name])})" for name in changed)
+    return (f"lmlab: resuming at step {step} with {flags}: the LR schedule is recomputed from the new values "
+            f"(the LR of step {step + 1}: {before:.3g} -> {after:.3g})")
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total_steps: int) -> LambdaLR:

@@ -101,12 +101,14 @@ def heldout_perplexity(model, tokenizer, docs: list[str], seq_len: int) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="exp/quickstart", help="where everything is written")
-    parser.add_argument("--config", default="configs/tiny_gated_deltanet.json")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = argparse.ArgumentParser(prog="python -m lmlab.quickstart", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="exp/quickstart",
+                        help="where everything is written (data, tokenizer, the run in OUT/run); rerunning starts over")
+    parser.add_argument("--config", default="configs/tiny_gated_deltanet.json", help="the model config")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     import lmlab  # noqa: F401
     from lmlab.metrics import read_metrics
     from lmlab.plot import plot_runs
+    from lmlab.train import continue_command
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(dump).eval()
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"greedy sample: {text!r}")
     print(f"outputs: checkpoints {dump / 'checkpoint'}, HF model {dump} (config.json, model.safetensors, tokenizer),")
     print(f"         metrics {dump / 'metrics.jsonl'} and {dump / 'tb'}, plot {plot_path}")
+    print(f"train it longer (continues from step {args.steps}; rerunning the quickstart starts over): "
+          f"NGPU=1 {continue_command(dump / 'job_config.toml')} --training.steps {2 * args.steps}")
     print(f"wall time: {time.time() - started:.0f} s")
     return 0
 

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,15 +27,16 @@ import lmlab  # noqa: F401  (registers lmlab's model families with transformers'
 from lmlab import dumplock
 from lmlab.checkpoint import Checkpointer, export_hf
 from lmlab.config import JobConfig, parse_args
-from lmlab.data import build_dataloader, data_epoch
+from lmlab.data import build_dataloader, data_epoch, load_sources
 from lmlab.distributed import Dist, init_distributed, parallelize
-from lmlab.dump import clear_previous_run, prepare_dump_folder
+from lmlab.dump import clear_previous_run, dump_paths, prepare_dump_folder
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
-from lmlab.metrics import MetricLogger
+from lmlab.metrics import MetricLogger, start_wandb
 from lmlab.errors import UserError
-from lmlab.modeling import build_model, import_custom_models, load_tokenizer
-from lmlab.optim import build_lr_scheduler, build_optimizer
+from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
+from lmlab.models.blocks import LmlabForCausalLM
+from lmlab.optim import build_lr_scheduler, build_optimizer, schedule_change
 
 
 @dataclasses.dataclass
@@ -91,6 +94,19 @@ def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def check_inputs(cfg: JobConfig) -> None:
+    """The checks that need no process group, device or dump folder, in the order train() meets them: the
+    kernel backend, custom models, the tokenizer against the model config, the model (built on the meta
+    device: no memory), the data sources and the paths inside the dump. train.sh runs them before torchrun,
+    so that a bad input is one line and creates nothing; UserError."""
+    dispatch.require(cfg.model.backend)
+    import_custom_models(cfg.experimental.custom_model_path)
+    tokenizer = load_tokenizer(cfg.model)
+    build_model(cfg.model, vocab_size=len(tokenizer), device=torch.device("meta"))
+    load_sources(cfg.training)
+    dump_paths(cfg)
+
+
 def train(cfg: JobConfig, stop: StopRequested) -> int:
     dist = init_distributed(cfg)
     # TF32 for the float32 matmuls inside the PyTorch chunk kernels (bf16 work is unaffected; fla's Triton
@@ -98,7 +114,6 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     torch.set_float32_matmul_precision("high")
     seed_everything(cfg.training.seed, dist.rank, cfg.training.deterministic)
     dispatch.require(cfg.model.backend)
-    dispatch.set_backend(cfg.model.backend)
     if cfg.job.print_args and dist.is_main:
         print(cfg.to_toml(), flush=True)
 
@@ -130,12 +145,22 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     train_state.step = checkpointer.load(states, fresh=cfg.job.overwrite)
     if cfg.job.overwrite:
         clear_previous_run(cfg, dist)
+    record = dump / "job_config.toml"
     if dist.is_main:
-        (dump / "job_config.toml").write_text(cfg.to_toml())  # the run has started: its checkpoints' config
-        where = f"resumed from step {train_state.step}" if train_state.step else "starting from scratch"
+        if checkpointer.loaded_from is None:
+            where = "starting from scratch"
+        elif train_state.step:
+            where = f"resumed from step {train_state.step} ({checkpointer.loaded_from})"
+            change = schedule_change(tomllib.loads(record.read_text()), cfg, train_state.step) \
+                if record.is_file() and not cfg.job.overwrite else None
+            if change:
+                print(change, flush=True)
+        else:
+            where = f"warm start: model weights from {checkpointer.loaded_from}"
+        record.write_text(cfg.record_toml())  # the run has started: its checkpoints' config
         print(
             f"lmlab: {model.config.model_type} with {n_params / 1e6:.2f}M parameters on {dist.world_size} x "
-            f"{dist.device.type}, {where}; kernels: {dispatch.describe()}",
+            f"{dist.device.type}, {where}; kernels: {dispatch.describe(kernel_backend(cfg.model, model.config))}",
             flush=True,
         )
 
@@ -143,7 +168,11 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     t = cfg.training
     use_bf16 = dist.device.type == "cuda" and t.mixed_precision_param == "bfloat16" and dist.world_size == 1
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
-    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main)
+    wandb_run = None
+    if cfg.metrics.enable_wandb and dist.is_main:
+        wandb_run = start_wandb(dump, cfg.to_dict(), f"{model.config.model_type}-{dump.resolve().name}",
+                                fresh=not train_state.step)
+    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main, wandb_run=wandb_run)
     data_iter = iter(dataloader)
     peak = peak_flops(dist.device)
     window = _Window()
@@ -225,10 +254,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
             checkpointer.save(step, states)  # a no-op when this step was just saved
             checkpointer.close()
             saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
-            message = (
-                f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Resume with the same command "
-                "(--checkpoint.load_step -1 picks the newest checkpoint)."
-            )
+            message = (f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Continue it with: "
+                       f"{continue_command(record)} (add --training.steps N to train longer; same NGPU)")
             if dist.is_main:
                 print(message, flush=True)
             report_exit(message, 0)
@@ -275,6 +302,8 @@ def forward_backward(
     so the accumulated gradient is the mean over all tokens of the step whatever the accumulation split.
     """
     loss_sum = torch.zeros((), device=device)
+    # lmlab's models skip the logits (never materialised in fp32); other causal LMs don't take the argument.
+    loss_only = {"loss_only": True} if isinstance(model, LmlabForCausalLM) else {}
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # cu_seqlens (varlen) only when the batch has it: other causal LMs don't take the argument.
@@ -285,6 +314,7 @@ def forward_backward(
                 labels=batch["labels"],
                 num_items_in_batch=denominator,
                 use_cache=False,  # no KV cache while training (HF models build one by default)
+                **loss_only,
                 **varlen,
             )
         out.loss.backward()
@@ -354,16 +384,24 @@ def main(argv: list[str] | None = None) -> int:
         with dumplock.for_trainer(Path(cfg.job.dump_folder)), StopRequested() as stop, scheduled_gc():
             return train(cfg, stop)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        report_exit(f"error: {exc}", 2)
+        if not report_exit(f"error: {exc}", 2):  # train.sh's launcher prints it, last
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 
-def report_exit(message: str, exit_code: int) -> None:
-    """Tell train.sh's launcher why this process ends, so that it can say so last, after torchrun's output."""
+def continue_command(record: Path) -> str:
+    """The command that continues a run from its newest checkpoint: its recorded config `record` (which never
+    holds --job.overwrite), not "the same command", which may start over."""
+    return f"bash train.sh --job.config_file {shlex.quote(str(record))}"
+
+
+def report_exit(message: str, exit_code: int) -> bool:
+    """Tell train.sh's launcher why this process ends, so that it can say so last, after torchrun's output;
+    False when there is no launcher to tell."""
     exit_file = os.environ.get("LMLAB_EXIT_FILE")
     if exit_file:
         Path(exit_file).write_text(json.dumps({"message": message, "exit_code": exit_code}))
+    return bool(exit_file)
 
 
 if __name__ == "__main__":

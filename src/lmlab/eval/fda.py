@@ -67,20 +67,21 @@ def prompt(text: str, key: str) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="launch_hf.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="launch_hf.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-m", "--model", action="append", required=True, help="model path or hub id (repeatable)")
     parser.add_argument("-t", "--task", action="append", choices=["based_fda"], default=[],
                         help="based_fda (the only task of this protocol; repeatable as in the original)")
     parser.add_argument("--batch-size", type=int, default=1, help="1 reproduces the paper")
     parser.add_argument("--limit", type=int, default=-1, help="documents per task; -1 = all")
-    parser.add_argument("--context_length", type=int, default=1000)
-    parser.add_argument("--answer_length", type=int, default=50)
+    parser.add_argument("--context_length", type=int, default=1000, help="prompt window + answer, in tokens")
+    parser.add_argument("--answer_length", type=int, default=50, help="tokens kept free for the answer")
     parser.add_argument("--cutting_context", action="store_true", help="window the text (the paper does)")
-    parser.add_argument("--output_dir", default="output")
+    parser.add_argument("--output_dir", default="output", help="results go to OUTPUT_DIR/<model>/")
     parser.add_argument("-p", "--parallelize", action="store_true",
                         help="data-parallel over all visible GPUs (one process each); a single job on CPU")
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", help="the model's dtype")
     parser.add_argument("--data_dir", help="local task data (default $LMLAB_EVAL_DATA); see lmlab.eval.harness")
     return parser.parse_args(argv)
 

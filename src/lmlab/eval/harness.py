@@ -28,18 +28,22 @@ would have read.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import huggingface_hub
 import lm_eval
 import torch
 import yaml
 
 import lmlab.models
 from lmlab.errors import UserError
+from lmlab.network import unreachable_reason
 
 DATA_ENV = "LMLAB_EVAL_DATA"
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -104,10 +108,59 @@ def missing_data(exc: OSError, tasks: list[str], data_dir: str | None) -> UserEr
         data = TASKS.get(task)
         served_locally = data_dir is not None and data is not None and local_file(data_dir, task, data.splits[0])
         if data is not None and data.hub in message and not served_locally:
-            where = Path(data_dir or f"${DATA_ENV}") / (data.folder or task) / f"{data.splits[0]}.jsonl"
             return UserError(f"task {task}: cannot load {data.hub} ({type(exc).__name__}: {message}); "
-                             f"for local data put {where} (or .parquet) and pass --data_dir or set {DATA_ENV}")
+                             f"{local_alternative(task, data_dir)}")
     return None
+
+
+def local_alternative(task: str, data_dir: str | None) -> str:
+    data = TASKS[task]
+    where = Path(data_dir or f"${DATA_ENV}") / (data.folder or task) / f"{data.splits[0]}.jsonl"
+    return f"for local data put {where} (or .parquet) and pass --data_dir or set {DATA_ENV}"
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (offline mode, or no connection within 3 s); None if it can."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+    return unreachable_reason(huggingface_hub.constants.ENDPOINT)
+
+
+def unreachable_data(tasks: list[str], data_dir: str | None) -> UserError | None:
+    """At once, before lm-eval indexes its tasks (~20 s on 2 cores): the first of lmlab's tasks that would
+    load from the hub, neither local nor in the datasets cache, while the hub cannot be reached."""
+    def cached(hub: str) -> bool:
+        return ((Path(datasets.config.HF_DATASETS_CACHE) / hub.replace("/", "___")).is_dir()
+                or (Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{hub.replace('/', '--')}").is_dir())
+
+    from_hub = [task for task in tasks if task in TASKS and not cached(TASKS[task].hub)
+                and not (data_dir and local_file(data_dir, task, TASKS[task].splits[0]))]
+    reason = hub_unreachable_reason() if from_hub else None
+    if reason is None:
+        return None
+    task = from_hub[0]
+    return UserError(f"task {task}: {TASKS[task].hub} is on the Hugging Face Hub, which cannot be reached ({reason}); "
+                     f"{local_alternative(task, data_dir)}")
+
+
+class QuietOwnChoices(logging.Filter):
+    """Drops two lm-eval warnings that every lmlab evaluation would print: a task of `own_task_dirs` (lmlab's
+    definitions, the generated local-data ones) or a tag overriding lm-eval's of the same name, their purpose,
+    and "HF model type is neither marked as CausalLM or Seq2SeqLM", which lm-eval says of every model type
+    registered at run time (transformers' static tables list none), lmlab's causal LMs included."""
+
+    LOGGERS = ("lm_eval.tasks._index", "lm_eval.models.huggingface")
+
+    def __init__(self, own_task_dirs: list[str]):
+        super().__init__()
+        self.own_task_dirs = tuple(own_task_dirs)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Task '%s' from %s overrides"):
+            # a tag has no file (None): lmlab's task files re-declare the tags of the definitions they include
+            return not (record.args[1] is None or str(record.args[1]).startswith(self.own_task_dirs))
+        return not message.startswith("HF model type is neither marked as CausalLM")
 
 
 def register_models() -> None:
@@ -145,14 +198,20 @@ def run(argv: list[str], data_dir: str | None) -> None:
         args = cli.parse_args()
     finally:
         sys.argv = saved
+    error = unreachable_data(getattr(args, "tasks", None) or [], data_dir)
+    if error is not None:
+        raise error
     with tempfile.TemporaryDirectory() as local_tasks:
         paths = [str(TASKS_DIR)]
         if data_dir:
             write_local_tasks(data_dir, Path(local_tasks))
             paths.append(local_tasks)
+        quiet = QuietOwnChoices(paths)
         if getattr(args, "include_path", None):
             paths.append(args.include_path)
         args.include_path = paths
+        for name in quiet.LOGGERS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             cli.execute(args)
         except OSError as exc:
@@ -160,6 +219,18 @@ def run(argv: list[str], data_dir: str | None) -> None:
             if error is None:
                 raise
             raise error from None
+        finally:
+            for name in quiet.LOGGERS:
+                logging.getLogger(name).removeFilter(quiet)
+
+
+LMLAB_HELP = f"""
+lmlab's additions (python -m evals.harness):
+  --data_dir DIR   read every task from DIR/<task>/<split>.jsonl or .parquet (the hub dataset's fields; README
+                   "Offline data" lists them); the environment variable {DATA_ENV}=DIR does the same
+  tasks            lmlab's squad_completion, squad_completion_stock, swde, fda and based_fda come first on
+                   --include_path; lmlab's model families are registered
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
     try:
         run(argv, data_dir)
+    except SystemExit as done:  # lm-eval's own --help: then say what lmlab adds
+        if done.code == 0 and any(arg in ("-h", "--help") for arg in argv):
+            print(LMLAB_HELP)
+        raise
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

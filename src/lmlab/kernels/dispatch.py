@@ -3,16 +3,18 @@
 Every op in `lmlab.kernels` has a PyTorch implementation that runs anywhere (the specification) and may
 have an accelerated one (fla's Triton kernels, flash-attn, ...). `choose(op, tensor)` returns the name of
 the backend to use, after health checks (device, library presence, known-bad version combinations). The
-user override comes from `set_backend` (the model config's `backend` key or `--model.backend`):
+request is the kernel call's `backend=` argument (a model passes its own: the config's `backend` key or
+`--model.backend`, so two models in one process can run different backends); None means "auto":
   auto  - the first healthy accelerated backend of the op, else torch (one warning saying why)
   torch - always the PyTorch implementation
   fla   - fla's kernel; an error if it cannot run here
   flash - flash-attn (attention only); an error if it cannot run here
   triton - lmlab's own Triton kernel (the short convolution from zeros only); an error if it cannot run here
   flex  - torch's FlexAttention (local attention only); an error if it cannot run here
-An op may have several accelerated backends, registered in priority order. A process-wide request for a
-backend that an op does not have (e.g. "fla" for attention) means "auto" for that op; the same request
-passed to one call (`backend=`) is an error.
+An op may have several accelerated backends, registered in priority order. A request for a backend that
+an op does not have (e.g. "fla" for attention, "triton" for the convolution from a decoding state) means
+"auto" for that op: a model's request covers all its ops. A request for a backend the op has but that
+cannot run on the input is an error. There is no process-wide request.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import torch
 from lmlab.errors import UserError
 
 BACKENDS = ("auto", "torch", "fla", "flash", "triton", "flex")
-_requested = "auto"
 # op name -> {accelerated backend -> health check}, in priority order; a check returns None when the
 # backend can run on the given input, else the reason it cannot.
 _health_checks: dict[str, dict[str, Callable[[torch.Tensor], str | None]]] = {}
@@ -36,14 +37,6 @@ _warned: set[tuple[str, str]] = set()
 # op name -> the backend its latest `choose` call returned; only read back (logs, benchmarks), never
 # consulted when choosing.
 _last_choice: dict[str, str] = {}
-
-
-def set_backend(name: str) -> None:
-    """Set the process-wide backend request (one of BACKENDS)."""
-    global _requested
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    _requested = name
 
 
 def require(name: str) -> None:
@@ -61,14 +54,10 @@ def require(name: str) -> None:
         raise UserError(f"backend {name!r} cannot run here ({reason}); use --model.backend auto or torch")
 
 
-def get_backend() -> str:
-    return _requested
-
-
-def describe() -> str:
-    """One line for the training log: the requested backend and, on CUDA, what fla can do."""
+def describe(backend: str) -> str:
+    """One line for the training log: the model's requested backend and, on CUDA, what fla can do."""
     reason = fla_unavailable_reason()
-    return f"backend={_requested}" + ("" if reason is None else f" (fla kernels unavailable: {reason})")
+    return f"backend={backend}" + ("" if reason is None else f" (fla kernels unavailable: {reason})")
 
 
 def register_health_check(op: str, check: Callable[[torch.Tensor], str | None], backend: str = "fla", *,
@@ -142,15 +131,12 @@ def _record(op: str, name: str) -> bool:
 
 def _choose(op: str, x: torch.Tensor, requested: str | None) -> str:
     checks = _health_checks.get(op, {})
-    if requested is None:
-        requested = _requested if _requested in checks or _requested == "torch" else "auto"
-    elif requested not in BACKENDS:
+    if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown kernel backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "torch":
         return "torch"
-    if requested != "auto":
-        check = checks.get(requested)
-        reason = "no such backend for this op" if check is None else check(x)
+    if requested in checks:
+        reason = checks[requested](x)
         if reason is not None:
             raise UserError(f"backend {requested!r} requested for {op} but it cannot run here: {reason}; "
                             "use --model.backend auto or torch")

@@ -108,7 +108,7 @@ PRENORM_RESIDUAL_STRATEGIES = ("rescale", "zero", None)
 
 class LmlabConfig(PretrainedConfig):
     """The keys every fla 0.6.0 family config has, with fla's defaults, plus lmlab's `backend`
-    (lmlab.kernels.dispatch's request, applied process-wide when a model is built; "auto" leaves it alone)
+    (the lmlab.kernels.dispatch request the model passes to its own kernel calls; no other model's)
     and `prenorm_residual_strategy`, how the residual branches' output projections (each mixer's `o_proj`,
     each MLP's `down_proj`) are initialised for training from scratch: "rescale" (GPT-2's scheme, the HQLT
     paper's fla fork: kaiming-uniform(a=√5) / √(2·num_hidden_layers); the linear families' default),
@@ -204,7 +204,14 @@ class HybridConfig(LmlabConfig):
 # Modules
 
 
-class RMSNorm(nn.Module):
+class UsesKernels:
+    """A module that calls lmlab.kernels: it passes `backend` to every kernel call. The model that owns it
+    sets it (`LmlabPreTrainedModel.set_kernel_backend`), so models in one process keep their own backends."""
+
+    backend: str = "auto"
+
+
+class RMSNorm(nn.Module, UsesKernels):
     """fla's RMSNorm (weight only; none with elementwise_affine=False)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True):
@@ -214,10 +221,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight is not None else x.new_ones(x.shape[-1])
-        return rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps, backend=self.backend)
 
 
-class GatedRMSNorm(nn.Module):
+class GatedRMSNorm(nn.Module, UsesKernels):
     """fla's FusedRMSNormGated: rms_norm(x) * weight * act(gate), act = swish (silu) or sigmoid."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
@@ -231,11 +238,11 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight is not None else x.new_ones(x.shape[-1])
         if self.activation == "sigmoid":
-            return (rms_norm(x, weight, self.eps) * gate.sigmoid()).to(x.dtype)
-        return gated_rms_norm(x, gate, weight, self.eps)
+            return (rms_norm(x, weight, self.eps, backend=self.backend) * gate.sigmoid()).to(x.dtype)
+        return gated_rms_norm(x, gate, weight, self.eps, backend=self.backend)
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, UsesKernels):
     """fla's GatedMLP (SwiGLU): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden_size: int, hidden_ratio: float | None = 4, intermediate_size: int | None = None,
@@ -252,10 +259,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
 
 
-class ShortConvolution(nn.Module):
+class ShortConvolution(nn.Module, UsesKernels):
     """fla's ShortConvolution: causal depthwise conv, weight [D, 1, W] (nn.Conv1d's layout)."""
 
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
@@ -268,7 +275,7 @@ class ShortConvolution(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return short_conv(x, self.weight, self.bias, activation=self.activation, initial_state=state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.backend)
 
 
 Rotary = dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]]  # (head_dim, theta) -> (cos, sin)
@@ -339,7 +346,7 @@ def delta_mixer_output(mixer: nn.Module, o: torch.Tensor, x: torch.Tensor, cache
     return mixer.o_proj(o.reshape(B, T, -1))
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, UsesKernels):
     """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
     optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""
 
@@ -379,7 +386,7 @@ class Attention(nn.Module):
             keep = None if self.window_size is None else self.window_size - 1
             k, v = cache.append(self.layer_idx, "attention", (k, v), keep)
         o = attention(q, k, v, causal=True, window_size=self.window_size, cu_seqlens=cu_seqlens,
-                      attention_mask=padding_mask(attention_mask, k.shape[1]))
+                      attention_mask=padding_mask(attention_mask, k.shape[1]), backend=self.backend)
         return self.o_proj(o.reshape(B, T, -1))
 
 
@@ -440,12 +447,17 @@ class LmlabPreTrainedModel(PreTrainedModel):
     # Recurrent states cannot be rolled back: no assisted decoding, no cache cropping.
     _is_stateful = True
 
-    def __init__(self, config: PretrainedConfig, *inputs: Any, **kwargs: Any):
-        super().__init__(config, *inputs, **kwargs)
-        # The config's kernel backend is a process-wide request: a per-call one is an error for the ops
-        # that lack that backend (e.g. "fla" for attention), a process-wide one means "auto" for them.
-        if config.backend != "auto":
-            dispatch.set_backend(config.backend)
+    def post_init(self) -> None:
+        super().post_init()
+        self.set_kernel_backend(self.config.backend)
+
+    def set_kernel_backend(self, backend: str) -> None:
+        """Run this model's kernels on `backend` (one of lmlab.kernels.dispatch.BACKENDS; an op without it
+        runs "auto"). Only this model changes; its config's `backend` key is left as it was loaded."""
+        check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, UsesKernels):
+                module.backend = backend
 
     def _init_weights(self, module: nn.Module) -> None:
         """fla's scheme: N(0, initializer_range) for linear, conv and embedding weights, zero biases, unit
@@ -546,7 +558,7 @@ class LmlabModel(LmlabPreTrainedModel):
         )
 
 
-class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin):
+class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
     """Decoder + linear head. A family subclass sets `model_class` (its LmlabModel subclass)."""
 
     model_class: type[LmlabModel]
@@ -586,10 +598,12 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        loss_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """With `labels` (unshifted, -100 ignored): loss = token sum / num_items_in_batch when given, else the
-        token mean, computed chunk by chunk from the hidden states; logits are then not computed (None)."""
+        token mean, computed chunk by chunk from the hidden states, and the logits as without labels (HF's
+        convention). `loss_only` (the trainer's memory-saving path): the logits are not computed (None)."""
         outputs = self.model(input_ids, attention_mask, cache if cache is not None else past_key_values,
                              inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
                              output_hidden_states=output_hidden_states)
@@ -599,10 +613,11 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin):
             shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(hidden.device)
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                         shifted.reshape(-1), ignore_index=IGNORE_INDEX,
-                                        reduction="mean" if num_items_in_batch is None else "sum")
+                                        reduction="mean" if num_items_in_batch is None else "sum",
+                                        backend=self.backend)
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
-        else:
+        if labels is None or not loss_only:
             if isinstance(logits_to_keep, int):
                 hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             else:

@@ -16,6 +16,7 @@ from lmlab.models.blocks import (
     RMSNorm,
     Rotary,
     ShortConvolution,
+    UsesKernels,
     delta_mixer_output,
     l2_norm,
     padding_mask,
@@ -69,7 +70,7 @@ class DeltaNetConfig(HybridConfig):
         super().__init__(**kwargs)
 
 
-class DeltaNet(nn.Module):
+class DeltaNet(nn.Module, UsesKernels):
     """fla's DeltaNet layer (same parameter names and shapes)."""
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int):
@@ -128,7 +129,8 @@ class DeltaNet(nn.Module):
             beta = beta * 2
         k, v, beta = zero_padding(mask, k, v, beta)
         o, recurrent_state = delta_rule(q, k, v, beta, initial_state=state.get("recurrent_state"),
-                                        output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                                        output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+                                        backend=self.backend)
         return delta_mixer_output(self, o, x, cache, recurrent_state, conv_state)
 
 

@@ -19,6 +19,7 @@ from lmlab.models.blocks import (
     RMSNorm,
     Rotary,
     ShortConvolution,
+    UsesKernels,
     delta_mixer_output,
     l2_norm,
     padding_mask,
@@ -67,7 +68,7 @@ class GatedDeltaNetConfig(HybridConfig):
         super().__init__(num_hidden_layers=num_hidden_layers, **kwargs)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(nn.Module, UsesKernels):
     """fla's GatedDeltaNet layer (same parameter names and shapes). With num_v_heads > num_heads (grouped
     value heads), each q/k head serves num_v_heads // num_heads consecutive value heads."""
 
@@ -138,7 +139,8 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         k, v, beta, g = zero_padding(mask, k, v, beta.to(q.dtype), g)
         o, recurrent_state = gated_delta_rule(q, k, v, g, beta, initial_state=state.get("recurrent_state"),
-                                              output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                                              output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+                                              backend=self.backend)
         return delta_mixer_output(self, o, x, cache, recurrent_state, conv_state)
 
 

@@ -18,6 +18,7 @@ from lmlab.models.blocks import (
     RMSNorm,
     Rotary,
     ShortConvolution,
+    UsesKernels,
     padding_mask,
     project_qkv,
     zero_padding,
@@ -83,7 +84,7 @@ class GLAConfig(HybridConfig):
         super().__init__(**kwargs)
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(nn.Module, UsesKernels):
     """fla's GatedLinearAttention layer (same parameter names and shapes). With num_kv_heads < num_heads,
     k, v and the decay are shared by groups of consecutive query heads."""
 
@@ -143,7 +144,8 @@ class GatedLinearAttention(nn.Module):
             q, k = self.feature_map(q), self.feature_map(k)
         k, v, gk = zero_padding(mask, k, v, gk)
         o, recurrent_state = gla(q, k, v, gk, initial_state=state.get("recurrent_state"),
-                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+                                 backend=self.backend)
         if cache is not None:
             cache.update(self.layer_idx, recurrent_state=recurrent_state, conv_state=conv_state)
         if self.fuse_norm_and_gate:

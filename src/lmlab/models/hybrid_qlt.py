@@ -43,6 +43,7 @@ from lmlab.models.blocks import (
     ShortConvolution,
     GatedRMSNorm,
     RMSNorm,
+    UsesKernels,
     apply_rotary,
     delta_mixer_output,
     l2_norm,
@@ -149,7 +150,7 @@ def _config_problem(attn_mode, chunk_size, qk_norm, use_forgetting_gate, use_mem
     return None
 
 
-class HybridQLT(nn.Module):
+class HybridQLT(nn.Module, UsesKernels):
     """The fork's HybridQLT layer (same parameter names and shapes)."""
 
     def __init__(self, config: HybridQLTConfig, layer_idx: int):
@@ -237,7 +238,8 @@ class HybridQLT(nn.Module):
         k_positions = positions.expand(q.shape[0], -1)
         if cache is not None:
             k, v, k_positions = cache.append(self.layer_idx, "attention", (k, v, k_positions), self.window - 1)
-        return local_attention(q, k, v, positions, k_positions, window=self.window, chunked=self.mode == "chunk")
+        return local_attention(q, k, v, positions, k_positions, window=self.window, chunked=self.mode == "chunk",
+                               backend=self.backend)
 
     def fw_memory(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                   positions: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
@@ -259,7 +261,8 @@ class HybridQLT(nn.Module):
             chunk_positions = None if mask is None and not keep else positions
             o, h, read_state = delta_rule_chunk_read(
                 q_fw, k_fw, v, beta, chunk_positions, chunk_size=self.window, initial_state=h0,
-                initial_read_state=state.get("read_state"), output_final_state=keep, cu_seqlens=cu_seqlens)
+                initial_read_state=state.get("read_state"), output_final_state=keep, cu_seqlens=cu_seqlens,
+                backend=self.backend)
             return o, dict(recurrent_state=h, read_state=read_state) if keep else {}
         states = {}
         if self.mode == "delayed":
@@ -267,7 +270,7 @@ class HybridQLT(nn.Module):
             if self.delayed_beta == "delayed":
                 beta = delayed_beta
         o, states["recurrent_state"] = delta_rule(q_fw, k_fw, v, beta, initial_state=h0, output_final_state=keep,
-                                                  cu_seqlens=cu_seqlens)
+                                                  cu_seqlens=cu_seqlens, backend=self.backend)
         return o, states if keep else {}
 
     def delay(self, tensors: tuple[torch.Tensor, ...], positions: torch.Tensor,
@@ -289,7 +292,7 @@ class HybridQLT(nn.Module):
         if over_time:  # a column of ones: the same recurrence then also sums φ(k) over time
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         o, h = gla(phi_q, phi_k, v, torch.zeros_like(phi_k), scale=scale, initial_state=h0,
-                   output_final_state=keep, cu_seqlens=cu_seqlens)
+                   output_final_state=keep, cu_seqlens=cu_seqlens, backend=self.backend)
         if over_time:
             o, z = o[..., :-1], o[..., -1:]
         else:

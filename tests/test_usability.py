@@ -1,0 +1,84 @@
+"""Everyday use (issue 24): help texts, and what the commands say and write where a user would look."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import lmlab  # noqa: F401  (imported once for the module: torch and transformers take seconds)
+from lmlab import quickstart
+from lmlab.eval import harness
+
+
+def test_quickstart_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        quickstart.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0
+    assert "(default: 300)" in out and "(default: configs/tiny_gated_deltanet.json)" in out
+
+
+def test_harness_help_is_lm_evals_plus_lmlabs_data_dir(capsys):
+    with pytest.raises(SystemExit) as done:
+        harness.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage: lm-eval" in out
+    assert "--data_dir DIR" in out and "LMLAB_EVAL_DATA" in out
+
+
+def test_one_process_checkpoints_save_and_load_without_warnings(tmp_path):
+    """DCP's "torch.distributed is disabled ..." warning is silenced where lmlab calls DCP in one process."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmlab.checkpoint import load_model_weights, save_model_weights
+    from lmlab.distributed import Dist
+
+    config = AutoConfig.for_model("gla", hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_model_weights(model, tmp_path / "step-0", Dist(0, 1, 0, torch.device("cpu"), None))
+        load_model_weights(model, tmp_path / "step-0")
+
+
+@pytest.mark.slow  # importing wandb and starting its service: ~2-5 s on 2 cores
+def test_wandb_logs_offline_into_the_dump(tmp_path, monkeypatch, capsys):
+    """--metrics.enable_wandb with WANDB_MODE=offline (no network in tests): the values go to a local W&B run
+    in <dump>/wandb that `wandb sync` uploads later, as one line says."""
+    from lmlab.config import Metrics
+    from lmlab.metrics import MetricLogger, start_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = start_wandb(tmp_path, {"training": {"steps": 2}}, "gla-run", fresh=True)
+    logger = MetricLogger(tmp_path, Metrics(), 2, enabled=True, wandb_run=run)
+    logger.log(1, {"loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second_per_device": 10.0,
+                   "elapsed_seconds": 1.0, "eta_seconds": 1.0})
+    logger.close()
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+    assert f"upload it later with: wandb sync {offline_runs[0]}" in capsys.readouterr().out
+    assert offline_runs[0].name.endswith((tmp_path / "wandb" / "lmlab_run_id").read_text())
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_another(tmp_path, monkeypatch):
+    from lmlab.metrics import start_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = start_wandb(tmp_path, {}, "gla-run", fresh=True)
+    first.finish()
+    resumed = start_wandb(tmp_path, {}, "gla-run", fresh=False)
+    resumed.finish()
+    fresh = start_wandb(tmp_path, {}, "gla-run", fresh=True)
+    fresh.finish()
+    assert resumed.id == first.id != fresh.id
+
+
+def test_wandb_goes_offline_without_a_login(monkeypatch, tmp_path):
+    from lmlab.metrics import wandb_offline_reason
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_offline_reason() == "not logged in: run `wandb login`"
