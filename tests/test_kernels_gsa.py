@@ -29,7 +29,8 @@ def make_inputs(B: int, T: int, H: int, K: int, V: int, M: int, *, seed: int = 0
     return {name: t.to(device=device, dtype=dtype) for name, t in x.items()}
 
 
-def make_state(N: int, H: int, K: int, V: int, M: int, seed: int = 2, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def make_state(N: int, H: int, K: int, V: int, M: int, seed: int = 2,
+               device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(N, H, K, M, generator=gen).to(device), torch.randn(N, H, M, V, generator=gen).to(device)
 
@@ -219,5 +220,6 @@ def test_gpu_fla_matches_torch_chunk(varlen):
     flat = lambda r: [r[0], *r[1], *r[2].values()]  # noqa: E731
     fla_errors = dict(zip(names, map(rel_err, flat(fla), flat(ref))))
     torch_errors = dict(zip(names, map(rel_err, flat(torch_bf16), flat(ref))))
-    print("gsa", "varlen" if varlen else "", {k: f"fla {fla_errors[k]:.1e} / torch {torch_errors[k]:.1e}" for k in names})
+    print("gsa", "varlen" if varlen else "",
+          {k: f"fla {fla_errors[k]:.1e} / torch {torch_errors[k]:.1e}" for k in names})
     assert all(fla_errors[k] < max(1e-2, 2 * torch_errors[k]) for k in names), (fla_errors, torch_errors)

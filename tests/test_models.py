@@ -223,6 +223,21 @@ def test_mixer_computes_what_flas_layer_computes(family, fla_layers_on_cpu):
         assert max_err(ours(x, rotary={}, **extra), theirs(x, **extra)[0]) < 1e-5
 
 
+def test_hgrn2_lower_bounds_reach_the_hgrn2_layers_after_the_first():
+    """fla's rule: layer l's bound is the softmax's cumulative sum up to l minus its first term (0 at layer
+    0, which gets none); hybrid attention layers get none; the bounds are trained."""
+    model = make_model("hgrn2", num_hidden_layers=3, attn={"layers": [1], "num_heads": 4}).train()
+    with torch.no_grad():
+        model.model.lower_bounds.normal_()
+    inputs = model.model.mixer_inputs()
+    assert [sorted(x) for x in inputs] == [[], [], ["lower_bound"]]
+    weights = model.model.lower_bounds.softmax(0)
+    assert max_err(inputs[2]["lower_bound"], weights[1] + weights[2]) < 1e-6
+    ids = random_ids(2, 10)
+    model(ids, labels=ids).loss.backward()
+    assert model.model.lower_bounds.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config validation
 
@@ -412,6 +427,27 @@ def test_block_compiles_without_graph_breaks(name):
         assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.slow  # inductor compiles C++ on CPU: about a minute per family
+@pytest.mark.parametrize("name", ["hgrn2", "gsa"])
+def test_compiled_blocks_equal_eager(name):
+    """Each block compiled as training compiles it (inductor, fullgraph) gives eager's loss and gradients,
+    with packed documents."""
+    model = make_model(name).train()
+    ids = random_ids(2, 20)
+    cu_seqlens = torch.tensor([0, 6, 20, 33, 40], dtype=torch.int32)
+    eager_loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
+    eager_loss.backward()
+    eager_grads = [p.grad for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    for layer in model.model.layers:
+        layer.compile(fullgraph=True)
+    compiled_loss = model(ids, labels=ids, cu_seqlens=cu_seqlens).loss
+    compiled_loss.backward()
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    assert max(max_err(p.grad, g) for p, g in zip(model.parameters(), eager_grads)) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["transformer", "delta_net", "gated_deltanet", "gla", "hgrn2", "gsa", "hybrid"])
 def test_tiny_config_loss_falls(name):
     """30 Adam steps on one repeated random batch: the model must start memorising it."""
@@ -535,7 +571,7 @@ HQLT_340M = ["sync_hqlt_ch64_dynamic-vector-mixing_noconv_340M", "delayed-stream
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["transformer_340M", "delta_net_340M", "gated_deltanet_340M", "gla_340M",
-                                  "gated_deltanet_340M_swa_hybrid", *HQLT_340M])
+                                  "gated_deltanet_340M_swa_hybrid", "hgrn2_340M", "gsa_340M", *HQLT_340M])
 def test_340m_bf16_auto_backend_matches_torch(name):
     """bf16 forward + backward with backend auto (fla / flash / flex kernels) vs torch, packed documents.
 
@@ -585,10 +621,11 @@ def assert_bf16_close(name: str, loss: torch.Tensor, grads: dict[str, torch.Tens
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", *HQLT_340M])
+@pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "hgrn2_340M", *HQLT_340M])
 def test_gpu_recurrent_block_compiles_to_one_graph(name):
     """A recurrent block as training compiles it (bf16 autocast, backend auto: fla's chunk kernels through
-    lmlab's custom ops, lmlab's Triton conv), with fullgraph=True: a graph break fails, forward or backward."""
+    lmlab's custom ops, lmlab's Triton conv), with fullgraph=True: a graph break fails, forward or backward.
+    (Not gsa: fla's chunk_gsa is torch.compiler.disable'd, a graph break by design.)"""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     config = AutoConfig.from_pretrained(ROOT / f"configs/{name}.json", num_hidden_layers=1)
     model = AutoModelForCausalLM.from_config(config).cuda().train()
@@ -605,7 +642,8 @@ def test_gpu_recurrent_block_compiles_to_one_graph(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, packed", [
     *(pytest.param(name, packed, id=f"{name}-{'packed' if packed else 'dense'}")
-      for name in ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "gated_deltanet_340M_swa_hybrid"]
+      for name in ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "gated_deltanet_340M_swa_hybrid",
+                   "hgrn2_340M", "gsa_340M"]
       for packed in (False, True)),
     *(pytest.param(name, True, id=f"{name}-packed") for name in HQLT_340M)])
 def test_340m_compiled_blocks_match_eager(name, packed):

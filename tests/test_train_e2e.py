@@ -61,6 +61,22 @@ def test_paper_train_command_on_cpu(corpus, tmp_path):
         assert torch.equal(exported(ids).logits, reference(ids).logits)
 
 
+@pytest.mark.slow  # about a minute per family on 2 CPU cores
+@pytest.mark.parametrize("family", ["hgrn2", "gsa"])
+def test_paper_train_command_trains_hgrn2_and_gsa(corpus, tmp_path, family):
+    """The paper's command on the family's tiny config, with packed documents: the loss falls and the HF
+    export reloads as lmlab's class."""
+    dump = tmp_path / family
+    args = tiny_args(corpus, dump, **{"model.config": f"configs/tiny_{family}.json", "training.varlen": "true",
+                                      "training.context_len": "64"})
+    result = subprocess.run(["bash", "train.sh", *args], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_metrics(dump)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert type(AutoModelForCausalLM.from_pretrained(dump)).__module__ == f"lmlab.models.{family}"
+
+
 def run_in_process(corpus, dump, monkeypatch, **extra):
     args = tiny_args(corpus, dump, **{"training.steps": "6", "training.num_workers": "0",
                                       "checkpoint.enable_checkpoint": "false", **extra})

@@ -211,11 +211,12 @@ def gsa(
 
 def _fla_kernels() -> tuple[Kernel, Kernel]:
     """fla's kernels with lmlab's state convention (a tuple, or None without output_final_state). fla's
-    `chunk_gsa` is torch.compiler.disable'd: a graph break in a compiled block (see README, Kernels)."""
+    `chunk_gsa` is torch.compiler.disable'd: a graph break in a compiled block (README, "Models and configs")."""
     from fla.ops.gsa import chunk_gsa, fused_recurrent_gsa
 
     def adapt(kernel: Kernel) -> Kernel:
-        def run(q, k, v, s, g, *, scale, initial_state, output_final_state, cu_seqlens) -> tuple[torch.Tensor, AnyState]:
+        def run(q, k, v, s, g, *, scale, initial_state, output_final_state,
+                cu_seqlens) -> tuple[torch.Tensor, AnyState]:
             o, final_state = kernel(q, k, v, s, g, scale=scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
             return o, (tuple(final_state) if output_final_state else None)
