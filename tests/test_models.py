@@ -427,7 +427,7 @@ def test_block_compiles_without_graph_breaks(name):
         assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-@pytest.mark.slow  # inductor compiles C++ on CPU: about a minute per family
+@pytest.mark.slow  # inductor compiles C++ on CPU: minutes per family
 @pytest.mark.parametrize("name", ["hgrn2", "gsa"])
 def test_compiled_blocks_equal_eager(name):
     """Each block compiled as training compiles it (inductor, fullgraph) gives eager's loss and gradients,

@@ -1,5 +1,6 @@
 """The paper's training command end to end on CPU (tiny sizes), and the loop's step-skipping rules."""
 import json
+import os
 import subprocess
 import sys
 
@@ -69,8 +70,9 @@ def test_paper_train_command_trains_hgrn2_and_gsa(corpus, tmp_path, family):
     dump = tmp_path / family
     args = tiny_args(corpus, dump, **{"model.config": f"configs/tiny_{family}.json", "training.varlen": "true",
                                       "training.context_len": "64"})
-    result = subprocess.run(["bash", "train.sh", *args], cwd=REPO, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the lmlab under test, where it is not installed
+    result = subprocess.run(["bash", "train.sh", *args], cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = read_metrics(dump)
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
