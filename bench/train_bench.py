@@ -45,6 +45,8 @@ FLA_CLASSES = {
     "delta_net": ("DeltaNetConfig", "DeltaNetForCausalLM"),
     "gated_deltanet": ("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM"),
     "gla": ("GLAConfig", "GLAForCausalLM"),
+    "hgrn2": ("HGRN2Config", "HGRN2ForCausalLM"),
+    "gsa": ("GSAConfig", "GSAForCausalLM"),
 }
 # A step function and the model's parameter count, built for one micro-batch size.
 Builder = Callable[[int], tuple[Callable[[], None], int]]

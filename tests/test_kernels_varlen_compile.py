@@ -13,7 +13,9 @@ import torch
 from lmlab.kernels.attention import attention
 from lmlab.kernels.conv import short_conv
 from lmlab.kernels.documents import document_index
+from lmlab.kernels.gsa import gsa_chunk_torch, gsa_recurrent_torch
 from lmlab.models.blocks import token_positions
+import test_kernels_gsa
 from test_kernels_recurrent import OPS, make_inputs, positional
 from test_models import TINY, make_model
 
@@ -98,6 +100,22 @@ def test_recurrent_op_varlen_is_one_graph(op, impl):
     assert_one_graph(loss, [h0, *positional(op, x)])
 
 
+# the step-by-step kernel (decoding, references) is slow to trace: 2 passes x T steps
+@pytest.mark.parametrize("impl", ["chunk", pytest.param("recurrent", marks=pytest.mark.slow)])
+def test_gsa_varlen_is_one_graph(impl):
+    fn = gsa_recurrent_torch if impl == "recurrent" else gsa_chunk_torch
+    x = test_kernels_gsa.make_inputs(1, T, 2, 4, 6, 3)
+    hk0, hv0 = test_kernels_gsa.make_state(len(LAYOUTS[0]) - 1, 2, 4, 6, 3)
+
+    def loss(hk0, hv0, *inputs_and_cu):
+        *inputs, cu_seqlens = inputs_and_cu
+        kwargs = {} if impl == "recurrent" else {"chunk_size": CHUNK}
+        o, (hk, hv) = fn(*inputs, initial_state=(hk0, hv0), output_final_state=True, cu_seqlens=cu_seqlens, **kwargs)
+        return weighted_sum(o, hk, hv)
+
+    assert_one_graph(loss, [hk0, hv0, *test_kernels_gsa.positional(x)])
+
+
 def blocks_loss(name: str):
     """loss(x [2, T/2, hidden], cu_seqlens) through all blocks of a tiny `name` model, as in training: on
     two rows of packed documents."""
@@ -105,8 +123,8 @@ def blocks_loss(name: str):
 
     def loss(x, cu_seqlens):
         rotary = model.model.rotary_tables(token_positions(*x.shape[:2], 0, None, cu_seqlens, x.device))
-        for block in model.model.layers:
-            x = block(x, rotary, cu_seqlens=cu_seqlens)
+        for block, mixer_inputs in zip(model.model.layers, model.model.mixer_inputs()):
+            x = block(x, rotary, cu_seqlens=cu_seqlens, **mixer_inputs)
         return weighted_sum(x)
 
     return loss
@@ -116,9 +134,13 @@ def block_input() -> torch.Tensor:
     return torch.randn(2, T // 2, TINY["hidden_size"], generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", ["transformer", "hybrid", "gla"])
+# hgrn2 and gsa (slow): their kernels' varlen graphs are checked above (hgrn2's is gla's), their blocks'
+# graph breaks in test_models.py
+@pytest.mark.parametrize("name", ["transformer", "hybrid", "gla", *(pytest.param(name, marks=pytest.mark.slow)
+                                                                    for name in ("hgrn2", "gsa"))])
 def test_block_varlen_is_one_graph(name):
-    """A model's blocks: mixer, short convs (gla), attention with a window (hybrid) and GQA."""
+    """A model's blocks: mixer, short convs (gla, hgrn2, gsa), attention with a window (hybrid) and GQA,
+    HGRN2's lower bounds."""
     assert_one_graph(blocks_loss(name), [block_input()])
 
 

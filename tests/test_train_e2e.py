@@ -1,5 +1,6 @@
 """The paper's training command end to end on CPU (tiny sizes), and the loop's step-skipping rules."""
 import json
+import os
 import subprocess
 import sys
 
@@ -59,6 +60,23 @@ def test_paper_train_command_on_cpu(corpus, tmp_path):
     ids = torch.randint(0, 4000, (2, 32))
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.slow  # about a minute per family on 2 CPU cores
+@pytest.mark.parametrize("family", ["hgrn2", "gsa"])
+def test_paper_train_command_trains_hgrn2_and_gsa(corpus, tmp_path, family):
+    """The paper's command on the family's tiny config, with packed documents: the loss falls and the HF
+    export reloads as lmlab's class."""
+    dump = tmp_path / family
+    args = tiny_args(corpus, dump, **{"model.config": f"configs/tiny_{family}.json", "training.varlen": "true",
+                                      "training.context_len": "64"})
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # the lmlab under test, where it is not installed
+    result = subprocess.run(["bash", "train.sh", *args], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = read_metrics(dump)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert type(AutoModelForCausalLM.from_pretrained(dump)).__module__ == f"lmlab.models.{family}"
 
 
 def run_in_process(corpus, dump, monkeypatch, **extra):

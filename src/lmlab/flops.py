@@ -7,7 +7,8 @@ flame used the Transformer formula 6·N + 12·L·H·d·ctx for every model, whic
   sees: (T+1)/2 on average with a causal mask, at most `window_size` with a sliding window;
 - chunkwise linear recurrences (chunk C = 64): intra-chunk scores and values 2·C·(dk + dv), the
   inter-chunk read-out and state update 2·2·dk·dv, and for the delta rules the WY/UT correction
-  (another 2·C·(dk + dv) + 2·dk·dv), per token and head;
+  (another 2·C·(dk + dv) + 2·dk·dv), per token and head; HGRN2 is GLA with dk = expand_ratio, GSA two
+  such recurrences (keys -> M slots: dk = head dim, dv = M; slots -> values: dk = M, dv = head dim);
 - hybrid_qlt layers: both memories: the local softmax attention over the keys a query sees (at most W =
   chunk_size in a sliding window, (W+1)/2 on average inside Delayed-Chunk's chunks) and the recurrence
   (the delta rule, or plain linear attention in sync_chunk_linear mode).
@@ -53,18 +54,24 @@ def _attention_layers(config: PretrainedConfig) -> tuple[set[int], int, int, int
     return set(spec["layers"]), heads, config.hidden_size // heads, spec.get("window_size")
 
 
-def _recurrent_dims(config: PretrainedConfig) -> tuple[int, int, int, bool]:
-    """(heads, key dim per head, value dim per head, uses the delta rule) of a linear-attention layer."""
+def _recurrences(config: PretrainedConfig) -> list[tuple[int, int, int, bool]]:
+    """(heads, key dim per head, value dim per head, uses the delta rule) of each chunkwise recurrence of a
+    linear-attention layer: one, or GSA's two passes (keys -> slots, then slots -> values)."""
     h = config.hidden_size
     if config.model_type == "gated_deltanet":
         heads = getattr(config, "num_v_heads", None) or config.num_heads
-        return heads, config.head_dim, int(config.head_dim * config.expand_v), True
+        return [(heads, config.head_dim, int(config.head_dim * config.expand_v), True)]
+    if config.model_type == "hgrn2":  # GLA with key dim expand_ratio
+        return [(config.num_heads, config.expand_ratio, h // config.num_heads, False)]
     heads = config.num_heads
     key_dim = int(h * getattr(config, "expand_k", 1.0))
     value_dim = int(h * getattr(config, "expand_v", 1.0))
+    if config.model_type == "gsa":
+        slots = config.num_slots or key_dim // heads
+        return [(heads, key_dim // heads, slots, False), (heads, slots, value_dim // heads, False)]
     delta = config.model_type == "delta_net" or (config.model_type == "hybrid_qlt"
                                                  and config.attn_mode != "sync_chunk_linear")
-    return heads, key_dim // heads, value_dim // heads, delta
+    return [(heads, key_dim // heads, value_dim // heads, delta)]
 
 
 def _local_keys_seen(config: PretrainedConfig, seq_len: int) -> float:
@@ -96,12 +103,12 @@ def _flops_per_token(config_json: str, seq_len: int) -> float:
     forward += len(attn_layers) * heads * 4.0 * head_dim * keys_seen
     recurrent_layers = config.num_hidden_layers - len(attn_layers)
     if recurrent_layers and config.model_type != "transformer" and hasattr(config, "attn"):
-        rheads, dk, dv, delta = _recurrent_dims(config)
-        per_head = 2.0 * CHUNK * (dk + dv) + 4.0 * dk * dv
-        if delta:
-            per_head += 2.0 * CHUNK * (dk + dv) + 2.0 * dk * dv
-        forward += recurrent_layers * rheads * per_head
-        forward += recurrent_layers * rheads * 2.0 * (dk + dv) * _local_keys_seen(config, seq_len)
+        for rheads, dk, dv, delta in _recurrences(config):
+            per_head = 2.0 * CHUNK * (dk + dv) + 4.0 * dk * dv
+            if delta:
+                per_head += 2.0 * CHUNK * (dk + dv) + 2.0 * dk * dv
+            forward += recurrent_layers * rheads * per_head
+            forward += recurrent_layers * rheads * 2.0 * (dk + dv) * _local_keys_seen(config, seq_len)
     return 3.0 * forward
 
 

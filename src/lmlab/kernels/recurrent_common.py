@@ -1,8 +1,9 @@
-"""Shared machinery of the linear-recurrence kernels (delta rule, gated delta rule, GLA).
+"""Shared machinery of the linear-recurrence kernels (delta rule, gated delta rule, GLA, GSA).
 
-All three ops keep a matrix state S [K, V] per (sequence, head), updated once per token, and read it
+These ops keep a matrix state S [K, V] per (sequence, head), updated once per token, and read it
 with the query: o_t = S_tᵀ (scale · q_t). They differ only in the update:
   GLA              S_t = diag(exp(gk_t)) S_{t-1} + k_t v_tᵀ
+  GSA's key pass   S_t = S_{t-1} diag(exp(gv_t)) + k_t v_tᵀ   (the decay on the value side: `lmlab.kernels.gsa`)
   gated delta rule S_t = exp(g_t) S_{t-1} + β_t k_t (v_t − exp(g_t) S_{t-1}ᵀ k_t)ᵀ
   delta rule       the gated delta rule with g = 0
 `recurrent_torch` runs that definition step by step (the specification); the chunkwise kernels live in
@@ -36,8 +37,9 @@ CHUNK_SIZE = 64
 RECURRENT_MAX_T = 64
 
 State = torch.Tensor | None
+AnyState = State | tuple[torch.Tensor, ...]  # an op's state: GSA's is a pair
 # A kernel: (q, k, v, *per-token inputs, scale, initial_state, output_final_state, ...) -> (o, final state)
-Kernel = Callable[..., tuple[torch.Tensor, State]]
+Kernel = Callable[..., tuple[torch.Tensor, AnyState]]
 Out = TypeVar("Out")
 
 
@@ -70,11 +72,11 @@ def dispatch_op(
     extra_inputs: dict[str, torch.Tensor],
     *,
     scale: float | None,
-    initial_state: State,
+    initial_state: AnyState,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     backend: str | None,
-) -> tuple[torch.Tensor, State]:
+) -> tuple[torch.Tensor, AnyState]:
     """Run `op` on the backend `dispatch.choose` picks: its step-by-step kernel where `use_recurrent`
     says so (never with gradients: fla's fused_recurrent kernels have no backward), else its chunked one.
 
@@ -86,7 +88,8 @@ def dispatch_op(
     if cu_seqlens is not None:
         q, k, v, *extras = (x.flatten(0, 1)[None] for x in (q, k, v, *extra_inputs.values()))
         extra_inputs = dict(zip(extra_inputs, extras))
-    recurrent = use_recurrent(q, k, v, *extra_inputs.values(), initial_state)
+    states = initial_state if isinstance(initial_state, tuple) else (initial_state,)
+    recurrent = use_recurrent(q, k, v, *extra_inputs.values(), *states)
     kernels = fla_kernels() if dispatch.choose(op, q, backend) == "fla" else torch_kernels
     o, final_state = kernels[0 if recurrent else 1](
         q, k, v, **extra_inputs, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -117,6 +120,7 @@ def recurrent_torch(
     beta: torch.Tensor | None = None,
     g: torch.Tensor | None = None,
     gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
     *,
     scale: float,
     initial_state: State = None,
@@ -126,7 +130,8 @@ def recurrent_torch(
     """Step-by-step recurrence on [B,T,H,*] inputs (see the module docstring).
 
     beta [B,T,H] turns on the delta-rule update (without it: plain additive update, GLA);
-    g [B,T,H] is a per-head log-decay, gk [B,T,H,K] a per-key-dim log-decay. Computes in float32.
+    g [B,T,H] is a per-head log-decay, gk [B,T,H,K] a per-key-dim and gv [B,T,H,V] a per-value-dim
+    log-decay. Computes in float32.
     With `cu_seqlens` the state restarts from the document's initial state at every document start.
     """
     B, T, H, K = k.shape
@@ -143,6 +148,8 @@ def recurrent_torch(
             S = S * g[:, t].float().exp()[..., None, None]
         if gk is not None:
             S = S * gk[:, t].float().exp()[..., None]
+        if gv is not None:
+            S = S * gv[:, t].float().exp()[..., None, :]
         v_t = v[:, t]
         if beta is not None:
             v_t = beta[:, t].float()[..., None] * (v_t - torch.einsum("bhk,bhkv->bhv", k[:, t], S))
@@ -424,7 +431,7 @@ def delta_chunk_states(
 def call_kernel(
     kernel: Callable[..., Out],
     sequences: dict[str, torch.Tensor | None],
-    initial_state: State = None,
+    initial_state: AnyState = None,
     *,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -447,7 +454,7 @@ def call_kernel(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     names = list(sequences)
 
-    def run(initial_state: State, cu_seqlens: torch.Tensor | None, *tensors: torch.Tensor | None) -> Out:
+    def run(initial_state: AnyState, cu_seqlens: torch.Tensor | None, *tensors: torch.Tensor | None) -> Out:
         return kernel(**dict(zip(names, tensors)), initial_state=initial_state, scale=scale,
                       cu_seqlens=cu_seqlens, **kwargs)
 

@@ -15,6 +15,8 @@ from lmlab.models.cache import Cache
 from lmlab.models.delta_net import DeltaNetConfig, DeltaNetForCausalLM, DeltaNetModel
 from lmlab.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GatedDeltaNetModel
 from lmlab.models.gla import GLAConfig, GLAForCausalLM, GLAModel
+from lmlab.models.gsa import GSAConfig, GSAForCausalLM, GSAModel
+from lmlab.models.hgrn2 import HGRN2Config, HGRN2ForCausalLM, HGRN2Model
 from lmlab.models.hybrid_qlt import HybridQLTConfig, HybridQLTForCausalLM, HybridQLTModel
 from lmlab.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 
@@ -23,6 +25,8 @@ FAMILIES = {
     "delta_net": (DeltaNetConfig, DeltaNetModel, DeltaNetForCausalLM),
     "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetModel, GatedDeltaNetForCausalLM),
     "gla": (GLAConfig, GLAModel, GLAForCausalLM),
+    "hgrn2": (HGRN2Config, HGRN2Model, HGRN2ForCausalLM),
+    "gsa": (GSAConfig, GSAModel, GSAForCausalLM),
     "hybrid_qlt": (HybridQLTConfig, HybridQLTModel, HybridQLTForCausalLM),
 }
 MODEL_TYPES = tuple(FAMILIES)

@@ -1,6 +1,7 @@
 """Pieces shared by lmlab's model families, and the decoder / causal-LM plumbing around them.
 
-Every family (transformer, delta_net, gated_deltanet, gla) is a stack of the same pre-norm block,
+Every family (transformer, delta_net, gated_deltanet, gla, hgrn2, gsa, hybrid_qlt) is a stack of the same
+pre-norm block,
     h = h + attn(attn_norm(h));  h = h + mlp(mlp_norm(h))
 whose `attn` is the family's token mixer, or softmax `Attention` at the layers a hybrid config's `attn`
 key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable.
@@ -211,6 +212,11 @@ class UsesKernels:
     backend: str = "auto"
 
 
+# fla's HGRN2 and GSA layers apply their output norm through fla's `rms_norm_linear` without passing their
+# norm_eps: this, its default, is the eps they use
+RMS_NORM_LINEAR_EPS = 1e-5
+
+
 class RMSNorm(nn.Module, UsesKernels):
     """fla's RMSNorm (weight only; none with elementwise_affine=False)."""
 
@@ -318,18 +324,20 @@ def zero_padding(mask: torch.Tensor | None, *tensors: torch.Tensor) -> list[torc
 
 
 def project_qkv(mixer: nn.Module, x: torch.Tensor, conv_state: tuple | None, use_cache: bool,
-                cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
-    """A linear mixer's q, k, v projections (fla's `q_proj`, `k_proj`, `v_proj`), through its short
-    convolutions (`q_conv1d`, `k_conv1d`, `v_conv1d`) when it has them (`use_short_conv`), continuing from
-    the cached `conv_state`. Returns q, k, v [B, T, dim] and the new conv state (None without convs)."""
-    q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
+                cu_seqlens: torch.Tensor | None, names: tuple[str, str, str] = ("q", "k", "v"),
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+    """A linear mixer's three input projections (fla's `q_proj`, `k_proj`, `v_proj`; other `names` for
+    other families, e.g. HGRN2's q, f, i), through its short convolutions (`q_conv1d`, ...) when it has
+    them (`use_short_conv`), continuing from the cached `conv_state`. Returns the three [B, T, dim]
+    tensors and the new conv state (None without convs)."""
+    projected = [getattr(mixer, f"{name}_proj")(x) for name in names]
     if not mixer.use_short_conv:
-        return q, k, v, None
-    convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
+        return (*projected, None)
+    convs = [getattr(mixer, f"{name}_conv1d") for name in names]
     outputs = [conv(y, state, use_cache, cu_seqlens)
-               for conv, y, state in zip(convs, (q, k, v), conv_state or (None,) * 3)]
-    (q, q_state), (k, k_state), (v, v_state) = outputs
-    return q, k, v, (q_state, k_state, v_state)
+               for conv, y, state in zip(convs, projected, conv_state or (None,) * 3)]
+    (a, a_state), (b, b_state), (c, c_state) = outputs
+    return a, b, c, (a_state, b_state, c_state)
 
 
 def delta_mixer_output(mixer: nn.Module, o: torch.Tensor, x: torch.Tensor, cache: Cache | None,
@@ -413,10 +421,12 @@ class DecoderBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, rotary: Rotary,
                 attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                cache: Cache | None = None) -> torch.Tensor:
-        """`rotary`: the attention layers' cos/sin tables (`LmlabModel.rotary_tables`); other mixers ignore it."""
+                cache: Cache | None = None, **mixer_inputs: torch.Tensor) -> torch.Tensor:
+        """`rotary`: the attention layers' cos/sin tables (`LmlabModel.rotary_tables`); other mixers ignore it.
+        `mixer_inputs`: this layer's share of `LmlabModel.mixer_inputs`, passed on to the mixer."""
         hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), rotary=rotary,
-                                                  attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
+                                                  attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache,
+                                                  **mixer_inputs)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -505,6 +515,11 @@ class LmlabModel(LmlabPreTrainedModel):
         purely linear model), at `positions` [B or 1, T]."""
         return {key: rotary_tables(positions, *key) for key in self.rotary_keys}
 
+    def mixer_inputs(self) -> list[dict[str, torch.Tensor]]:
+        """Per layer, keyword inputs of its mixer computed once per forward from the model's own parameters
+        (HGRN2's forget-gate lower bounds), outside the blocks; none by default."""
+        return [{} for _ in self.layers]
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
 
@@ -544,9 +559,10 @@ class LmlabModel(LmlabPreTrainedModel):
                              f"got {tuple(attention_mask.shape)}")
         rotary = self.rotary_tables(token_positions(B, T, past, attention_mask, cu_seqlens, hidden.device))
         all_hidden = []
-        for layer in self.layers:
+        for layer, mixer_inputs in zip(self.layers, self.mixer_inputs()):
             all_hidden.append(hidden)
-            hidden = layer(hidden, rotary, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache)
+            hidden = layer(hidden, rotary, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache,
+                           **mixer_inputs)
         hidden = self.norm(hidden)
         if cache is not None:
             cache.advance(T)

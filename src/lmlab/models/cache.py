@@ -35,7 +35,8 @@ class Cache:
         self.seen_tokens += num_tokens
 
     def update(self, layer_idx: int, **states: Any) -> None:
-        """Store a linear layer's states: recurrent_state [B, H, K, V], conv_state (a tuple of [B, D, W])."""
+        """Store a linear layer's states: recurrent_state [B, H, K, V] (GSA: a pair), conv_state (a tuple of
+        [B, D, W])."""
         self.layers.setdefault(layer_idx, {}).update(states)
 
     def append(self, layer_idx: int, name: str, new: tuple[torch.Tensor, ...],
