@@ -11,7 +11,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lmlab  # noqa: F401  (registers the model families)
-from lmlab.eval import scheduling
+from lmlab.eval import lm, scheduling
 from lmlab.eval.lm import LmlabLM
 from test_eval_harness import GATED_DELTANET, HQLT, write_tokenizer
 
@@ -48,10 +48,12 @@ def tokenizer(tmp_path_factory):
 
 def tiny_model(name: str, tokenizer) -> torch.nn.Module:
     if name in SMALL:
-        spec = {**SMALL[name], "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": len(tokenizer)}
+        spec = {**SMALL[name], "hidden_size": 32, "num_hidden_layers": 2}
     else:
         spec = json.loads((REPO / "configs" / f"{name}.json").read_text())
-    config = AutoConfig.for_model(**{**spec, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})
+    # the tokenizer's vocabulary: every generated token decodes to text
+    config = AutoConfig.for_model(**{**spec, "vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 1,
+                                     "pad_token_id": 2})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -74,17 +76,26 @@ def loglikelihood_requests() -> list[Instance]:
 
 
 @pytest.mark.parametrize("name", [*SMALL, *TINY])
-def test_packed_scoring_equals_lm_evals_hf_model_request_by_request(name, tokenizer):
-    """Every loglikelihood within 1e-4 and the same is_greedy, also where the continuation is the model's
-    own greedy one (is_greedy true); rolling loglikelihoods over several windows within 1e-4 or, for sums
-    beyond 100, float32's relative precision."""
+def test_packed_and_shared_context_scoring_equal_lm_evals_hf_model_request_by_request(name, tokenizer, monkeypatch):
+    """Every loglikelihood within 1e-4 and the same is_greedy (multiple choice with its context run once,
+    truncated requests packed), also where the continuation is the model's own greedy one (is_greedy
+    true); rolling loglikelihoods over several windows within 1e-4 or, for sums beyond 100, float32's
+    relative precision."""
     model = tiny_model(name, tokenizer)
     hf, ours = both(model, tokenizer, token_budget=100)  # several forwards, several rows each
     assert ours.scheduled and not hasattr(hf, "scheduled")
+    shared_groups = []
+
+    def spy(model, groups, **kwargs):
+        shared_groups.extend(groups)
+        yield from scheduling.score_shared_context(model, groups, **kwargs)
+
+    monkeypatch.setattr(lm, "score_shared_context", spy)
     requests = loglikelihood_requests()
     expected, got = hf.loglikelihood(requests), ours.loglikelihood(requests)
     for (a, greedy_a), (b, greedy_b) in zip(expected, got, strict=True):
         assert b == pytest.approx(a, abs=1e-4) and greedy_a == greedy_b
+    assert 2 <= len(shared_groups) < 6 and all(len(conts) == 4 for _, conts in shared_groups)  # the rest: packed
     # token level: continuations that are the model's own greedy tokens
     contexts = [tokenizer(text(4 + 5 * i, i))["input_ids"] for i in range(3)]
     greedy = [(None, ctx, model(torch.tensor([ctx])).logits[0, -1:].argmax(-1).tolist()) for ctx in contexts]
@@ -106,6 +117,7 @@ def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tok
                  for c in contexts]
     hf, ours = both(model, tokenizer)
     first = hf.generate_until(requests)
+    assert all(first[:4])  # until "\n": 17 tokens of text
     # an EOS that the first generation reaches: its third token
     context = tokenizer(contexts[0], return_tensors="pt")["input_ids"]
     eos = model.generate(context, max_new_tokens=3, do_sample=False, pad_token_id=2)[0, -1].item()

@@ -29,7 +29,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lmlab.errors import UserError
-from lmlab.eval.scheduling import Scoring, greedy_generate, score_packed
+from lmlab.eval.scheduling import Scoring, greedy_generate, score_packed, score_shared_context
 from lmlab.models.blocks import LmlabForCausalLM
 
 # Tokens per forward: 64 packed rows of 1024 tokens; a 340M model's activations for them take a few GiB,
@@ -71,21 +71,39 @@ class LmlabLM(HFLM):
                               disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
         if not self.scheduled:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        scorings = []
-        for _, context, continuation in requests:
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+
+        def record(i: int, score: tuple[float, bool]) -> None:
+            results[i] = score
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+
+        shared: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context -> its requests
+        scorings: dict[int, Scoring] = {}
+        for i, (_, context, continuation) in enumerate(requests):
             if not context or not continuation or len(continuation) > self.max_length:
                 raise ValueError(f"cannot score a continuation of {len(continuation)} tokens after a context of "
                                  f"{len(context)} (max_length {self.max_length})")
+            if len(context) + len(continuation) <= self.max_length + 1:  # not truncated
+                shared[tuple(context)].append(i)
             # HFLM's input: left-truncated to max_length + 1 tokens, the last one only a target
-            scorings.append(Scoring((context + continuation)[-(self.max_length + 1):][:-1], continuation))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+            scorings[i] = Scoring((context + continuation)[-(self.max_length + 1):][:-1], continuation)
+        groups = [indices for indices in shared.values() if len(indices) > 1]
+        for indices in groups:
+            for i in indices:
+                del scorings[i]
         with self._autocast():
-            for order, scores in score_packed(self.model, scorings, token_budget=self.token_budget,
+            contexts = [(requests[g[0]][1], [requests[i][2] for i in g]) for g in groups]
+            for index, scores in score_shared_context(self.model, contexts, token_budget=self.token_budget,
+                                                      softmax_dtype=self.softmax_dtype):
+                for (g, j), score in zip(index, scores):
+                    record(groups[g][j], score)
+                self._advance(len(index))
+            alone = list(scorings)
+            for order, scores in score_packed(self.model, list(scorings.values()), token_budget=self.token_budget,
                                               max_length=self.max_length, softmax_dtype=self.softmax_dtype):
-                for i, score in zip(order, scores):
-                    results[i] = score
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+                for k, score in zip(order, scores):
+                    record(alone[k], score)
                 self._advance(len(order))
         return results
 
