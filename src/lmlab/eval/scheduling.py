@@ -15,7 +15,7 @@ in a batch of contexts of similar length, with the models' decoding Cache (recur
 the Cache is copied to one row per continuation and the continuations run from it, right-padded (what
 follows a token cannot change its output). Against packed rows that repeat the context, on 100
 hellaswag-sized documents (60-100 context and 4 x 20-40 continuation tokens; CPU, 2 cores shared with
-other jobs, one thread; bench/experiments/shared_context.py, in commit SHARED_CONTEXT_COMMIT): 14.7 s
+other jobs, one thread; bench/experiments/shared_context.py, in commit afb14bf): 14.7 s
 against 29.0 s (tiny_gated_deltanet), 7.8 s against 15.6 s (tiny_transformer), 11.6 s against 35.6 s
 (tiny_hqlt_sync), results within 1e-4 of each other. The tokens fall from 43.6k to 20.0k (+ padding), so
 the context runs once wherever no truncation applies; truncated requests are packed.
