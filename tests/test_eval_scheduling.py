@@ -142,6 +142,13 @@ def test_pack_rows_best_fit_decreasing():
         scheduling.pack_rows([11], row_len=10)
 
 
+def test_shared_contexts_group_multiple_choice_only_within_max_length_and_budget():
+    pairs = [([1, 2], [3]), ([1, 2], [4, 5]), ([9], [3]),  # a group of two, and a context alone
+             ([1] * 8, [2, 3]), ([1] * 8, [4]),  # 8 + 2 tokens > max_length + 1: truncated, so packed
+             ([0], [5] * 6), ([0], [6] * 6)]  # 1 + 2 x 6 tokens > token_budget: packed
+    assert scheduling.shared_contexts(pairs, max_length=8, token_budget=12) == ([[0, 1]], [2, 3, 4, 5, 6])
+
+
 def test_bad_token_budget_is_one_line():
     with pytest.raises(lmlab.errors.UserError, match="token_budget must be a positive integer"):
         LmlabLM(pretrained="unused", token_budget="0")

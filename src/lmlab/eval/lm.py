@@ -29,7 +29,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lmlab.errors import UserError
-from lmlab.eval.scheduling import Scoring, greedy_generate, score_packed, score_shared_context
+from lmlab.eval.scheduling import Scoring, greedy_generate, score_packed, score_shared_context, shared_contexts
 from lmlab.models.blocks import LmlabForCausalLM
 
 # Tokens per forward: 64 packed rows of 1024 tokens; a 340M model's activations for them take a few GiB,
@@ -78,29 +78,22 @@ class LmlabLM(HFLM):
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
 
-        shared: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context -> its requests
-        scorings: dict[int, Scoring] = {}
-        for i, (_, context, continuation) in enumerate(requests):
+        for _, context, continuation in requests:
             if not context or not continuation or len(continuation) > self.max_length:
                 raise ValueError(f"cannot score a continuation of {len(continuation)} tokens after a context of "
                                  f"{len(context)} (max_length {self.max_length})")
-            if len(context) + len(continuation) <= self.max_length + 1:  # not truncated
-                shared[tuple(context)].append(i)
-            # HFLM's input: left-truncated to max_length + 1 tokens, the last one only a target
-            scorings[i] = Scoring((context + continuation)[-(self.max_length + 1):][:-1], continuation)
-        groups = [indices for indices in shared.values() if len(indices) > 1]
-        for indices in groups:
-            for i in indices:
-                del scorings[i]
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        groups, alone = shared_contexts(pairs, self.max_length, self.token_budget)
         with self._autocast():
-            contexts = [(requests[g[0]][1], [requests[i][2] for i in g]) for g in groups]
+            contexts = [(pairs[g[0]][0], [pairs[i][1] for i in g]) for g in groups]
             for index, scores in score_shared_context(self.model, contexts, token_budget=self.token_budget,
                                                       softmax_dtype=self.softmax_dtype):
                 for (g, j), score in zip(index, scores):
                     record(groups[g][j], score)
                 self._advance(len(index))
-            alone = list(scorings)
-            for order, scores in score_packed(self.model, list(scorings.values()), token_budget=self.token_budget,
+            # HFLM's input: left-truncated to max_length + 1 tokens, the last one only a target
+            scorings = [Scoring((pairs[i][0] + pairs[i][1])[-(self.max_length + 1):][:-1], pairs[i][1]) for i in alone]
+            for order, scores in score_packed(self.model, scorings, token_budget=self.token_budget,
                                               max_length=self.max_length, softmax_dtype=self.softmax_dtype):
                 for k, score in zip(order, scores):
                     record(alone[k], score)

@@ -68,6 +68,22 @@ def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     return rows
 
 
+def shared_contexts(pairs: Sequence[tuple[list[int], list[int]]], max_length: int,
+                    token_budget: int) -> tuple[list[list[int]], list[int]]:
+    """(context, continuation) token pairs: groups of indices that share a context (for
+    `score_shared_context`), and the other indices (for `score_packed`): a request truncated to
+    max_length, or a group whose continuations alone pass the token budget (e.g. wikitext's first windows,
+    all after the same BOS)."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, continuation) in enumerate(pairs):
+        if len(context) + len(continuation) <= max_length + 1:
+            by_context.setdefault(tuple(context), []).append(i)
+    groups = [g for context, g in by_context.items()
+              if len(g) > 1 and len(context) + len(g) * max(len(pairs[i][1]) for i in g) <= token_budget]
+    grouped = {i for g in groups for i in g}
+    return groups, [i for i in range(len(pairs)) if i not in grouped]
+
+
 def row_length(longest: int, max_length: int) -> int:
     """Rows as long as the longest input, at least 1024 tokens (or max_length) so short inputs pack densely;
     not longer, since softmax attention within a row costs its length squared."""
