@@ -131,37 +131,38 @@ def score_shared_context(model: torch.nn.Module, groups: Sequence[tuple[list[int
                            for batch in batches)
 
 
-def _shared_forward(model: torch.nn.Module, groups: list[tuple[list[int], list[list[int]]]], ids: list[int],
+def _shared_forward(model: torch.nn.Module, groups: list[tuple[list[int], list[list[int]]]], group_ids: list[int],
                     device: torch.device, softmax_dtype: torch.dtype | None
                     ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
-    ctx_len = max(len(context) for context, _ in groups)
-    contexts = torch.zeros(len(groups), ctx_len, dtype=torch.long)
-    mask = torch.zeros(len(groups), ctx_len, dtype=torch.long)
-    for row, (context, _) in enumerate(groups):
+    """One batch of score_shared_context: (group, continuation) indices, log-likelihoods and counts of
+    non-greedy targets (on the device)."""
+    G, ctx_len = len(groups), max(len(context) for context, _ in groups)
+    contexts = torch.zeros(G, ctx_len, dtype=torch.long)
+    mask = torch.zeros(G, ctx_len, dtype=torch.long)
+    for row, (context, _) in enumerate(groups):  # left padding
         contexts[row, ctx_len - len(context):] = torch.tensor(context)
         mask[row, ctx_len - len(context):] = 1
     conts = [(row, c) for row, (_, continuations) in enumerate(groups) for c in continuations]
-    width = max(len(c) for _, c in conts) - 1  # a continuation's last token is only a target
-    inputs = torch.zeros(len(conts), max(width, 1), dtype=torch.long)
-    for r, (_, c) in enumerate(conts):
-        inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
-    owners = torch.tensor([row for row, _ in conts])
+    owners = torch.tensor([row for row, _ in conts], device=device)
     mask, cache = mask.to(device), Cache()
-    context_out = model.model(input_ids=contexts.to(device), attention_mask=mask, past_key_values=cache,
-                              use_cache=True).last_hidden_state[:, -1]
-    hidden = [context_out]
+    # each context's last output scores its continuations' first tokens
+    hidden = [model.model(input_ids=contexts.to(device), attention_mask=mask, past_key_values=cache,
+                          use_cache=True).last_hidden_state[:, -1]]
+    width = max(len(c) for _, c in conts) - 1  # a continuation's last token is only a target
     if width:
-        cache.batch_select_indices(owners)
-        cont_mask = torch.cat([mask[owners.to(device)], torch.ones(len(conts), width, dtype=mask.dtype, device=device)], 1)
-        hidden.append(model.model(input_ids=inputs[:, :width].to(device), attention_mask=cont_mask,
-                                  past_key_values=cache, use_cache=True).last_hidden_state.flatten(0, 1))
+        inputs = torch.zeros(len(conts), width, dtype=torch.long)  # right padding
+        for r, (_, c) in enumerate(conts):
+            inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
+        cache.batch_select_indices(owners)  # one copy of its context's state per continuation
+        hidden.append(model.model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[owners],
+                                  mask.new_ones(len(conts), width)], 1), past_key_values=cache,
+                                  use_cache=True).last_hidden_state.flatten(0, 1))
     # each continuation's positions in a row: its context's last one, then its own but the last
-    G = len(groups)
     positions = [i for r, (row, c) in enumerate(conts) for i in (row, *range(G + r * width, G + r * width + len(c) - 1))]
     targets = torch.tensor([t for _, c in conts for t in c], device=device)
     sums, misses = score_positions(model, torch.cat(hidden)[torch.tensor(positions, device=device)], targets,
                                    [len(c) for _, c in conts], softmax_dtype)
-    index = [(ids[row], j) for row, (_, continuations) in enumerate(groups) for j in range(len(continuations))]
+    index = [(group_ids[row], j) for row, (_, continuations) in enumerate(groups) for j in range(len(continuations))]
     return index, sums, misses
 
 
