@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     model = write_model(args.config, work / "model")
     real = {t: n for t, (_, n, _) in SIZES.items()}
     limited = {t: min(n, args.stock_limit) for t, n in real.items()}
-    suite_scale = sum(n for t, n in real.items() if t != "fda") / max(1, sum(n for t, n in limited.items() if t != "fda"))
+    suite_docs = [sum(n for t, n in docs.items() if t != "fda") for docs in (real, limited)]
+    suite_scale = suite_docs[0] / max(1, suite_docs[1])
     fda_scale = real["fda"] / max(1, limited["fda"])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = {"device": device, "config": str(args.config), "dtype": args.dtype, "stock_limit": args.stock_limit,
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         same = {True: " (same generations)", False: " (generations DIFFER)"}.get(r.get("same_generations_as_single"), "")
-        full = f"{r['seconds']:.0f}" if r["full_size"] else f"≈ {r['full_estimate_s']:.0f} (from --stock-limit {args.stock_limit})"
+        full = (f"{r['seconds']:.0f}" if r["full_size"]
+                else f"≈ {r['full_estimate_s']:.0f} (from --stock-limit {args.stock_limit})")
         print(f"| {r['path']} | {r['run']}{same} | {r['batch']} | {r['seconds']:.1f} | {full} |")
     for r in rows:
         if "lmlab_vs_stock" in r:

@@ -158,7 +158,8 @@ def _shared_forward(model: torch.nn.Module, groups: list[tuple[list[int], list[l
                                   mask.new_ones(len(conts), width)], 1), past_key_values=cache,
                                   use_cache=True).last_hidden_state.flatten(0, 1))
     # each continuation's positions in a row: its context's last one, then its own but the last
-    positions = [i for r, (row, c) in enumerate(conts) for i in (row, *range(G + r * width, G + r * width + len(c) - 1))]
+    positions = [i for r, (row, c) in enumerate(conts)
+                 for i in (row, *range(G + r * width, G + r * width + len(c) - 1))]
     targets = torch.tensor([t for _, c in conts for t in c], device=device)
     sums, misses = score_positions(model, torch.cat(hidden)[torch.tensor(positions, device=device)], targets,
                                    [len(c) for _, c in conts], softmax_dtype)
