@@ -1,15 +1,22 @@
-"""Evaluation wall time (issue 6): the paper's 9-task lm-eval suite and the FDA command, at batch 1 and batched.
+"""Evaluation wall time (issues 6, 22): the paper's 9-task lm-eval suite and its FDA command, full size,
+lmlab's scheduling against lm-eval's stock HF model in the same run.
 
-    python bench/eval_bench.py --config configs/gated_deltanet_340M.json --limit 200 --batch-sizes 1 16
+    python bench/eval_bench.py --config configs/gated_deltanet_340M.json          # one GPU: the issue's targets
 
 Needs no network and no trained model: it writes a randomly initialised model of `--config` (timing does not
 depend on the weights, but generation length does: random weights rarely emit "\\n", so generation tasks run
-their full 48 tokens, an upper bound) and synthetic task data in each hub dataset's schema with lengths close
-to the real ones (`SIZES`). Each run is the paper's command with `--limit` docs per task; the table gives the
-measured seconds and, scaled by docs (real docs / limited docs per task group), an estimate for the full
-suite (an upper bound: start-up, i.e. model load and task building, is scaled too). `--parallel` also runs
-FDA with `-p` (one job per visible GPU) and checks that it generates the same as one job. Prints a Markdown
-table last and writes JSON to `--out`.
+their full 48 tokens, an upper bound) and synthetic task data in each hub dataset's schema with the real
+numbers of documents and lengths close to the real ones (`SIZES`).
+
+Rows (wall time of the whole command: model load and task building included):
+- `lmlab`: the paper's two commands verbatim (`--model hf`, i.e. lmlab.eval.lm.LmlabLM) at each of
+  `--batch-sizes` (default 1, the paper's), on all documents: measured, not scaled;
+- `stock`: the same commands on lm-eval's own `HFLM` (`--model hf-stock`) with `--stock-limit` documents per
+  task (default 20; 0 skips), and its full-size estimate (seconds x real / limited documents per task group;
+  start-up is scaled too, so an upper bound): the stock path takes hours at full size.
+`--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
+job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
+and request type (from the results JSON).
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ from lmlab.eval import fda, harness  # noqa: E402
 from lmlab.quickstart import python_corpus, train_tokenizer  # noqa: E402
 
 SUITE = "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challenge,squad_completion,swde"
-HARNESS = ("--model hf --model_args pretrained={model},dtype={dtype} --tasks {tasks} --batch_size {batch} "
+HARNESS = ("--model {lm} --model_args pretrained={model},dtype={dtype} --tasks {tasks} --batch_size {batch} "
            "--num_fewshot 0 --device {device} --show_config")
 FDA = ("--batch-size {batch} -m {model} -t based_fda --output_dir {out} --context_length 1000 --answer_length 50 "
        "--cutting_context --limit {limit} --device {device}")
+GENERATION_TASKS = {"squad_completion", "swde", "based_fda"}
 # task: (evaluated split, real number of docs, words per text field) -- doc counts of the hub datasets' splits;
 # word counts approximate their typical lengths.
 SIZES = {
@@ -116,11 +124,46 @@ def fda_generations(out: Path) -> dict[int, str]:
     return {r["doc_id"]: r["generation"] for r in map(json.loads, records.open())}
 
 
+def lmlab_seconds(out: Path) -> dict[str, float]:
+    """lmlab's seconds per task and request type, from a run's results JSON."""
+    (results,) = out.rglob("results_*.json")
+    return json.loads(results.read_text())["config"].get("lmlab_scheduling", {}).get("seconds", {})
+
+
+def samples(out: Path) -> dict[tuple[str, int], list]:
+    """(task, doc_id) -> lm-eval's responses, from a run's samples files."""
+    found = {}
+    for path in out.rglob("samples_*.jsonl"):
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        for sample in map(json.loads, path.open()):
+            found[task, sample["doc_id"]] = sample["resps"]
+    return found
+
+
+def differences(stock: Path, ours: Path) -> dict:
+    """lmlab's responses against the stock model's on the documents both ran: the largest loglikelihood
+    difference, and how many is_greedy flags and generations differ."""
+    stock_resps, our_resps = samples(stock), samples(ours)
+    counts = {"requests": 0, "max_abs_loglikelihood_diff": 0.0, "is_greedy_differ": 0, "generations_differ": 0}
+    for (task, doc), theirs in stock_resps.items():
+        for (a,), (b,) in zip(theirs, our_resps[task, doc]):  # one response per request
+            counts["requests"] += 1
+            if task in GENERATION_TASKS:
+                counts["generations_differ"] += a != b
+                continue
+            if task != "wikitext":  # loglikelihood: (logprob, is_greedy); wikitext's rolling: the logprob
+                counts["is_greedy_differ"] += str(a[1]) != str(b[1])
+                a, b = a[0], b[0]
+            counts["max_abs_loglikelihood_diff"] = max(counts["max_abs_loglikelihood_diff"], abs(float(a) - float(b)))
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=REPO / "configs" / "gated_deltanet_340M.json")
-    p.add_argument("--limit", type=int, default=200, help="docs per task (-1: all)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="lmlab rows (1: the paper's)")
+    p.add_argument("--stock-limit", type=int, default=20,
+                   help="docs per task for lm-eval's stock HF model at batch 1 (0: no stock rows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fda-only", action="store_true", help="skip the 9-task suite")
@@ -132,45 +175,70 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     write_data(work / "data")
     model = write_model(args.config, work / "model")
-    limit_args = [] if args.limit < 0 else ["--limit", str(args.limit)]
-    docs = {t: n if args.limit < 0 else min(n, args.limit) for t, (_, n, _) in SIZES.items()}
-    suite_scale = sum(n for t, (_, n, _) in SIZES.items() if t != "fda") / sum(v for t, v in docs.items() if t != "fda")
-    fda_scale = SIZES["fda"][1] / docs["fda"]
+    real = {t: n for t, (_, n, _) in SIZES.items()}
+    limited = {t: min(n, args.stock_limit) for t, n in real.items()}
+    suite_docs = [sum(n for t, n in docs.items() if t != "fda") for docs in (real, limited)]
+    suite_scale = suite_docs[0] / max(1, suite_docs[1])
+    fda_scale = real["fda"] / max(1, limited["fda"])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"device": device, "config": str(args.config), "limit": args.limit, "dtype": args.dtype,
+    result = {"device": device, "config": str(args.config), "dtype": args.dtype, "stock_limit": args.stock_limit,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
     rows = result["rows"]
+    data = ["--data_dir", str(work / "data")]
 
     def report(row: dict) -> None:
         """Print and save each row as it comes: a run cut by a time limit keeps the rows it finished."""
-        print(f"eval_bench: batch {row['batch']}: {row['run']} {row['seconds']:.0f} s", flush=True)
+        rows.append(row)
+        print(f"eval_bench: {row['path']} batch {row['batch']}: {row['run']} {row['seconds']:.0f} s", flush=True)
         args.out.write_text(json.dumps(result, indent=1))
+
+    def suite(lm: str, batch: int, out: Path, limit: list[str]) -> float:
+        argv = shlex.split(HARNESS.format(lm=lm, model=model, dtype=args.dtype, tasks=SUITE, batch=batch,
+                                          device=args.device))
+        return timed(harness.main, argv + data + ["--output_path", str(out), "--log_samples"] + limit)
+
+    def fda_argv(batch: int, out: Path, limit: int) -> list[str]:
+        return shlex.split(FDA.format(batch=batch, model=model, out=out, limit=limit, device=args.device)) + data
 
     for batch in args.batch_sizes:
         if not args.fda_only:
-            suite = shlex.split(HARNESS.format(model=model, dtype=args.dtype, tasks=SUITE, batch=batch,
-                                               device=args.device))
-            suite += ["--data_dir", str(work / "data"), "--output_path", str(work / f"suite_{batch}")] + limit_args
-            seconds = timed(harness.main, suite)
-            rows.append({"run": "9-task suite", "batch": batch, "seconds": seconds,
-                         "full_estimate_s": seconds * suite_scale})
-            report(rows[-1])
+            out = work / f"suite_{batch}"
+            report({"path": "lmlab", "run": "9-task suite", "batch": batch, "seconds": suite("hf", batch, out, []),
+                    "full_size": True, "seconds_per_task": lmlab_seconds(out)})
         for parallel in (False, True) if args.parallel else (False,):
             out = work / f"fda_{batch}{'_p' if parallel else ''}"
-            fda_argv = shlex.split(FDA.format(batch=batch, model=model, out=out, limit=args.limit, device=args.device))
-            seconds = timed(fda.main, fda_argv + ["--data_dir", str(work / "data")] + (["-p"] if parallel else []))
-            rows.append({"run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
-                         "seconds": seconds, "full_estimate_s": seconds * fda_scale})
+            seconds = timed(fda.main, fda_argv(batch, out, -1) + (["-p"] if parallel else []))
+            row = {"path": "lmlab", "run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
+                   "seconds": seconds, "full_size": True, "seconds_per_task": lmlab_seconds(out)}
             if parallel:
                 single, split = (fda_generations(work / f"fda_{batch}{s}") for s in ("", "_p"))
-                rows[-1]["same_generations_as_single"] = single == split
-            report(rows[-1])
+                row["same_generations_as_single"] = single == split
+            report(row)
+    if args.stock_limit > 0:
+        limit = ["--limit", str(args.stock_limit)]
+        if not args.fda_only:
+            seconds = suite("hf-stock", 1, work / "stock_suite", limit)
+            report({"path": "stock", "run": "9-task suite", "batch": 1, "seconds": seconds, "full_size": False,
+                    "full_estimate_s": seconds * suite_scale,
+                    "lmlab_vs_stock": differences(work / "stock_suite", work / f"suite_{args.batch_sizes[0]}")})
+        # launch_hf.py's lm-eval arguments, on the stock model
+        hargs = fda.harness_args(fda.parse_args(fda_argv(1, work / "stock_fda", args.stock_limit)), str(model))
+        hargs[hargs.index("hf")] = "hf-stock"
+        seconds = timed(harness.main, hargs)
+        report({"path": "stock", "run": "FDA (launch_hf.py)", "batch": 1, "seconds": seconds, "full_size": False,
+                "full_estimate_s": seconds * fda_scale,
+                "lmlab_vs_stock": differences(work / "stock_fda", work / f"fda_{args.batch_sizes[0]}")})
 
-    print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data) on {device}; --limit {args.limit}")
-    print("| run | batch | seconds | full-size estimate (s) |\n| --- | ---: | ---: | ---: |")
+    print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data of the real sizes) on {device}")
+    print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         same = {True: " (same generations)", False: " (generations DIFFER)"}.get(r.get("same_generations_as_single"), "")
-        print(f"| {r['run']}{same} | {r['batch']} | {r['seconds']:.1f} | {r['full_estimate_s']:.0f} |")
+        full = (f"{r['seconds']:.0f}" if r["full_size"]
+                else f"≈ {r['full_estimate_s']:.0f} (from --stock-limit {args.stock_limit})")
+        print(f"| {r['path']} | {r['run']}{same} | {r['batch']} | {r['seconds']:.1f} | {full} |")
+    for r in rows:
+        if "lmlab_vs_stock" in r:
+            print(f"{r['run']}, lmlab against stock on the stock run's documents: {r['lmlab_vs_stock']}")
     return 0
 
 

@@ -111,14 +111,14 @@ stage_experiment() {  # EXPERIMENT="script.py [args]" from bench/experiments/; i
   echo "gpu_session: $name exited $?"; tail -40 "$OUT/$name.log"
 }
 
-stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes)
-  timeout "${EVAL_TIMEOUT:-200}" "$PY" bench/eval_bench.py --config "$CONFIG" --out "$OUT/eval${EVAL_TAG:-}.json" \
-    ${EVAL_ARGS:---limit 100} > "$OUT/eval${EVAL_TAG:-}.log" 2>&1
+stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes): lmlab vs stock
+  timeout "${EVAL_TIMEOUT:-540}" "$PY" bench/eval_bench.py --config "$CONFIG" --out "$OUT/eval${EVAL_TAG:-}.json" \
+    ${EVAL_ARGS:---stock-limit 5} > "$OUT/eval${EVAL_TAG:-}.log" 2>&1
   grep "^eval_bench:" "$OUT/eval${EVAL_TAG:-}.log"
 }
 
 stage_fda-parallel() {  # launch_hf.py -p over all visible GPUs vs one job: wall time, same generations
-  EVAL_ARGS="--fda-only --parallel --batch-sizes 1 --limit 100 ${EVAL_ARGS:-}" EVAL_TIMEOUT=${FDA_TIMEOUT:-120} EVAL_TAG=_fda_parallel stage_eval
+  EVAL_ARGS="--fda-only --parallel --batch-sizes 1 --stock-limit 0 ${EVAL_ARGS:-}" EVAL_TIMEOUT=${FDA_TIMEOUT:-240} EVAL_TAG=_fda_parallel stage_eval
 }
 
 for stage in "$@"; do

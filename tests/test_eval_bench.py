@@ -15,16 +15,26 @@ _spec.loader.exec_module(eval_bench)
 
 
 @pytest.mark.slow
-def test_eval_bench_times_the_suite_and_fda_at_each_batch_size(tmp_path, capsys):
+def test_eval_bench_times_lmlab_at_full_size_and_the_stock_model(tmp_path, capsys, monkeypatch):
+    """Sizes cut to 3 documents per task (the real ones take minutes on CPU); the stock model on 1."""
+    monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 3, min(words, 60))
+                                              for t, (split, _, words) in eval_bench.SIZES.items()})
     out = tmp_path / "eval.json"
-    argv = ["--config", str(REPO / "configs" / "tiny_gla.json"), "--limit", "1", "--batch-sizes", "1", "2",
+    argv = ["--config", str(REPO / "configs" / "tiny_gla.json"), "--batch-sizes", "1", "2", "--stock-limit", "1",
             "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     assert eval_bench.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["run"], r["batch"]) for r in rows] == [
-        ("9-task suite", 1), ("FDA (launch_hf.py)", 1), ("9-task suite", 2), ("FDA (launch_hf.py)", 2)]
-    assert all(r["seconds"] > 0 and r["full_estimate_s"] >= r["seconds"] for r in rows)
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| FDA (launch_hf.py) | 2 |")
+    assert [(r["path"], r["run"], r["batch"]) for r in rows] == [
+        ("lmlab", "9-task suite", 1), ("lmlab", "FDA (launch_hf.py)", 1), ("lmlab", "9-task suite", 2),
+        ("lmlab", "FDA (launch_hf.py)", 2), ("stock", "9-task suite", 1), ("stock", "FDA (launch_hf.py)", 1)]
+    assert all(r["seconds"] > 0 for r in rows)
+    assert {"hellaswag/loglikelihood", "wikitext/loglikelihood_rolling", "swde/generate_until"} <= set(rows[0]["seconds_per_task"])
+    assert rows[-1]["full_estimate_s"] == pytest.approx(rows[-1]["seconds"] * 3)
+    suite_diff = rows[-2]["lmlab_vs_stock"]  # fp32: the same numbers and generations
+    assert suite_diff["requests"] > 9 and suite_diff["max_abs_loglikelihood_diff"] < 1e-3
+    assert suite_diff["is_greedy_differ"] == suite_diff["generations_differ"] == 0
+    assert rows[-1]["lmlab_vs_stock"]["generations_differ"] == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("FDA (launch_hf.py), lmlab against stock")
 
 
 def test_synthetic_docs_follow_each_task_schema():

@@ -143,6 +143,11 @@ def test_paper_command_runs_every_task_on_local_data(work):
     assert '"word_perplexity,none"' in proc.stdout  # --show_config prints the results JSON
     for every_run_warning in ("overrides existing task", "HF model type is neither"):  # lmlab's own choices
         assert every_run_warning not in proc.stderr
+    # what was asked, how the requests ran, and the time per task (also the closing summary on stderr)
+    scheduling = results["config"]["lmlab_scheduling"]
+    assert results["config"]["batch_size"] in (1, "1") and scheduling["token_budget"] == 65536
+    assert {"wikitext/loglikelihood_rolling", "hellaswag/loglikelihood", "fda/generate_until"} <= set(scheduling["seconds"])
+    assert "lmlab: time per task" in proc.stderr and "lmlab loglikelihood" in proc.stderr  # progress bar
 
 
 @pytest.mark.parametrize("name, until, max_gen_toks", [

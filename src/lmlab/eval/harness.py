@@ -166,11 +166,15 @@ class QuietOwnChoices(logging.Filter):
 def register_models() -> None:
     """`import lmlab` registers lmlab's families (after importing fla where fla's kernels are healthy). On
     CUDA the harness also imports fla wherever it imports, so that fla's other model types load, and then
-    makes lmlab's classes the choice again for the types both provide."""
+    makes lmlab's classes the choice again for the types both provide. `--model hf` builds
+    lmlab.eval.lm.LmlabLM: HFLM, with lmlab's request scheduling for lmlab's models."""
     if torch.cuda.is_available():
         with contextlib.suppress(ImportError):
             import fla  # noqa: F401
         lmlab.models.register()
+    from lmlab.eval.lm import use_for_hf
+
+    use_for_hf()
 
 
 def pop_option(argv: list[str], flag: str) -> str | None:

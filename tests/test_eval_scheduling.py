@@ -1,0 +1,154 @@
+"""lmlab's request scheduling (lmlab.eval.lm, lmlab.eval.scheduling) against lm-eval's own HF model class
+(`HFLM`, batch 1) on the same tiny fp32 model, request by request, for every family and HQLT mode
+(configs/tiny_*.json): loglikelihood, rolling loglikelihood and greedy generation."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import lmlab  # noqa: F401  (registers the model families)
+from lmlab.eval import lm, scheduling
+from lmlab.eval.lm import LmlabLM
+from test_eval_harness import GATED_DELTANET, HQLT, write_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+# default suite: 2-layer, 32-wide models (a recurrent hybrid with one attention layer; the paper's HQLT in
+# its most stateful mode); `slow`: every family and HQLT mode of configs/tiny_*.json
+SMALL = {"small_gdn_hybrid": {**GATED_DELTANET, "attn": {"layers": [1], "num_heads": 2}}, "small_hqlt_chunk": HQLT}
+TINY = [pytest.param(p.stem, marks=pytest.mark.slow) for p in sorted((REPO / "configs").glob("tiny_*.json"))]
+MAX_LENGTH = 48  # small, so that truncation and several rolling windows happen
+WORDS = "the quick brown fox jumps over the lazy dog while a man walks a dog and she twists the lid".split()
+
+
+def text(n: int, seed: int) -> str:
+    return " ".join(WORDS[(seed * 7 + i * (seed + 3)) % len(WORDS)] for i in range(n))
+
+
+def request(kind: str, args: tuple, task: str = "t", doc_id: int = 0) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=(task, doc_id, 1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second thread costs more (contention) than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return write_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def tiny_model(name: str, tokenizer) -> torch.nn.Module:
+    if name in SMALL:
+        spec = {**SMALL[name], "hidden_size": 32, "num_hidden_layers": 2}
+    else:
+        spec = json.loads((REPO / "configs" / f"{name}.json").read_text())
+    # the tokenizer's vocabulary: every generated token decodes to text
+    config = AutoConfig.for_model(**{**spec, "vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 1,
+                                     "pad_token_id": 2})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def both(model, tokenizer, **kwargs) -> tuple[HFLM, LmlabLM]:
+    common = dict(pretrained=model, tokenizer=tokenizer, device="cpu", max_length=MAX_LENGTH, **kwargs)
+    return HFLM(batch_size=1, **common), LmlabLM(batch_size=1, **common)
+
+
+def loglikelihood_requests() -> list[Instance]:
+    """Multiple choice (one context, 4 continuations), short and long contexts (one past max_length: left
+    truncation), one-token continuations, two tasks."""
+    requests = []
+    for doc in range(6):
+        context = text(3 + 9 * doc, doc)  # 3 .. 48 words: the last ones are truncated
+        for choice in range(4):
+            requests.append(request("loglikelihood", (context, " " + text(1 + choice, doc + choice)),
+                                    task="mc" if doc % 2 else "other", doc_id=doc))
+    return requests
+
+
+@pytest.mark.parametrize("name", [*SMALL, *TINY])
+def test_packed_and_shared_context_scoring_equal_lm_evals_hf_model_request_by_request(name, tokenizer, monkeypatch):
+    """Every loglikelihood within 1e-4 and the same is_greedy (multiple choice with its context run once,
+    truncated requests packed), also where the continuation is the model's own greedy one (is_greedy
+    true); rolling loglikelihoods over several windows within 1e-4 or, for sums beyond 100, float32's
+    relative precision."""
+    model = tiny_model(name, tokenizer)
+    hf, ours = both(model, tokenizer, token_budget=100)  # several forwards, several rows each
+    assert ours.scheduled and not hasattr(hf, "scheduled")
+    shared_groups = []
+
+    def spy(model, groups, **kwargs):
+        shared_groups.extend(groups)
+        yield from scheduling.score_shared_context(model, groups, **kwargs)
+
+    monkeypatch.setattr(lm, "score_shared_context", spy)
+    requests = loglikelihood_requests()
+    expected, got = hf.loglikelihood(requests), ours.loglikelihood(requests)
+    for (a, greedy_a), (b, greedy_b) in zip(expected, got, strict=True):
+        assert b == pytest.approx(a, abs=1e-4) and greedy_a == greedy_b
+    assert 2 <= len(shared_groups) < 6 and all(len(conts) == 4 for _, conts in shared_groups)  # the rest: packed
+    # token level: continuations that are the model's own greedy tokens
+    contexts = [tokenizer(text(4 + 5 * i, i))["input_ids"] for i in range(3)]
+    greedy = [(None, ctx, model(torch.tensor([ctx])).logits[0, -1:].argmax(-1).tolist()) for ctx in contexts]
+    expected, got = hf._loglikelihood_tokens(greedy), ours._loglikelihood_tokens(greedy)
+    assert [g for _, g in got] == [g for _, g in expected] == [True] * 3
+    rolling = [request("loglikelihood_rolling", (text(20 + 25 * i, i),), task="wiki") for i in range(3)]
+    for a, b in zip(hf.loglikelihood_rolling(rolling), ours.loglikelihood_rolling(rolling), strict=True):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-4)  # sums near -1500: 1e-4 is float32's last digit
+
+
+@pytest.mark.parametrize("name", [*SMALL, *TINY])
+def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tokenizer):
+    """Stop strings that cut early (" " ends most generations after a token or two), one that never comes
+    ("\\n": the full max_gen_toks), and an EOS the model emits: the same texts as HFLM's generate()."""
+    model = tiny_model(name, tokenizer)
+    contexts = [text(3 + 6 * i, i) for i in range(4)]
+    requests = [request("generate_until", (c, {"until": ["\n"], "max_gen_toks": 17})) for c in contexts]
+    requests += [request("generate_until", (c, {"until": [" "], "max_gen_toks": 8, "do_sample": False}))
+                 for c in contexts]
+    hf, ours = both(model, tokenizer)
+    first = hf.generate_until(requests)
+    assert all(first[:4])  # until "\n": 17 tokens of text
+    # an EOS that the first generation reaches: its third token
+    context = tokenizer(contexts[0], return_tensors="pt")["input_ids"]
+    eos = model.generate(context, max_new_tokens=3, do_sample=False, pad_token_id=2)[0, -1].item()
+    model.generation_config.eos_token_id = eos
+    expected = hf.generate_until(requests)
+    assert ours.generate_until(requests) == expected
+    assert len(expected[0]) < len(first[0])  # the EOS cut it
+
+
+def test_non_lmlab_models_keep_lm_evals_own_path(tokenizer):
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    _, ours = both(LlamaForCausalLM(config).eval(), tokenizer)
+    assert not ours.scheduled
+    assert "lmlab_scheduling" not in ours.get_model_info()
+
+
+def test_pack_rows_best_fit_decreasing():
+    rows = scheduling.pack_rows([5, 9, 3, 7, 1, 10], row_len=10)
+    assert rows == [[5], [1, 4], [3, 2], [0]]  # 10 | 9+1 | 7+3 | 5: longest first, every index once
+    with pytest.raises(ValueError, match="does not fit"):
+        scheduling.pack_rows([11], row_len=10)
+
+
+def test_shared_contexts_group_multiple_choice_only_within_max_length_and_budget():
+    pairs = [([1, 2], [3]), ([1, 2], [4, 5]), ([9], [3]),  # a group of two, and a context alone
+             ([1] * 8, [2, 3]), ([1] * 8, [4]),  # 8 + 2 tokens > max_length + 1: truncated, so packed
+             ([0], [5] * 6), ([0], [6] * 6)]  # 1 + 2 x 6 tokens > token_budget: packed
+    assert scheduling.shared_contexts(pairs, max_length=8, token_budget=12) == ([[0, 1]], [2, 3, 4, 5, 6])
+
+
+def test_bad_token_budget_is_one_line():
+    with pytest.raises(lmlab.errors.UserError, match="token_budget must be a positive integer"):
+        LmlabLM(pretrained="unused", token_budget="0")
