@@ -24,8 +24,9 @@ import tempfile
 from pathlib import Path
 
 from lmlab import dumplock
-from lmlab.config import ConfigError, JobConfig, parse_args
-from lmlab.errors import UserError
+from lmlab.config import JobConfig, parse_args
+from lmlab.dump import check_dump_folder, dump_write_failed
+from lmlab.errors import command
 
 # The signals torchrun passes on to the trainers (they save on SIGINT / SIGTERM).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -77,18 +78,13 @@ def run_forwarding_signals(command: list[str], env: dict[str, str], pass_fds: tu
             signal.signal(sig, handler)
 
 
+@command("train.sh")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:  # before anything in the dump folder is written: a second run there must not touch it
-        lock = dumplock.for_launcher(Path(cfg.job.dump_folder))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
+    check_dump_folder(Path(cfg.job.dump_folder))
+    # before anything in the dump folder is written: a second run there must not touch it
+    lock = dumplock.for_launcher(Path(cfg.job.dump_folder))
     with lock:
         return launch(cfg, argv, lock)
 
@@ -96,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 def launch(cfg: JobConfig, argv: list[str], lock: dumplock.DumpLock) -> int:
     nproc = os.environ.get("NGPU") or str(max(visible_gpus(), 1))
     logs = Path(cfg.job.dump_folder) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise dump_write_failed(Path(cfg.job.dump_folder), exc) from None
     with tempfile.TemporaryDirectory() as tmp:
         exit_file = Path(tmp) / "exit.json"
         env = {

@@ -8,7 +8,6 @@ runs, and evaluated on held-out documents.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -18,6 +17,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from lmlab.errors import ArgumentParser, command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,8 +101,9 @@ def heldout_perplexity(model, tokenizer, docs: list[str], seq_len: int) -> float
     return math.exp(total_loss / total_tokens)
 
 
+@command("python -m lmlab.quickstart")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lmlab.quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="exp/quickstart", help="where everything is written")
     parser.add_argument("--config", default="configs/tiny_gated_deltanet.json")
     parser.add_argument("--steps", type=int, default=300)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**__import__("os").environ, "NGPU": "1"}
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
-        print(f"quickstart: training failed (exit code {result.returncode})", file=sys.stderr)
+        print(f"error: the quickstart's training run failed (exit code {result.returncode}); its output is above",
+              file=sys.stderr)
         return result.returncode
 
     print("[4/4] evaluation on held-out documents")
