@@ -7,7 +7,10 @@ torchrun) keep the contract. Evaluation inputs are covered by the eval tests.
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import json
+import os
 import shutil
 import tomllib
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ class Bad:
     flags: dict[str, Value] = field(default_factory=dict)  # flags replaced, added (or removed: None)
     tail: tuple[str, ...] = ()  # raw arguments appended to the command
     damage: Callable[[Path], None] | None = None  # done to the dump's checkpoint step-2 first
+    fault: Callable[[pytest.MonkeyPatch, Path], None] | None = None  # a fault of the machine (patch, dump)
 
 
 def model_config(tmp: Path, **changes: object) -> str:
@@ -57,6 +61,28 @@ def toml_file(tmp: Path, text: str) -> str:
     path = tmp / "job.toml"
     path.write_text(text)
     return str(path)
+
+
+def read_only_disk(patch: pytest.MonkeyPatch, dump: Path) -> None:
+    """The dump's disk refuses writes (tests run as root, for whom chmod changes nothing): os.access says so."""
+    patch.setattr(os, "access", lambda path, mode, **kw: Path(path).resolve() != dump.resolve())
+
+
+def full_disk(patch: pytest.MonkeyPatch, dump: Path) -> None:
+    """300 KiB free where the dump is."""
+    patch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 300 * 2**10, 300 * 2**10))
+
+
+def full_disk_at_the_first_write(patch: pytest.MonkeyPatch, dump: Path) -> None:
+    """Room by the numbers (a quota, say), but the first file the run writes in the dump gets ENOSPC."""
+    write_text = Path.write_text
+
+    def no_space(path: Path, *args, **kwargs):
+        if path.name == "job_config.toml":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_text(path, *args, **kwargs)
+
+    patch.setattr(Path, "write_text", no_space)
 
 
 def truncate(path: Path) -> None:
@@ -182,8 +208,14 @@ CASES: dict[str, Bad] = {
     "checkpoint-not-a-checkpoint": Bad("is not a DCP checkpoint (no .metadata file)", {
         "job.dump_folder": lambda tmp, dump: str(tmp / "fresh"),
         "checkpoint.initial_load_path": lambda tmp, dump: str(dump)}),
-    # --- the dump folder ---
+    # --- the dump folder (an empty path: the generated option cases) ---
     "dump-holds-another-run": Bad("holds a different run", {"model.config": "configs/tiny_gated_deltanet.json"}),
+    "dump-is-a-file": Bad("is a file, not a folder", {"job.dump_folder": lambda tmp, dump: data_file(tmp, "f", b"x")}),
+    "dump-below-a-file": Bad("cannot be created: ", {
+        "job.dump_folder": lambda tmp, dump: data_file(tmp, "f", b"x") + "/run"}),
+    "dump-read-only": Bad("is not writable: a read-only disk or folder", fault=read_only_disk),
+    "dump-disk-full": Bad("the disk is full for this run: 0.3 MiB free there, a checkpoint and the HF export needs about", fault=full_disk),
+    "dump-disk-full-at-first-write": Bad("failed (No space left on device; ", fault=full_disk_at_the_first_write),
 }
 
 
@@ -231,6 +263,8 @@ def test_bad_input_fails_in_one_line_and_overwrites_nothing(case, corpus, tmp_pa
     argv, dump = bad_command(case, corpus, tmp_path, earlier_run)
     before = snapshot(dump)
     monkeypatch.chdir(REPO)
+    if case.fault is not None:
+        case.fault(monkeypatch, dump)
     code = lmlab.train.main(argv)
     check_refusal(code, capsys.readouterr().err, case)
     assert snapshot(dump) == before
@@ -441,3 +475,96 @@ def test_the_vocabulary_check_counts_the_largest_id_not_the_tokens(corpus, tmp_p
     (dump / "job_config.toml").write_text(f"[model]\ntokenizer_path = '{corpus['tokenizer']}'\n")
     sparse = load_tokenizer(ModelOptions(tokenizer_path=sparse_tokenizer(tmp_path, dump)))
     assert len(sparse) == 4096 and token_id_bound(sparse) == 5001
+
+
+# --- data files: every kind of broken file, read in both modes (lmlab.data) ---------------------------------
+# Each fault is one line (a DataError) naming the file (the folder when no single file is at fault) and the
+# problem, whether the file is converted at the start (map-style) or streamed; with the start's scan cut to one
+# row, streamed rows are checked where the loader reads them, in the middle of a run.
+
+GOOD_DOCS = [{"text": f"document {i} " * 8} for i in range(40)]
+
+
+def jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def parquet(**columns: list) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return buffer.getvalue()
+
+
+# name -> (files of the data folder, the file the line names (None: the folder), the problem it names)
+DATA_FAULTS = {
+    "not-utf8": ({"d.jsonl": jsonl(GOOD_DOCS) + '{"text": "café"}\n'.encode("latin-1")}, "d.jsonl", "not UTF-8"),
+    "utf16": ({"d.jsonl": jsonl(GOOD_DOCS).decode().encode("utf-16")}, "d.jsonl", "JSON parse error"),
+    "invalid-json-line": ({"d.jsonl": jsonl(GOOD_DOCS) + b"{oops\n"}, "d.jsonl", "JSON parse error"),
+    "json-null-line": ({"d.jsonl": jsonl(GOOD_DOCS) + b"null\n"}, "d.jsonl", "no 'text' (null, the field missing"),
+    "null-text": ({"d.jsonl": jsonl([*GOOD_DOCS, {"text": None}])}, "d.jsonl", "no 'text'"),
+    "text-field-missing": ({"d.jsonl": jsonl([*GOOD_DOCS, {"body": "x"}])}, "d.jsonl", "no 'text'"),
+    "number-text": ({"d.jsonl": jsonl([*GOOD_DOCS, {"text": 5}])}, "d.jsonl", "not text"),
+    "list-text": ({"d.jsonl": jsonl([*GOOD_DOCS, {"text": ["a"]}])}, "d.jsonl", "not text"),
+    "array-line": ({"d.jsonl": jsonl(GOOD_DOCS) + b"[1, 2]\n"}, "d.jsonl", "JSON parse error"),
+    "int-parquet-column": ({"d.parquet": parquet(text=[1, 2, 3])}, "d.parquet", "holds Value('int64'), not text"),
+    "truncated-gzip": ({"d.jsonl.gz": gzip.compress(jsonl(GOOD_DOCS * 20))[:300]}, "d.jsonl.gz",
+                       "Compressed file ended"),
+    "not-gzip": ({"d.jsonl.gz": jsonl(GOOD_DOCS)}, "d.jsonl.gz", "Not a gzipped file"),
+    "corrupt-parquet": ({"d.parquet": b"PAR1" + b"\0" * 100 + b"PAR1"}, "d.parquet", "cannot be read as parquet"),
+    "garbage-arrow": ({"d.arrow": b"garbage" * 100}, "d.arrow", "cannot be read as arrow"),
+    "blank-file": ({"d.jsonl": b"\n  \n"}, "d.jsonl", "the data is empty"),
+    "stray-metadata-json": ({"d.jsonl": jsonl(GOOD_DOCS), "meta.json": b'{"version": 1}'}, None,
+                            "mixes .jsonl data with .json files (meta.json)"),
+    "files-with-other-columns": ({"a.jsonl": jsonl(GOOD_DOCS), "b.jsonl": jsonl([{"body": 1}] * 3)}, None,
+                                 "Couldn't cast"),
+    "bad-file-among-good-ones": ({"a.jsonl": jsonl(GOOD_DOCS), "b.jsonl": b"{oops\n"}, "b.jsonl",
+                                 "JSON parse error"),
+}
+
+
+def data_folder(tmp: Path, files: dict[str, bytes]) -> Path:
+    folder = tmp / "data"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def read_batches(corpus: dict, dataset: Path, streaming: bool, batches: int = 40) -> None:
+    """Open the data as training does and read `batches` batches of 2 x 32 tokens."""
+    from lmlab.config import Training
+    from lmlab.data import build_dataloader
+
+    tokenizer = load_tokenizer(ModelOptions(tokenizer_path=str(corpus["tokenizer"])))
+    training = Training(dataset=str(dataset), streaming=streaming, batch_size=2, seq_len=32, num_workers=0)
+    loader = iter(build_dataloader(training, tokenizer, rank=0, world_size=1))
+    for _ in range(batches):
+        next(loader)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+@pytest.mark.parametrize("name", list(DATA_FAULTS))
+def test_every_kind_of_broken_data_file_is_one_line_naming_the_file(name, streaming, corpus, tmp_path, monkeypatch):
+    from lmlab.data import DataError
+
+    files, culprit, problem = DATA_FAULTS[name]
+    folder = data_folder(tmp_path, files)
+    monkeypatch.setattr("lmlab.data.CHECK_ROWS", 1)  # streamed rows are checked as the loader reads them
+    dataset = folder / next(iter(files)) if len(files) == 1 else folder
+    with pytest.raises(DataError) as info:
+        read_batches(corpus, dataset, streaming)
+    message = str(info.value)
+    assert "\n" not in message and problem in message, message
+    assert message.startswith(str(folder / culprit if culprit else folder) + ":"), message
+
+
+def test_metadata_files_beside_the_data_are_not_data_and_do_not_make_a_save_to_disk_folder(corpus, tmp_path):
+    """A folder downloaded with `datasets`' metadata (dataset_info.json, state.json) but not a save_to_disk
+    folder: its jsonl is read, the metadata is not."""
+    folder = data_folder(tmp_path, {"d.jsonl": jsonl(GOOD_DOCS), "dataset_info.json": b"{}", "state.json": b"{"})
+    read_batches(corpus, folder, streaming=False, batches=2)

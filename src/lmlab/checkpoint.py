@@ -329,11 +329,13 @@ def nearest_existing(path: Path) -> Path:
 
 
 def free_space(path: Path) -> str:
-    """'N GiB free there' for the disk holding `path` (or the folder it would be created in), '' if unknown."""
+    """'N GiB (or MiB) free there' for the disk holding `path` (or the folder it would be created in), '' if
+    unknown."""
     try:
-        return f"{shutil.disk_usage(nearest_existing(path)).free / 2**30:.1f} GiB free there"
+        free = shutil.disk_usage(nearest_existing(path)).free
     except OSError:
         return ""
+    return f"{free / 2**30:.1f} GiB free there" if free >= 2**30 else f"{free / 2**20:.1f} MiB free there"
 
 
 def _finish_write(tmp: Path, target: Path, meta: dict[str, Any], config_json: str | None, dist: Dist) -> None:

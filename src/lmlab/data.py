@@ -43,6 +43,7 @@ Errors about the data or these options raise `DataError`, whose message is one l
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import atexit
 import logging
@@ -58,6 +59,7 @@ from typing import Any
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow
 import torch
 from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -106,6 +108,7 @@ class Source:
     data: datasets.Dataset | datasets.IterableDataset  # only the text column
     column: str
     from_txt: bool  # undecodable bytes of txt files were replaced by U+FFFD: count them
+    locate: Callable[[], str | None] | None = None  # after a read failed: the local file at fault, if one is
 
 
 def load_sources(training: Training, rank: int = 0) -> list[Source]:
@@ -134,15 +137,16 @@ def load_source(spec: str, name: str | None, split: str | None, data_dir: str | 
                 training: Training) -> Source:
     """Open one source (reading only what a check needs) and find its text column."""
     path = Path(spec).expanduser()
+    locate = None
     if path.exists():
-        data, from_txt = _load_local(path, split or "train", data_dir, data_files, training.streaming)
+        data, from_txt, locate = _load_local(path, split or "train", data_dir, data_files, training.streaming)
     elif _looks_like_path(spec):
         raise DataError(f"--training.dataset {spec}: no such file or folder")
     else:
         data, from_txt = _load_hub(spec, name, split or "train", data_dir, data_files), False
     columns = data.column_names
     if columns is None:  # streaming json: the columns are known only after the first row
-        with _reading(spec):
+        with _reading(spec, locate):
             columns = list(next(iter(data), None) or {})
     column = _text_column(spec, columns, training.text_column)
     if isinstance(data, datasets.Dataset) and len(data) == 0:
@@ -151,11 +155,11 @@ def load_source(spec: str, name: str | None, split: str | None, data_dir: str | 
     _check_text_column(spec, data, column)
     # Fail here in one line rather than later in a loader worker. A real corpus has text in its first rows;
     # the scan is bounded so that a huge source of blanks cannot stall the start.
-    with _reading(spec):
+    with _reading(spec, locate):
         for text in _first_texts(data, column, CHECK_ROWS):
             _check_text(spec, column, text)
             if _keep(text):
-                return Source(spec, data, column, from_txt)
+                return Source(spec, data, column, from_txt, locate)
     raise DataError(f"{spec}: no non-empty documents in column {column!r}")
 
 
@@ -165,6 +169,10 @@ def _check_text_column(spec: str, data: datasets.Dataset | datasets.IterableData
     if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         raise DataError(f"{spec}: column {column!r} holds {feature}, not text: every row's {column!r} must be a string")
     if isinstance(data, datasets.Dataset):
+        try:  # pyarrow's JSON reader keeps bytes that are not UTF-8; they would fail in a loader worker
+            data.data.column(column).validate(full=True)
+        except pyarrow.ArrowInvalid as exc:
+            raise DataError(f"{spec}: column {column!r} is not UTF-8 text ({exc}); convert the data to UTF-8") from None
         nulls = data.data.column(column).null_count
         if nulls:
             raise DataError(f"{spec}: {nulls} of {len(data)} rows have no {column!r} (null, the field missing, or a "
@@ -180,14 +188,15 @@ def _check_text(source: str, column: str, text: Any) -> None:
 
 
 @contextlib.contextmanager
-def _reading(source: str) -> Iterator[None]:
-    """Reading a source's rows: a library's failure becomes a DataError naming the source and its cause."""
+def _reading(source: str, locate: Callable[[], str | None] | None) -> Iterator[None]:
+    """Reading a source's rows: a library's failure becomes a DataError naming the file at fault (found by
+    `locate`), else the source, and the failure's cause."""
     try:
         yield
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{source}: cannot be read: {_root_cause(exc)}") from None
+        raise DataError(f"{locate and locate() or source}: cannot be read: {_root_cause(exc)}") from None
 
 
 def _per_source(value: str | None, n: int, option: str) -> list[str | None]:
@@ -225,8 +234,10 @@ def _format_of(path: Path) -> str | None:
 
 
 def _load_local(path: Path, split: str, data_dir: str | None, data_files: str | None,
-                streaming: bool) -> tuple[datasets.Dataset | datasets.IterableDataset, bool]:
-    if path.is_dir() and ((path / SAVED_DICT).exists() or (path / SAVED_STATE).exists() and (path / SAVED_INFO).exists()):
+                streaming: bool) -> tuple[datasets.Dataset | datasets.IterableDataset, bool, Callable[[], str | None] | None]:
+    """The data, whether it comes from txt files, and what finds the file at fault after a read failed (if
+    anything can)."""
+    if _saved_to_disk(path):
         try:
             data = datasets.load_from_disk(str(path))
         except Exception as exc:
@@ -237,7 +248,7 @@ def _load_local(path: Path, split: str, data_dir: str | None, data_files: str | 
             data = data[split]
         if streaming:
             data = data.to_iterable_dataset(num_shards=max(1, len(data.cache_files)))
-        return data, False
+        return data, False, None
     builder, files = _local_files(path, data_dir, data_files)
     # txt: documents are separated by blank lines (a document per line would lose every newline), and
     # undecodable bytes become U+FFFD instead of stopping the run.
@@ -247,7 +258,14 @@ def _load_local(path: Path, split: str, data_dir: str | None, data_files: str | 
     except Exception as exc:  # a corrupt or malformed file
         raise DataError(f"{_culprit(builder, files, kwargs) or path}: cannot be read as {builder}: "
                         f"{_root_cause(exc)}") from None
-    return data, builder == "text"
+    return data, builder == "text", functools.partial(_culprit, builder, files, kwargs)
+
+
+def _saved_to_disk(path: Path) -> bool:
+    """A datasets.save_to_disk folder: a DatasetDict's dataset_dict.json, or a Dataset's state, info and arrow
+    files (the metadata alone may come with downloaded data)."""
+    return path.is_dir() and ((path / SAVED_DICT).is_file() or (path / SAVED_STATE).is_file()
+                              and (path / SAVED_INFO).is_file() and any(path.glob("*.arrow")))
 
 
 def _culprit(builder: str, files: list[str], kwargs: dict[str, Any]) -> str | None:
@@ -493,7 +511,7 @@ class _StreamReader(_Reader):
     def _next_batch(self) -> bool:
         assert self._it is not None
         state = self.data.state_dict() if self._batch else self._batch_state
-        with _reading(self.source.name):
+        with _reading(self.source.name, self.source.locate):
             batch = next(self._it, None)
         if batch is None:
             return False
