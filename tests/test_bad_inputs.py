@@ -11,7 +11,9 @@ import errno
 import gzip
 import json
 import os
+import re
 import shutil
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -568,3 +570,257 @@ def test_metadata_files_beside_the_data_are_not_data_and_do_not_make_a_save_to_d
     folder: its jsonl is read, the metadata is not."""
     folder = data_folder(tmp_path, {"d.jsonl": jsonl(GOOD_DOCS), "dataset_info.json": b"{}", "state.json": b"{"})
     read_batches(corpus, folder, streaming=False, batches=2)
+
+
+# --- every other command: broken model folders, malformed results and metrics, impossible arguments -------
+# Each case runs the command's main() in this process: exit code 2, one line on stderr (`error: ...`) naming
+# the problem, no traceback, and nothing written.
+
+def export_copy(tmp: Path, earlier_run: Path) -> Path:
+    """A copy of the earlier run's HF export (config.json, model.safetensors, tokenizer files) alone."""
+    folder = tmp / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(earlier_run / name, folder / name)
+    return folder
+
+
+def cut_tail(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def folder_to_file(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.write_text("x")
+
+
+# name -> (damage to the model folder, the problem the line names)
+MODEL_FAULTS = {
+    "missing-folder": (shutil.rmtree, "no such folder"),
+    "a-file": (folder_to_file, "not a folder"),
+    "no-config": (lambda f: (f / "config.json").unlink(), "no config.json, so not a Hugging Face model folder"),
+    "config-not-json": (lambda f: (f / "config.json").write_text("{"), "config.json is not valid JSON"),
+    "config-without-model-type": (lambda f: (f / "config.json").write_text("[]"), "config.json has no model_type"),
+    "no-weights": (lambda f: (f / "model.safetensors").unlink(), "no weights (model.safetensors or"),
+    "corrupt-weights": (lambda f: truncate(f / "model.safetensors"), "model.safetensors is corrupt or truncated"),
+    "truncated-weights": (lambda f: cut_tail(f / "model.safetensors"), "model.safetensors is corrupt or truncated"),
+    "no-tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+                     "no tokenizer files"),
+}
+# the commands that read a model folder: (module, argv for the folder, label of the folder, needs a tokenizer)
+MODEL_COMMANDS = {
+    "evals.harness": ("lmlab.eval.harness", lambda f, tmp: ["--model", "hf", "--model_args", f"pretrained={f}",
+                                                          "--tasks", "piqa", "--device", "cpu"],
+                      "--model_args pretrained={}", True),
+    "launch_hf.py": ("lmlab.eval.fda", lambda f, tmp: ["-m", str(f), "-t", "based_fda", "--output_dir", str(tmp / "o")],
+                     "-m {}", True),
+    "convert hf-to-dcp": ("lmlab.convert", lambda f, tmp: ["hf-to-dcp", "--model", str(f), "--checkpoint",
+                                                           str(tmp / "dcp")], "--model {}", False),
+}
+
+
+def run_main(module: str, argv: list[str], capsys) -> tuple[int, str]:
+    import importlib
+
+    code = importlib.import_module(module).main(argv)
+    return code, capsys.readouterr().err
+
+
+def check_one_line(code: int, err: str, expected: str) -> None:
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err[-3000:]
+
+
+@pytest.mark.parametrize("fault", list(MODEL_FAULTS))
+@pytest.mark.parametrize("command", list(MODEL_COMMANDS))
+def test_every_command_reading_a_model_folder_refuses_a_broken_one_in_one_line(command, fault, tmp_path, earlier_run,
+                                                                              capsys):
+    module, argv, label, needs_tokenizer = MODEL_COMMANDS[command]
+    damage, problem = MODEL_FAULTS[fault]
+    folder = export_copy(tmp_path, earlier_run)
+    damage(folder)
+    code, err = run_main(module, argv(folder, tmp_path), capsys)
+    if fault == "no-tokenizer" and not needs_tokenizer:
+        assert code == 0, err[-3000:]
+        return
+    check_one_line(code, err, f"error: {label.format(folder)}: {problem}")
+    assert not (tmp_path / "dcp").exists() and not (tmp_path / "o").exists()
+
+
+# name -> (the file's bytes, the problem the line names)
+RESULT_FAULTS = {
+    "not-json": (b'{"results": {', "not a JSON file"),
+    "not-utf8": (b"\xff\xfe{}", "not a JSON file"),
+    "a-list": (b"[1, 2]", "not an lm-eval results file"),
+    "results-not-an-object": (b'{"results": [1]}', "not an lm-eval results file"),
+    "task-not-an-object": (b'{"results": {"piqa": 0.5}}', "not an lm-eval results file"),
+    "config-not-an-object": (b'{"results": {}, "config": "x"}', "not an lm-eval results file"),
+    "metric-a-string": (b'{"results": {"piqa": {"acc,none": "high"}}}', "piqa acc,none is 'high', not a number"),
+    "date-not-a-time": (b'{"results": {}, "date": "today"}', "date 'today' is not a timestamp"),
+}
+
+
+@pytest.mark.parametrize("fault", list(RESULT_FAULTS))
+def test_report_refuses_each_kind_of_malformed_results_file_naming_it(fault, tmp_path, capsys):
+    content, problem = RESULT_FAULTS[fault]
+    good = tmp_path / "results_good.json"
+    good.write_text(json.dumps({"results": {"piqa": {"acc,none": 0.5}}, "config": {"model_args": "pretrained=m"}}))
+    bad = tmp_path / "results_bad.json"
+    bad.write_bytes(content)
+    code, err = run_main("lmlab.eval.report", [str(tmp_path), "--csv", str(tmp_path / "t.csv")], capsys)
+    check_one_line(code, err, f"error: {bad}: {problem}")
+    assert not (tmp_path / "t.csv").exists()
+
+
+# name -> (metrics.jsonl's bytes or None for no file, the problem the line names)
+METRICS_FAULTS = {
+    "no-metrics-file": (None, "no metrics.jsonl, so not an lmlab dump folder"),
+    "no-records": (b"\n", "metrics.jsonl: no records yet"),
+    "garbage-line": (b'{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "lo', "metrics.jsonl:2: not a JSON record"),
+    "not-utf8": (b"\xff\n", "metrics.jsonl:1: not a JSON record"),
+    "record-without-step": (b'{"loss": 2.0}\n', "metrics.jsonl:1: not a record of a step"),
+    "record-not-an-object": (b"[1]\n", "metrics.jsonl:1: not a record of a step"),
+    "record-without-loss": (b'{"step": 3, "lr": 0.1}\n', "the record of step 3 has no numeric loss and lr"),
+}
+
+
+@pytest.mark.parametrize("fault", list(METRICS_FAULTS))
+def test_plot_refuses_each_kind_of_broken_metrics_naming_the_file_and_line(fault, tmp_path, capsys):
+    content, problem = METRICS_FAULTS[fault]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    if content is not None:
+        (dump / "metrics.jsonl").write_bytes(content)
+    code, err = run_main("lmlab.plot", [str(dump), "-o", str(tmp_path / "p.png")], capsys)
+    check_one_line(code, err, problem)
+    assert str(dump) in err and not (tmp_path / "p.png").exists()
+
+
+# impossible arguments: (module, argv given tmp_path and a model folder, the problem the line names)
+ARGUMENT_FAULTS = {
+    "harness-limit-0": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args", f"pretrained={m}",
+                                                             "--limit", "0"], "--limit 0: expected a count >= 1"),
+    "harness-limit-negative": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--limit", "-1"],
+                               "--limit -1: expected"),
+    "harness-batch-size-0": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--batch_size", "0"],
+                             "--batch_size 0: expected an integer >= 1, 'auto' or 'auto:N'"),
+    "harness-no-task": ("lmlab.eval.harness", lambda tmp, m: ["--model_args", f"pretrained={m}"], "--tasks: no task"),
+    "harness-data-dir-missing": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--data_dir", str(tmp / "no")],
+                                 "--data_dir"),
+    "harness-unknown-flag": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--shots", "3"],
+                             "lm-eval: unrecognized arguments: --shots 3"),
+    "harness-hub-id-offline": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
+                                                                    "pretrained=someone/no-such-model"],
+                               "no such folder, and the hub is offline"),
+    "fda-context-shorter-than-answer": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--context_length", "40",
+                                                                         "--answer_length", "50"],
+                                        "--context_length 40 leaves no room for the document's text"),
+    "fda-answer-0": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--answer_length", "0"], "--answer_length 0"),
+    "fda-limit-0": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--limit", "0"], "--limit 0: expected -1"),
+    "fda-batch-size-0": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--batch-size", "0"], "--batch-size 0"),
+    "fda-unknown-task": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "-t", "fda"], "invalid choice: 'fda'"),
+    "fda-no-model": ("lmlab.eval.fda", lambda tmp, m: ["-t", "based_fda"], "required: -m/--model"),
+    "fda-output-dir-a-file": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--output_dir", data_file(tmp, "f", b"")],
+                              "exists and is not a folder"),
+    "report-missing-path": ("lmlab.eval.report", lambda tmp, m: [str(tmp / "no")], "no such file or folder"),
+    "report-no-results": ("lmlab.eval.report", lambda tmp, m: [str(m)], "no results*.json in"),
+    "report-csv-nowhere": ("lmlab.eval.report", lambda tmp, m: [str(m), "--csv", str(tmp / "no" / "t.csv")],
+                           "--csv"),
+    "plot-a-model-folder": ("lmlab.plot", lambda tmp, m: [str(m)], "no metrics.jsonl, so not an lmlab dump folder"),
+    "plot-missing-folder": ("lmlab.plot", lambda tmp, m: [str(tmp / "no")], "no such folder"),
+    "plot-output-nowhere": ("lmlab.plot", lambda tmp, m: [str(m), "-o", str(tmp / "no" / "p.png")], "no folder"),
+    "convert-path-missing": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(tmp / "no")],
+                             "no such folder"),
+    "convert-empty-dump": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(m)], "no complete checkpoint"),
+    "convert-existing-checkpoint": ("lmlab.convert", lambda tmp, m: ["hf-to-dcp", "--model", str(m), "--checkpoint",
+                                                                     str(m)], "already exists"),
+    "convert-step-not-a-number": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(m), "--step", "x"],
+                                  "argument --step: invalid int value: 'x'"),
+    "convert-no-subcommand": ("lmlab.convert", lambda tmp, m: [], "the following arguments are required: command"),
+    "lmlab-unknown-subcommand": ("lmlab.cli", lambda tmp, m: ["evaluate"], "unknown subcommand 'evaluate'"),
+}
+
+
+@pytest.mark.parametrize("name", list(ARGUMENT_FAULTS))
+def test_every_command_refuses_impossible_arguments_in_one_line(name, tmp_path, earlier_run, capsys):
+    module, argv, problem = ARGUMENT_FAULTS[name]
+    model = export_copy(tmp_path, earlier_run)
+    args = argv(tmp_path, model)
+    before = sorted(tmp_path.rglob("*"))
+    code, err = run_main(module, args, capsys)
+    check_one_line(code, err, problem)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_convert_without_output_never_replaces_the_runs_export(tmp_path, earlier_run, capsys):
+    """`dcp-to-hf --path DUMP --step N` on a finished run: refused in one line, the export unchanged; with
+    --output the step is written there; a dump without an export (a stopped run) gets one by default."""
+    dump = tmp_path / "dump"
+    shutil.copytree(earlier_run, dump)
+    before = snapshot(dump)
+    code, err = run_main("lmlab.convert", ["dcp-to-hf", "--path", str(dump), "--step", "2"], capsys)
+    check_one_line(code, err, f"--path {dump} already holds the run's HF export (model.safetensors); pass --output")
+    assert snapshot(dump) == before
+    assert run_main("lmlab.convert", ["dcp-to-hf", "--path", str(dump), "--output", str(tmp_path / "hf")], capsys)[0] == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and snapshot(dump) == before
+    (dump / "model.safetensors").unlink()
+    assert run_main("lmlab.convert", ["dcp-to-hf", "--path", str(dump)], capsys)[0] == 0
+    assert (dump / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # lm-eval indexes its thousands of task definitions first (about 20 s on 2 busy cores)
+def test_harness_names_an_unknown_task_in_one_line(tmp_path, earlier_run, capsys):
+    model = export_copy(tmp_path, earlier_run)
+    code, err = run_main("lmlab.eval.harness", ["--tasks", "piqa_typo", "--model_args", f"pretrained={model}"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: lm-eval: Tasks not found: piqa_typo"
+
+
+# --- one error path for every command (lmlab.errors.run_command) -------------------------------------------
+# (command as the user types it, module, arguments that reach `hook`, a function the command calls)
+ENTRY_POINTS = [
+    ("train.sh", "lmlab.launch", [], "lmlab.launch.parse_args"),
+    ("train.sh", "lmlab.train", [], "lmlab.train.parse_args"),
+    ("python -m evals.harness", "lmlab.eval.harness", ["--tasks", "piqa"], "lmlab.eval.harness.run"),
+    ("launch_hf.py", "lmlab.eval.fda", ["-m", "x"], "lmlab.eval.fda.parse_args"),
+    ("lmlab report", "lmlab.eval.report", ["x"], "lmlab.eval.report.result_files"),
+    ("lmlab plot", "lmlab.plot", ["x"], "lmlab.plot.read_metrics"),
+    ("lmlab convert", "lmlab.convert", ["dcp-to-hf", "--path", "x"], "lmlab.convert.dcp_to_hf"),
+    ("python -m lmlab.quickstart", "lmlab.quickstart", ["--out", "OUT"], "lmlab.quickstart.write_corpus"),
+    ("lmlab bench-data", "lmlab.bench_data", ["--dir", "OUT"], "lmlab.bench_data.corpus_documents"),
+    ("lmlab", "lmlab.cli", ["plot", "x"], "lmlab.plot.main"),
+]
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("command, module, argv, hook", ENTRY_POINTS, ids=[e[1] for e in ENTRY_POINTS])
+def test_every_command_reports_a_bug_in_one_line_with_a_saved_traceback(command, module, argv, hook, tmp_path,
+                                                                        monkeypatch, capsys):
+    monkeypatch.setattr(hook, boom)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exit_file = tmp_path / "exit.json"
+    monkeypatch.setenv("LMLAB_EXIT_FILE", str(exit_file))  # the trainer tells its launcher
+    code, err = run_main(module, [str(tmp_path) if a == "OUT" else a for a in argv], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    match = re.fullmatch(rf"error: {re.escape(command)} failed unexpectedly \(RuntimeError: boom\); this is a bug in "
+                         r"lmlab: the traceback is in (\S+)", line)
+    assert match, line
+    saved = Path(match[1]).read_text()
+    assert saved.startswith(f"{command}: ") and "Traceback (most recent call last)" in saved and "in boom" in saved
+    if module == "lmlab.train":
+        assert json.loads(exit_file.read_text()) == {"message": line, "exit_code": 1}
+
+
+@pytest.mark.parametrize("command, module, argv, hook", ENTRY_POINTS, ids=[e[1] for e in ENTRY_POINTS])
+def test_every_command_refuses_an_unknown_flag_in_one_line(command, module, argv, hook, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.delenv("LMLAB_EXIT_FILE", raising=False)
+    code, err = run_main(module, [*(str(tmp_path) if a == "OUT" else a for a in argv), "--no-such-flag"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and "--no-such-flag" in line, line
