@@ -116,7 +116,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     dataloader = build_dataloader(cfg.training, tokenizer, rank=dist.rank, world_size=dist.world_size)
     train_state = TrainState()
     # Only now, with every input checked, touch the dump folder: a bad flag must not overwrite anything.
-    check_free_space(Path(cfg.job.dump_folder), n_params * bytes_per_parameter(cfg), "a checkpoint and the HF export")
+    needs = "a checkpoint and the HF export" if cfg.checkpoint.enable_checkpoint else "the HF export"
+    check_free_space(Path(cfg.job.dump_folder), n_params * bytes_per_parameter(cfg), needs)
     dump = prepare_dump_folder(cfg, dist)
 
     # --- resume ------------------------------------------------------------------------------------
