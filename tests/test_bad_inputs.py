@@ -824,3 +824,24 @@ def test_every_command_refuses_an_unknown_flag_in_one_line(command, module, argv
     assert code == 2 and "Traceback" not in err, err
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and "--no-such-flag" in line, line
+
+
+@pytest.mark.parametrize("exitcode, how", [(-9, "was killed by SIGKILL"), (-11, "was killed by SIGSEGV"),
+                                           (3, "exited with 3")])
+def test_a_trainer_dying_without_a_word_is_one_line_from_torchrun(exitcode, how, tmp_path, monkeypatch, capsys):
+    """No error line from the trainer (killed, a native crash): torchrun's wrapper names the rank and how it
+    ended in one line instead of torchrun's traceback and report."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import lmlab.launch
+
+    def trainer_dies():
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file=str(tmp_path / "none.json"))
+        raise ChildFailedError("lmlab.train", {1: failure})
+
+    monkeypatch.setattr(torch.distributed.run, "main", trainer_dies)
+    monkeypatch.setenv("LMLAB_EXIT_FILE", str(tmp_path / "exit.json"))  # not written: the trainer said nothing
+    assert lmlab.launch.torchrun() == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: trainer rank 1 {how} without an error line"), line

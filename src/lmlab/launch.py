@@ -41,9 +41,10 @@ def visible_gpus() -> int:
 
 
 def torchrun() -> int:
-    """`torch.distributed.run` with torchrun's argv, without torchrun's traceback when a trainer explained its
-    own exit: after a stop signal (torchrun waits for the trainers to save) it returns 128 + the signal's
-    number, after a user error (the launcher repeats the trainer's line) 1. A crash keeps torchrun's report."""
+    """`torch.distributed.run` with torchrun's argv, without torchrun's traceback: after a stop signal (torchrun
+    waits for the trainers to save) it returns 128 + the signal's number; after a trainer's own error line (the
+    launcher repeats it) 1; after a trainer died without one (a signal, a crash in native code) one line
+    naming the rank and how it ended, and 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
@@ -53,9 +54,12 @@ def torchrun() -> int:
         main()
     except SignalException as exc:
         return 128 + int(exc.sigval)
-    except ChildFailedError:
+    except ChildFailedError as exc:
         if not Path(os.environ.get("LMLAB_EXIT_FILE", "")).is_file():
-            raise
+            rank, failure = exc.get_first_failure()
+            how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
+            print(f"error: trainer rank {rank} {how} without an error line (out of memory on the host? a crash in "
+                  "native code?); its output is above and in the dump's logs folder", file=sys.stderr, flush=True)
         return 1
     return 0
 
