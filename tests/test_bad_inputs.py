@@ -845,3 +845,18 @@ def test_a_trainer_dying_without_a_word_is_one_line_from_torchrun(exitcode, how,
     assert lmlab.launch.torchrun() == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: trainer rank 1 {how} without an error line"), line
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: truncate(f / "model.safetensors"), "model.safetensors: corrupt or truncated safetensors"),
+    (lambda f: (f / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"st'), "metrics.jsonl:2: not a JSON record"),
+], ids=["corrupt-weights", "truncated-metrics"])
+def test_report_names_a_broken_file_of_the_model_folder_it_reads(damage, problem, tmp_path, earlier_run, capsys):
+    """`lmlab report` counts the parameters (safetensors) and tokens (metrics.jsonl) of a results file's model
+    folder: a broken one is a line naming the file."""
+    model = export_copy(tmp_path, earlier_run)
+    damage(model)
+    results = tmp_path / "results_1.json"
+    results.write_text(json.dumps({"results": {"piqa": {"acc,none": 0.5}}, "config": {"model_args": f"pretrained={model}"}}))
+    code, err = run_main("lmlab.eval.report", [str(results)], capsys)
+    check_one_line(code, err, f"{model}/{problem}")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
