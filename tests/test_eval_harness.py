@@ -202,13 +202,14 @@ def test_batch_4_equals_batch_1(work, model):
             compare(a["resps"], b["resps"], f"{task}[{a['doc_id']}]")
 
 
-def test_missing_data_is_one_line_naming_task_and_file(work, capsys):
+def test_missing_data_is_one_line_naming_task_and_file(work, capsys, tmp_path):
+    (tmp_path / "missing").mkdir()  # a --data_dir without the tasks' files (a missing one is refused at once)
     code = harness.main(["--model", "hf", "--model_args", f"pretrained={work['recurrent']}", "--tasks",
-                         "piqa,arc_easy", "--device", "cpu", "--data_dir", work["data"] + "/missing"])
+                         "piqa,arc_easy", "--device", "cpu", "--data_dir", str(tmp_path / "missing")])
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: task piqa: cannot load baber/piqa")
-    assert f"{work['data']}/missing/piqa/validation.jsonl" in last
+    assert f"{tmp_path}/missing/piqa/validation.jsonl" in last
 
 
 def test_launch_hf_paper_command(work, tmp_path):

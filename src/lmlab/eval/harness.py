@@ -23,7 +23,8 @@ whose evaluated split is there is redirected by a generated yaml (`include:` of 
 `dataset_path: json|parquet` and `dataset_kwargs.data_files`); its other splits (few-shot sources) are used
 when their files exist and disabled otherwise. A task without local files loads from the hub as usual;
 when that fails (offline), the command exits with code 2 and one line naming the task and the file it
-would have read.
+would have read. A --data_dir that is not a folder is refused before anything loads (with a network, its
+tasks would quietly come from the hub).
 """
 from __future__ import annotations
 
