@@ -35,7 +35,7 @@ from lmlab.checkpoint import (
 from lmlab.config import Checkpoint
 from lmlab.distributed import Dist
 from lmlab.errors import ArgumentParser, UserError, command
-from lmlab.modeling import check_model_folder
+from lmlab.modeling import check_model_folder, is_local_path
 
 
 def _single_process() -> Dist:
@@ -88,7 +88,7 @@ def hf_to_dcp(model_name: str, checkpoint: Path) -> None:
 
     if checkpoint.exists():
         raise UserError(f"--checkpoint {checkpoint} already exists; choose a new path")
-    if Path(model_name).expanduser().exists() or model_name.startswith(("/", ".", "~")):
+    if is_local_path(model_name):
         check_model_folder(Path(model_name).expanduser(), f"--model {model_name}", tokenizer=False)
     try:
         # safetensors only: a pickled pytorch_model.bin is never unpickled, so it cannot run code

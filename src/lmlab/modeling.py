@@ -238,6 +238,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+def is_local_path(name: str) -> bool:
+    """A path, not a hub id: it exists, or is written as a path (a hub id is `name` or `org/name`)."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def check_model_folder(folder: Path, label: str, *, tokenizer: bool) -> None:
     """UserError (starting with `label`, the option and folder as the user wrote them) unless `folder` holds a loadable HF
     model: a config.json object with a model_type, weights whose safetensors headers and sizes are intact,

@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmlab.errors import ArgumentParser, UserError, command
 from lmlab.eval import harness
-from lmlab.modeling import check_model_folder
+from lmlab.modeling import check_model_folder, is_local_path
 
 
 def keep_doc(doc: dict[str, Any]) -> bool:
@@ -103,8 +103,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
     for model in args.model:  # all of them before the first is evaluated
-        if harness.is_local_path(model):
-            check_model_folder(Path(model), f"-m {model}", tokenizer=True)
+        if is_local_path(model):
+            check_model_folder(Path(model).expanduser(), f"-m {model}", tokenizer=True)
 
 
 def harness_args(args: argparse.Namespace, model: str) -> list[str]:

@@ -45,7 +45,7 @@ import yaml
 
 import lmlab.models
 from lmlab.errors import UserError, command
-from lmlab.modeling import check_model_folder
+from lmlab.modeling import check_model_folder, is_local_path
 
 DATA_ENV = "LMLAB_EVAL_DATA"
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -155,18 +155,14 @@ def check_arguments(args: Any, data_dir: str | None) -> None:
     if (args.model or "hf") == "hf":
         pretrained, tokenizer = model_args.get("pretrained"), model_args.get("tokenizer")
         if isinstance(pretrained, str) and is_local_path(pretrained):
-            check_model_folder(Path(pretrained), f"--model_args pretrained={pretrained}", tokenizer=tokenizer is None)
+            check_model_folder(Path(pretrained).expanduser(), f"--model_args pretrained={pretrained}",
+                               tokenizer=tokenizer is None)
         elif isinstance(pretrained, str) and huggingface_hub.constants.HF_HUB_OFFLINE \
                 and huggingface_hub.try_to_load_from_cache(pretrained, "config.json") is None:
             raise UserError(f"--model_args pretrained={pretrained}: no such folder, and the hub is offline "
                             "(HF_HUB_OFFLINE) with no cached copy")
-        if isinstance(tokenizer, str) and is_local_path(tokenizer) and not Path(tokenizer).is_dir():
+        if isinstance(tokenizer, str) and is_local_path(tokenizer) and not Path(tokenizer).expanduser().is_dir():
             raise UserError(f"--model_args tokenizer={tokenizer}: no such folder")
-
-
-def is_local_path(name: str) -> bool:
-    """A path, not a hub id: it exists, or is written as a path (a hub id is `name` or `org/name`)."""
-    return Path(name).exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def _raise_user_error(message: str) -> NoReturn:
