@@ -7,8 +7,13 @@ torchrun) keep the contract. Evaluation inputs are covered by the eval tests.
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import json
+import os
+import re
 import shutil
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ class Bad:
     flags: dict[str, Value] = field(default_factory=dict)  # flags replaced, added (or removed: None)
     tail: tuple[str, ...] = ()  # raw arguments appended to the command
     damage: Callable[[Path], None] | None = None  # done to the dump's checkpoint step-2 first
+    fault: Callable[[pytest.MonkeyPatch, Path], None] | None = None  # a fault of the machine (patch, dump)
 
 
 def model_config(tmp: Path, **changes: object) -> str:
@@ -57,6 +63,28 @@ def toml_file(tmp: Path, text: str) -> str:
     path = tmp / "job.toml"
     path.write_text(text)
     return str(path)
+
+
+def read_only_disk(patch: pytest.MonkeyPatch, dump: Path) -> None:
+    """The dump's disk refuses writes (tests run as root, for whom chmod changes nothing): os.access says so."""
+    patch.setattr(os, "access", lambda path, mode, **kw: Path(path).resolve() != dump.resolve())
+
+
+def full_disk(patch: pytest.MonkeyPatch, dump: Path) -> None:
+    """300 KiB free where the dump is."""
+    patch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 300 * 2**10, 300 * 2**10))
+
+
+def full_disk_at_the_first_write(patch: pytest.MonkeyPatch, dump: Path) -> None:
+    """Room by the numbers (a quota, say), but the first file the run writes in the dump gets ENOSPC."""
+    write_text = Path.write_text
+
+    def no_space(path: Path, *args, **kwargs):
+        if path.name == "job_config.toml":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write_text(path, *args, **kwargs)
+
+    patch.setattr(Path, "write_text", no_space)
 
 
 def truncate(path: Path) -> None:
@@ -181,8 +209,14 @@ CASES: dict[str, Bad] = {
     "checkpoint-not-a-checkpoint": Bad("is not a DCP checkpoint (no .metadata file)", {
         "job.dump_folder": lambda tmp, dump: str(tmp / "fresh"),
         "checkpoint.initial_load_path": lambda tmp, dump: str(dump)}),
-    # --- the dump folder ---
+    # --- the dump folder (an empty path: the generated option cases) ---
     "dump-holds-another-run": Bad("holds a different run", {"model.config": "configs/tiny_gated_deltanet.json"}),
+    "dump-is-a-file": Bad("is a file, not a folder", {"job.dump_folder": lambda tmp, dump: data_file(tmp, "f", b"x")}),
+    "dump-below-a-file": Bad("cannot be created: ", {
+        "job.dump_folder": lambda tmp, dump: data_file(tmp, "f", b"x") + "/run"}),
+    "dump-read-only": Bad("is not writable: a read-only disk or folder", fault=read_only_disk),
+    "dump-disk-full": Bad("the disk is full for this run: 0.3 MiB free there, a checkpoint and the HF export needs about", fault=full_disk),
+    "dump-disk-full-at-first-write": Bad("failed (No space left on device; ", fault=full_disk_at_the_first_write),
 }
 
 
@@ -230,6 +264,8 @@ def test_bad_input_fails_in_one_line_and_overwrites_nothing(case, corpus, tmp_pa
     argv, dump = bad_command(case, corpus, tmp_path, earlier_run)
     before = snapshot(dump)
     monkeypatch.chdir(REPO)
+    if case.fault is not None:
+        case.fault(monkeypatch, dump)
     code = lmlab.train.main(argv)
     check_refusal(code, capsys.readouterr().err, case)
     assert snapshot(dump) == before
@@ -453,3 +489,386 @@ def test_the_vocabulary_check_counts_the_largest_id_not_the_tokens(corpus, tmp_p
     (dump / "job_config.toml").write_text(f"[model]\ntokenizer_path = '{corpus['tokenizer']}'\n")
     sparse = load_tokenizer(ModelOptions(tokenizer_path=sparse_tokenizer(tmp_path, dump)))
     assert len(sparse) == 4096 and token_id_bound(sparse) == 5001
+
+
+# --- data files: every kind of broken file, read in both modes (lmlab.data) ---------------------------------
+# Each fault is one line (a DataError) naming the file (the folder when no single file is at fault) and the
+# problem, whether the file is converted at the start (map-style) or streamed; with the start's scan cut to one
+# row, streamed rows are checked where the loader reads them, in the middle of a run.
+
+GOOD_DOCS = [{"text": f"document {i} " * 8} for i in range(40)]
+
+
+def jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def parquet(**columns: list) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return buffer.getvalue()
+
+
+# name -> (files of the data folder, the file the line names (None: the folder), the problem it names)
+DATA_FAULTS = {
+    "not-utf8": ({"d.jsonl": jsonl(GOOD_DOCS) + '{"text": "café"}\n'.encode("latin-1")}, "d.jsonl", "not UTF-8"),
+    "utf16": ({"d.jsonl": jsonl(GOOD_DOCS).decode().encode("utf-16")}, "d.jsonl", "JSON parse error"),
+    "invalid-json-line": ({"d.jsonl": jsonl(GOOD_DOCS) + b"{oops\n"}, "d.jsonl", "JSON parse error"),
+    "json-null-line": ({"d.jsonl": jsonl(GOOD_DOCS) + b"null\n"}, "d.jsonl", "no 'text' (null, the field missing"),
+    "null-text": ({"d.jsonl": jsonl([*GOOD_DOCS, {"text": None}])}, "d.jsonl", "no 'text'"),
+    "text-field-missing": ({"d.jsonl": jsonl([*GOOD_DOCS, {"body": "x"}])}, "d.jsonl", "no 'text'"),
+    "number-text": ({"d.jsonl": jsonl([*GOOD_DOCS, {"text": 5}])}, "d.jsonl", "not text"),
+    "list-text": ({"d.jsonl": jsonl([*GOOD_DOCS, {"text": ["a"]}])}, "d.jsonl", "not text"),
+    "array-line": ({"d.jsonl": jsonl(GOOD_DOCS) + b"[1, 2]\n"}, "d.jsonl", "JSON parse error"),
+    "int-parquet-column": ({"d.parquet": parquet(text=[1, 2, 3])}, "d.parquet", "holds Value('int64'), not text"),
+    "truncated-gzip": ({"d.jsonl.gz": gzip.compress(jsonl(GOOD_DOCS * 20))[:300]}, "d.jsonl.gz",
+                       "Compressed file ended"),
+    "not-gzip": ({"d.jsonl.gz": jsonl(GOOD_DOCS)}, "d.jsonl.gz", "Not a gzipped file"),
+    "corrupt-parquet": ({"d.parquet": b"PAR1" + b"\0" * 100 + b"PAR1"}, "d.parquet", "cannot be read as parquet"),
+    "garbage-arrow": ({"d.arrow": b"garbage" * 100}, "d.arrow", "cannot be read as arrow"),
+    "blank-file": ({"d.jsonl": b"\n  \n"}, "d.jsonl", "the data is empty"),
+    "stray-metadata-json": ({"d.jsonl": jsonl(GOOD_DOCS), "meta.json": b'{"version": 1}'}, None,
+                            "mixes .jsonl data with .json files (meta.json)"),
+    "files-with-other-columns": ({"a.jsonl": jsonl(GOOD_DOCS), "b.jsonl": jsonl([{"body": 1}] * 3)}, None,
+                                 "Couldn't cast"),
+    "bad-file-among-good-ones": ({"a.jsonl": jsonl(GOOD_DOCS), "b.jsonl": b"{oops\n"}, "b.jsonl",
+                                 "JSON parse error"),
+}
+
+
+def data_folder(tmp: Path, files: dict[str, bytes]) -> Path:
+    folder = tmp / "data"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def read_batches(corpus: dict, dataset: Path, streaming: bool, batches: int = 40) -> None:
+    """Open the data as training does and read `batches` batches of 2 x 32 tokens."""
+    from lmlab.config import Training
+    from lmlab.data import build_dataloader
+
+    tokenizer = load_tokenizer(ModelOptions(tokenizer_path=str(corpus["tokenizer"])))
+    training = Training(dataset=str(dataset), streaming=streaming, batch_size=2, seq_len=32, num_workers=0)
+    loader = iter(build_dataloader(training, tokenizer, rank=0, world_size=1))
+    for _ in range(batches):
+        next(loader)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map", "streaming"])
+@pytest.mark.parametrize("name", list(DATA_FAULTS))
+def test_every_kind_of_broken_data_file_is_one_line_naming_the_file(name, streaming, corpus, tmp_path, monkeypatch):
+    from lmlab.data import DataError
+
+    files, culprit, problem = DATA_FAULTS[name]
+    folder = data_folder(tmp_path, files)
+    monkeypatch.setattr("lmlab.data.CHECK_ROWS", 1)  # streamed rows are checked as the loader reads them
+    dataset = folder / next(iter(files)) if len(files) == 1 else folder
+    with pytest.raises(DataError) as info:
+        read_batches(corpus, dataset, streaming)
+    message = str(info.value)
+    assert "\n" not in message and problem in message, message
+    assert message.startswith(str(folder / culprit if culprit else folder) + ":"), message
+
+
+def test_metadata_files_beside_the_data_are_not_data_and_do_not_make_a_save_to_disk_folder(corpus, tmp_path):
+    """A folder downloaded with `datasets`' metadata (dataset_info.json, state.json) but not a save_to_disk
+    folder: its jsonl is read, the metadata is not."""
+    folder = data_folder(tmp_path, {"d.jsonl": jsonl(GOOD_DOCS), "dataset_info.json": b"{}", "state.json": b"{"})
+    read_batches(corpus, folder, streaming=False, batches=2)
+
+
+# --- every other command: broken model folders, malformed results and metrics, impossible arguments -------
+# Each case runs the command's main() in this process: exit code 2, one line on stderr (`error: ...`) naming
+# the problem, no traceback, and nothing written.
+
+def export_copy(tmp: Path, earlier_run: Path) -> Path:
+    """A copy of the earlier run's HF export (config.json, model.safetensors, tokenizer files) alone."""
+    folder = tmp / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(earlier_run / name, folder / name)
+    return folder
+
+
+def cut_tail(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def folder_to_file(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.write_text("x")
+
+
+# name -> (damage to the model folder, the problem the line names)
+MODEL_FAULTS = {
+    "missing-folder": (shutil.rmtree, "no such folder"),
+    "a-file": (folder_to_file, "not a folder"),
+    "no-config": (lambda f: (f / "config.json").unlink(), "no config.json, so not a Hugging Face model folder"),
+    "config-not-json": (lambda f: (f / "config.json").write_text("{"), "config.json is not valid JSON"),
+    "config-without-model-type": (lambda f: (f / "config.json").write_text("[]"), "config.json has no model_type"),
+    "no-weights": (lambda f: (f / "model.safetensors").unlink(), "no weights (model.safetensors or"),
+    "corrupt-weights": (lambda f: truncate(f / "model.safetensors"), "model.safetensors is corrupt or truncated"),
+    "truncated-weights": (lambda f: cut_tail(f / "model.safetensors"), "model.safetensors is corrupt or truncated"),
+    "no-tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+                     "no tokenizer files"),
+}
+# the commands that read a model folder: (module, argv for the folder, label of the folder, needs a tokenizer)
+MODEL_COMMANDS = {
+    "evals.harness": ("lmlab.eval.harness", lambda f, tmp: ["--model", "hf", "--model_args", f"pretrained={f}",
+                                                          "--tasks", "piqa", "--device", "cpu"],
+                      "--model_args pretrained={}", True),
+    "launch_hf.py": ("lmlab.eval.fda", lambda f, tmp: ["-m", str(f), "-t", "based_fda", "--output_dir", str(tmp / "o")],
+                     "-m {}", True),
+    "convert hf-to-dcp": ("lmlab.convert", lambda f, tmp: ["hf-to-dcp", "--model", str(f), "--checkpoint",
+                                                           str(tmp / "dcp")], "--model {}", False),
+}
+
+
+def run_main(module: str, argv: list[str], capsys) -> tuple[int, str]:
+    import importlib
+
+    code = importlib.import_module(module).main(argv)
+    return code, capsys.readouterr().err
+
+
+def check_one_line(code: int, err: str, expected: str) -> None:
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err[-3000:]
+
+
+@pytest.mark.parametrize("fault", list(MODEL_FAULTS))
+@pytest.mark.parametrize("command", list(MODEL_COMMANDS))
+def test_every_command_reading_a_model_folder_refuses_a_broken_one_in_one_line(command, fault, tmp_path, earlier_run,
+                                                                              capsys):
+    module, argv, label, needs_tokenizer = MODEL_COMMANDS[command]
+    damage, problem = MODEL_FAULTS[fault]
+    folder = export_copy(tmp_path, earlier_run)
+    damage(folder)
+    code, err = run_main(module, argv(folder, tmp_path), capsys)
+    if fault == "no-tokenizer" and not needs_tokenizer:
+        assert code == 0, err[-3000:]
+        return
+    check_one_line(code, err, f"error: {label.format(folder)}: {problem}")
+    assert not (tmp_path / "dcp").exists() and not (tmp_path / "o").exists()
+
+
+# name -> (the file's bytes, the problem the line names)
+RESULT_FAULTS = {
+    "not-json": (b'{"results": {', "not a JSON file"),
+    "not-utf8": (b"\xff\xfe{}", "not a JSON file"),
+    "a-list": (b"[1, 2]", "not an lm-eval results file"),
+    "results-not-an-object": (b'{"results": [1]}', "not an lm-eval results file"),
+    "task-not-an-object": (b'{"results": {"piqa": 0.5}}', "not an lm-eval results file"),
+    "config-not-an-object": (b'{"results": {}, "config": "x"}', "not an lm-eval results file"),
+    "metric-a-string": (b'{"results": {"piqa": {"acc,none": "high"}}}', "piqa acc,none is 'high', not a number"),
+    "date-not-a-time": (b'{"results": {}, "date": "today"}', "date 'today' is not a timestamp"),
+}
+
+
+@pytest.mark.parametrize("fault", list(RESULT_FAULTS))
+def test_report_refuses_each_kind_of_malformed_results_file_naming_it(fault, tmp_path, capsys):
+    content, problem = RESULT_FAULTS[fault]
+    good = tmp_path / "results_good.json"
+    good.write_text(json.dumps({"results": {"piqa": {"acc,none": 0.5}}, "config": {"model_args": "pretrained=m"}}))
+    bad = tmp_path / "results_bad.json"
+    bad.write_bytes(content)
+    code, err = run_main("lmlab.eval.report", [str(tmp_path), "--csv", str(tmp_path / "t.csv")], capsys)
+    check_one_line(code, err, f"error: {bad}: {problem}")
+    assert not (tmp_path / "t.csv").exists()
+
+
+# name -> (metrics.jsonl's bytes or None for no file, the problem the line names)
+METRICS_FAULTS = {
+    "no-metrics-file": (None, "no metrics.jsonl, so not an lmlab dump folder"),
+    "no-records": (b"\n", "metrics.jsonl: no records yet"),
+    "garbage-line": (b'{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "lo', "metrics.jsonl:2: not a JSON record"),
+    "not-utf8": (b"\xff\n", "metrics.jsonl:1: not a JSON record"),
+    "record-without-step": (b'{"loss": 2.0}\n', "metrics.jsonl:1: not a record of a step"),
+    "record-not-an-object": (b"[1]\n", "metrics.jsonl:1: not a record of a step"),
+    "record-without-loss": (b'{"step": 3, "lr": 0.1}\n', "the record of step 3 has no numeric loss and lr"),
+}
+
+
+@pytest.mark.parametrize("fault", list(METRICS_FAULTS))
+def test_plot_refuses_each_kind_of_broken_metrics_naming_the_file_and_line(fault, tmp_path, capsys):
+    content, problem = METRICS_FAULTS[fault]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    if content is not None:
+        (dump / "metrics.jsonl").write_bytes(content)
+    code, err = run_main("lmlab.plot", [str(dump), "-o", str(tmp_path / "p.png")], capsys)
+    check_one_line(code, err, problem)
+    assert str(dump) in err and not (tmp_path / "p.png").exists()
+
+
+# impossible arguments: (module, argv given tmp_path and a model folder, the problem the line names)
+ARGUMENT_FAULTS = {
+    "harness-limit-0": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args", f"pretrained={m}",
+                                                             "--limit", "0"], "--limit 0: expected a count >= 1"),
+    "harness-limit-negative": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--limit", "-1"],
+                               "--limit -1: expected"),
+    "harness-batch-size-0": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--batch_size", "0"],
+                             "--batch_size 0: expected an integer >= 1, 'auto' or 'auto:N'"),
+    "harness-no-task": ("lmlab.eval.harness", lambda tmp, m: ["--model_args", f"pretrained={m}"], "--tasks: no task"),
+    "harness-data-dir-missing": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--data_dir", str(tmp / "no")],
+                                 "--data_dir"),
+    "harness-unknown-flag": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--shots", "3"],
+                             "lm-eval: unrecognized arguments: --shots 3"),
+    "harness-hub-id-offline": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
+                                                                    "pretrained=someone/no-such-model"],
+                               "no such folder, and the hub is offline"),
+    "fda-context-shorter-than-answer": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--context_length", "40",
+                                                                         "--answer_length", "50"],
+                                        "--context_length 40 leaves no room for the document's text"),
+    "fda-answer-0": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--answer_length", "0"], "--answer_length 0"),
+    "fda-limit-0": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--limit", "0"], "--limit 0: expected -1"),
+    "fda-batch-size-0": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--batch-size", "0"], "--batch-size 0"),
+    "fda-unknown-task": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "-t", "fda"], "invalid choice: 'fda'"),
+    "fda-no-model": ("lmlab.eval.fda", lambda tmp, m: ["-t", "based_fda"], "required: -m/--model"),
+    "fda-output-dir-a-file": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--output_dir", data_file(tmp, "f", b"")],
+                              "exists and is not a folder"),
+    "report-missing-path": ("lmlab.eval.report", lambda tmp, m: [str(tmp / "no")], "no such file or folder"),
+    "report-no-results": ("lmlab.eval.report", lambda tmp, m: [str(m)], "no results*.json in"),
+    "report-csv-nowhere": ("lmlab.eval.report", lambda tmp, m: [str(m), "--csv", str(tmp / "no" / "t.csv")],
+                           "--csv"),
+    "plot-a-model-folder": ("lmlab.plot", lambda tmp, m: [str(m)], "no metrics.jsonl, so not an lmlab dump folder"),
+    "plot-missing-folder": ("lmlab.plot", lambda tmp, m: [str(tmp / "no")], "no such folder"),
+    "plot-output-nowhere": ("lmlab.plot", lambda tmp, m: [str(m), "-o", str(tmp / "no" / "p.png")], "no folder"),
+    "convert-path-missing": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(tmp / "no")],
+                             "no such folder"),
+    "convert-empty-dump": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(m)], "no complete checkpoint"),
+    "convert-existing-checkpoint": ("lmlab.convert", lambda tmp, m: ["hf-to-dcp", "--model", str(m), "--checkpoint",
+                                                                     str(m)], "already exists"),
+    "convert-step-not-a-number": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(m), "--step", "x"],
+                                  "argument --step: invalid int value: 'x'"),
+    "convert-no-subcommand": ("lmlab.convert", lambda tmp, m: [], "the following arguments are required: command"),
+    "lmlab-unknown-subcommand": ("lmlab.cli", lambda tmp, m: ["evaluate"], "unknown subcommand 'evaluate'"),
+}
+
+
+@pytest.mark.parametrize("name", list(ARGUMENT_FAULTS))
+def test_every_command_refuses_impossible_arguments_in_one_line(name, tmp_path, earlier_run, capsys):
+    module, argv, problem = ARGUMENT_FAULTS[name]
+    model = export_copy(tmp_path, earlier_run)
+    args = argv(tmp_path, model)
+    before = sorted(tmp_path.rglob("*"))
+    code, err = run_main(module, args, capsys)
+    check_one_line(code, err, problem)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_convert_without_output_never_replaces_the_runs_export(tmp_path, earlier_run, capsys):
+    """`dcp-to-hf --path DUMP --step N` on a finished run: refused in one line, the export unchanged; with
+    --output the step is written there; a dump without an export (a stopped run) gets one by default."""
+    dump = tmp_path / "dump"
+    shutil.copytree(earlier_run, dump)
+    before = snapshot(dump)
+    code, err = run_main("lmlab.convert", ["dcp-to-hf", "--path", str(dump), "--step", "2"], capsys)
+    check_one_line(code, err, f"--path {dump} already holds the run's HF export (model.safetensors); pass --output")
+    assert snapshot(dump) == before
+    assert run_main("lmlab.convert", ["dcp-to-hf", "--path", str(dump), "--output", str(tmp_path / "hf")], capsys)[0] == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and snapshot(dump) == before
+    (dump / "model.safetensors").unlink()
+    assert run_main("lmlab.convert", ["dcp-to-hf", "--path", str(dump)], capsys)[0] == 0
+    assert (dump / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # lm-eval indexes its thousands of task definitions first (about 20 s on 2 busy cores)
+def test_harness_names_an_unknown_task_in_one_line(tmp_path, earlier_run, capsys):
+    model = export_copy(tmp_path, earlier_run)
+    code, err = run_main("lmlab.eval.harness", ["--tasks", "piqa_typo", "--model_args", f"pretrained={model}"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: lm-eval: Tasks not found: piqa_typo"
+
+
+# --- one error path for every command (lmlab.errors.run_command) -------------------------------------------
+# (command as the user types it, module, arguments that reach `hook`, a function the command calls)
+ENTRY_POINTS = [
+    ("train.sh", "lmlab.launch", [], "lmlab.launch.parse_args"),
+    ("train.sh", "lmlab.train", [], "lmlab.train.parse_args"),
+    ("python -m evals.harness", "lmlab.eval.harness", ["--tasks", "piqa"], "lmlab.eval.harness.run"),
+    ("launch_hf.py", "lmlab.eval.fda", ["-m", "x"], "lmlab.eval.fda.parse_args"),
+    ("lmlab report", "lmlab.eval.report", ["x"], "lmlab.eval.report.result_files"),
+    ("lmlab plot", "lmlab.plot", ["x"], "lmlab.plot.read_metrics"),
+    ("lmlab convert", "lmlab.convert", ["dcp-to-hf", "--path", "x"], "lmlab.convert.dcp_to_hf"),
+    ("python -m lmlab.quickstart", "lmlab.quickstart", ["--out", "OUT"], "lmlab.quickstart.write_corpus"),
+    ("lmlab bench-data", "lmlab.bench_data", ["--dir", "OUT"], "lmlab.bench_data.corpus_documents"),
+    ("lmlab", "lmlab.cli", ["plot", "x"], "lmlab.plot.main"),
+]
+
+
+def boom(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("command, module, argv, hook", ENTRY_POINTS, ids=[e[1] for e in ENTRY_POINTS])
+def test_every_command_reports_a_bug_in_one_line_with_a_saved_traceback(command, module, argv, hook, tmp_path,
+                                                                        monkeypatch, capsys):
+    monkeypatch.setattr(hook, boom)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exit_file = tmp_path / "exit.json"
+    monkeypatch.setenv("LMLAB_EXIT_FILE", str(exit_file))  # the trainer tells its launcher
+    code, err = run_main(module, [str(tmp_path) if a == "OUT" else a for a in argv], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    match = re.fullmatch(rf"error: {re.escape(command)} failed unexpectedly \(RuntimeError: boom\); this is a bug in "
+                         r"lmlab: the traceback is in (\S+)", line)
+    assert match, line
+    saved = Path(match[1]).read_text()
+    assert saved.startswith(f"{command}: ") and "Traceback (most recent call last)" in saved and "in boom" in saved
+    if module == "lmlab.train":
+        assert json.loads(exit_file.read_text()) == {"message": line, "exit_code": 1}
+
+
+@pytest.mark.parametrize("command, module, argv, hook", ENTRY_POINTS, ids=[e[1] for e in ENTRY_POINTS])
+def test_every_command_refuses_an_unknown_flag_in_one_line(command, module, argv, hook, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.delenv("LMLAB_EXIT_FILE", raising=False)
+    code, err = run_main(module, [*(str(tmp_path) if a == "OUT" else a for a in argv), "--no-such-flag"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and "--no-such-flag" in line, line
+
+
+@pytest.mark.parametrize("exitcode, how", [(-9, "was killed by SIGKILL"), (-11, "was killed by SIGSEGV"),
+                                           (3, "exited with 3")])
+def test_a_trainer_dying_without_a_word_is_one_line_from_torchrun(exitcode, how, tmp_path, monkeypatch, capsys):
+    """No error line from the trainer (killed, a native crash): torchrun's wrapper names the rank and how it
+    ended in one line instead of torchrun's traceback and report."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import lmlab.launch
+
+    def trainer_dies():
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file=str(tmp_path / "none.json"))
+        raise ChildFailedError("lmlab.train", {1: failure})
+
+    monkeypatch.setattr(torch.distributed.run, "main", trainer_dies)
+    monkeypatch.setenv("LMLAB_EXIT_FILE", str(tmp_path / "exit.json"))  # not written: the trainer said nothing
+    assert lmlab.launch.torchrun() == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: trainer rank 1 {how} without an error line"), line
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: truncate(f / "model.safetensors"), "model.safetensors: corrupt or truncated safetensors"),
+    (lambda f: (f / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"st'), "metrics.jsonl:2: not a JSON record"),
+], ids=["corrupt-weights", "truncated-metrics"])
+def test_report_names_a_broken_file_of_the_model_folder_it_reads(damage, problem, tmp_path, earlier_run, capsys):
+    """`lmlab report` counts the parameters (safetensors) and tokens (metrics.jsonl) of a results file's model
+    folder: a broken one is a line naming the file."""
+    model = export_copy(tmp_path, earlier_run)
+    damage(model)
+    results = tmp_path / "results_1.json"
+    results.write_text(json.dumps({"results": {"piqa": {"acc,none": 0.5}}, "config": {"model_args": f"pretrained={model}"}}))
+    code, err = run_main("lmlab.eval.report", [str(results)], capsys)
+    check_one_line(code, err, f"{model}/{problem}")

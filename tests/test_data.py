@@ -325,8 +325,8 @@ def test_error_empty_data(tmp_path, tokenizer):
     assert "empty" in _error(training(tmp_path / "e.jsonl"), tokenizer)
     blank = write_jsonl(tmp_path / "blank.jsonl", ["", "  ", "\n"])
     assert "no non-empty documents" in _error(training(blank), tokenizer)
-    (tmp_path / "blank.txt").write_text("\n\n \n\n")
-    assert "no non-empty documents" in _error(training(tmp_path / "blank.txt"), tokenizer)
+    (tmp_path / "blank.txt").write_text("\n\n \n\n")  # whitespace only: no documents at all
+    assert "the data is empty (zero-byte or blank files)" in _error(training(tmp_path / "blank.txt"), tokenizer)
 
 
 def test_error_no_text_column(tmp_path, tokenizer):

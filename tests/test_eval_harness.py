@@ -210,17 +210,18 @@ def test_batch_4_equals_batch_1(work, model):
             compare(a["resps"], b["resps"], f"{task}[{a['doc_id']}]")
 
 
-def test_missing_data_is_one_line_naming_task_and_file_at_once_offline(work, capsys, monkeypatch):
+def test_missing_data_is_one_line_naming_task_and_file_at_once_offline(work, capsys, monkeypatch, tmp_path):
     """Offline (the tests' HF_HUB_OFFLINE), a task with neither local nor cached data stops before lm-eval
     indexes its tasks (~20 s): one line naming the task and the local file to put."""
     from lm_eval._cli.harness import HarnessCLI
     monkeypatch.setattr(HarnessCLI, "execute", lambda *a: pytest.fail("lm-eval started"))
+    (tmp_path / "missing").mkdir()  # a --data_dir without the tasks' files (a missing one is refused at once)
     code = harness.main(["--model", "hf", "--model_args", f"pretrained={work['recurrent']}", "--tasks",
-                         "piqa,arc_easy", "--device", "cpu", "--data_dir", work["data"] + "/missing"])
+                         "piqa,arc_easy", "--device", "cpu", "--data_dir", str(tmp_path / "missing")])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: task piqa: baber/piqa is on the Hugging Face Hub, which cannot be reached (HF_HUB_OFFLINE / "
-        f"HF_DATASETS_OFFLINE is set); for local data put {work['data']}/missing/piqa/validation.jsonl (or "
+        f"HF_DATASETS_OFFLINE is set); for local data put {tmp_path}/missing/piqa/validation.jsonl (or "
         ".parquet) and pass --data_dir or set LMLAB_EVAL_DATA")
 
 

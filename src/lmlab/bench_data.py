@@ -19,7 +19,6 @@ on a machine shared with other jobs, where wall-clock rates fall with the load.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -30,6 +29,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from lmlab.errors import ArgumentParser, command
 
 
 def corpus_documents() -> list[str]:
@@ -107,8 +108,9 @@ def measure(training, tokenizer, seconds: float) -> tuple[float, float]:
     return tokens / wall, tokens / cpu
 
 
+@command("lmlab bench-data")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmlab bench-data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="lmlab bench-data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="0,1,2", help="comma list of num_workers values to measure")
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per setting")
     parser.add_argument("--batch-size", type=int, default=8)

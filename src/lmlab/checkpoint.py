@@ -331,11 +331,23 @@ def _save_failed(exc: BaseException, tmp: Path, target: Path, dist: Dist) -> Use
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     # torch's writer reports a full disk as a short write ("unexpected pos"): say how much space is left
+    free = free_space(target.parent)
+    return UserError(f"saving checkpoint {target} failed ({_one_line(exc)}){'; ' + free if free else ''}{_INTACT}")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing parent (where it would be created)."""
+    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+
+
+def free_space(path: Path) -> str:
+    """'N GiB (or MiB) free there' for the disk holding `path` (or the folder it would be created in), '' if
+    unknown."""
     try:
-        free = f"; {shutil.disk_usage(target.parent).free / 2**30:.1f} GiB free there"
+        free = shutil.disk_usage(nearest_existing(path)).free
     except OSError:
-        free = ""
-    return UserError(f"saving checkpoint {target} failed ({_one_line(exc)}){free}{_INTACT}")
+        return ""
+    return f"{free / 2**30:.1f} GiB free there" if free >= 2**30 else f"{free / 2**20:.1f} MiB free there"
 
 
 def _finish_write(tmp: Path, target: Path, meta: dict[str, Any], config_json: str | None, dist: Dist) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lmlab.errors import UserError
+from lmlab.errors import UserError, run_command
 
 SUBCOMMANDS = {
     "train": ("lmlab.launch", "train through torchrun (same flags as train.sh)"),
@@ -16,18 +16,25 @@ SUBCOMMANDS = {
 }
 
 
+def usage() -> str:
+    lines = [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "usage: lmlab <subcommand> [args]\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        lines = [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-        print("usage: lmlab <subcommand> [args]\n" + "\n".join(lines))
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    try:
-        return module.main(argv[1:])
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    return run_command("lmlab", lambda: dispatch(argv[0], argv[1:]))
+
+
+def dispatch(subcommand: str, argv: list[str]) -> int:
+    if subcommand not in SUBCOMMANDS:
+        raise UserError(f"lmlab: unknown subcommand {subcommand!r} (expected one of {', '.join(SUBCOMMANDS)}; "
+                        "see lmlab --help)")
+    # each subcommand's main runs under lmlab.errors.run_command itself (it is also called directly)
+    return importlib.import_module(SUBCOMMANDS[subcommand][0]).main(argv)
 
 
 if __name__ == "__main__":

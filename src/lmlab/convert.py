@@ -2,19 +2,21 @@
 
     lmlab convert dcp-to-hf --path DUMP [--step N] [--output DIR] [--config CFG] [--tokenizer TOK] [--dtype D]
         Writes config.json + model.safetensors (+ tokenizer files) of `DUMP/checkpoint/step-N` (default: the
-        newest complete step) into DIR (default: DUMP), replacing only those files. The model config comes
-        from the checkpoint (lmlab stores it in every step) unless --config names one.
+        newest complete step) into DIR, replacing only those files there. Without --output, DIR is DUMP if it
+        holds no HF export yet (a run that stopped before its end); the run's own export is never replaced
+        by default: then --output is required. The model config comes from the checkpoint (lmlab stores it
+        in every step) unless --config names one.
     lmlab convert hf-to-dcp --model HF --checkpoint PATH
         Writes the HF model's weights as a weights-only DCP checkpoint at PATH, with the same keys the trainer
         saves and loads, so `--checkpoint.initial_load_path PATH` (or PATH = `DUMP/checkpoint/step-0`) starts
         a run from it.
 
-`main(argv) -> int`: 0 on success, 2 with a one-line `error:` message for problems the user can fix.
+`main(argv) -> int`: 0 on success, else one `error:` line (lmlab.errors.run_command): 2 for problems the user
+can fix, found before anything is written.
 Conversion runs in one process on the CPU; nothing is executed from the checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from lmlab.checkpoint import (
 )
 from lmlab.config import Checkpoint
 from lmlab.distributed import Dist
-from lmlab.errors import UserError
+from lmlab.errors import ArgumentParser, UserError, command
+from lmlab.modeling import check_model_folder, is_local_path
 
 
 def _single_process() -> Dist:
@@ -44,6 +47,8 @@ def dcp_to_hf(
 ) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
+    if not path.is_dir():
+        raise UserError(f"--path {path}: no such folder")
     folder = path / Checkpoint().folder
     steps = complete_steps(folder)
     if not steps:
@@ -52,6 +57,12 @@ def dcp_to_hf(
         step = steps[-1]
     if step not in steps:
         raise UserError(f"--step {step}: no complete checkpoint step-{step} in {folder} (available: {', '.join(map(str, steps))})")
+    out = output or path
+    if output is None and (path / "model.safetensors").exists():
+        raise UserError(f"--path {path} already holds the run's HF export (model.safetensors); pass --output DIR to write "
+                        f"step {step} elsewhere (never over the run's own export by default)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: exists and is not a folder")
     step_dir = folder / f"step-{step}"
     if not (step_dir / META_FILE).is_file():
         raise UserError(f"{step_dir} was not written by lmlab (no {META_FILE}); its key layout is unknown")
@@ -68,7 +79,6 @@ def dcp_to_hf(
         model_tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the model config or tokenizer ({str(exc).splitlines()[0]})") from None
-    out = output or path
     write_hf(templates, model_config, model_tokenizer, out, dtype)
     return out
 
@@ -78,8 +88,8 @@ def hf_to_dcp(model_name: str, checkpoint: Path) -> None:
 
     if checkpoint.exists():
         raise UserError(f"--checkpoint {checkpoint} already exists; choose a new path")
-    if model_name.startswith(("/", ".", "~")) and not Path(model_name).expanduser().is_dir():
-        raise UserError(f"--model {model_name}: no such directory")  # HF would call it a bad repo id
+    if is_local_path(model_name):
+        check_model_folder(Path(model_name).expanduser(), f"--model {model_name}", tokenizer=False)
     try:
         # safetensors only: a pickled pytorch_model.bin is never unpickled, so it cannot run code
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, use_safetensors=True)
@@ -88,8 +98,8 @@ def hf_to_dcp(model_name: str, checkpoint: Path) -> None:
     save_model_weights(model, checkpoint, _single_process())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmlab convert", description="Convert between DCP checkpoints and HF models.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lmlab convert", description="Convert between DCP checkpoints and HF models.")
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("dcp-to-hf", help="DCP checkpoint -> HF model (config.json + model.safetensors)")
     to_hf.add_argument("--path", type=Path, required=True, help="the run's dump folder")
@@ -104,18 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command("lmlab convert")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "dcp-to-hf":
-            out = dcp_to_hf(args.path, args.step, args.output, args.config, args.tokenizer, args.dtype)
-            print(f"lmlab: wrote the HF model to {out}")
-        else:
-            hf_to_dcp(args.model, args.checkpoint)
-            print(f"lmlab: wrote a weights-only DCP checkpoint to {args.checkpoint}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "dcp-to-hf":
+        out = dcp_to_hf(args.path, args.step, args.output, args.config, args.tokenizer, args.dtype)
+        print(f"lmlab: wrote the HF model to {out}")
+    else:
+        hf_to_dcp(args.model, args.checkpoint)
+        print(f"lmlab: wrote a weights-only DCP checkpoint to {args.checkpoint}")
     return 0
 
 

@@ -28,11 +28,22 @@ read with random access; for a local corpus too large to copy, `--training.strea
 are. Hub datasets are always streamed (offline: read from the local `datasets` cache if it is there).
 txt files: documents are separated by blank lines.
 
+Rows: every row's text column must be a string (JSON, parquet and arrow data must be UTF-8); a row without
+text (null, the field missing, a JSON `null` line) or with another type is an error naming the source, found
+at the start for local non-streaming data (the whole column is checked) and when the row is read otherwise.
+Empty and whitespace-only strings are skipped. A library's failure to read a file (a JSON syntax error, a
+truncated parquet or gzip file, bytes that are not UTF-8) is a DataError naming the file.
+
+Folders: the data files are those with a known suffix below it, except hidden and private ones (.cache,
+_SUCCESS) and `datasets`' metadata files (dataset_info.json, state.json, ...); a folder mixing .json and
+.jsonl files is refused (a stray metadata .json would be read as data), as is one mixing formats.
+
 Errors about the data or these options raise `DataError`, whose message is one line for the user.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import atexit
 import logging
@@ -48,6 +59,7 @@ from typing import Any
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow
 import torch
 from datasets.distributed import split_dataset_by_node
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -60,7 +72,10 @@ logger = logging.getLogger(__name__)
 # Local formats: file suffix -> `datasets` packaged builder. Compressed variants (.gz, .zst, ...) work too.
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".arrow": "arrow"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")  # a datasets.save_to_disk folder
+# A datasets.save_to_disk folder holds dataset_dict.json (a DatasetDict) or both of the others (a Dataset).
+SAVED_DICT, SAVED_STATE, SAVED_INFO = "dataset_dict.json", "state.json", "dataset_info.json"
+# Metadata files the `datasets` library writes or downloads beside data: never data themselves.
+METADATA_FILES = {SAVED_DICT, SAVED_STATE, SAVED_INFO, "dataset_infos.json"}
 DEFAULT_TEXT_COLUMNS = ("text", "content")
 CHUNK_DOCS = 256  # documents tokenized per call: big enough to amortize, small enough to re-read on resume
 MIX_BLOCK = 4096  # source choices drawn per RNG block when mixing
@@ -93,6 +108,7 @@ class Source:
     data: datasets.Dataset | datasets.IterableDataset  # only the text column
     column: str
     from_txt: bool  # undecodable bytes of txt files were replaced by U+FFFD: count them
+    locate: Callable[[], str | None] | None = None  # after a read failed: the local file at fault, if one is
 
 
 def load_sources(training: Training, rank: int = 0) -> list[Source]:
@@ -121,24 +137,66 @@ def load_source(spec: str, name: str | None, split: str | None, data_dir: str | 
                 training: Training) -> Source:
     """Open one source (reading only what a check needs) and find its text column."""
     path = Path(spec).expanduser()
+    locate = None
     if path.exists():
-        data, from_txt = _load_local(path, split or "train", data_dir, data_files, training.streaming)
+        data, from_txt, locate = _load_local(path, split or "train", data_dir, data_files, training.streaming)
     elif _looks_like_path(spec):
         raise DataError(f"--training.dataset {spec}: no such file or folder")
     else:
         data, from_txt = _load_hub(spec, name, split or "train", data_dir, data_files), False
     columns = data.column_names
     if columns is None:  # streaming json: the columns are known only after the first row
-        columns = list(next(iter(data), None) or {})
+        with _reading(spec, locate):
+            columns = list(next(iter(data), None) or {})
     column = _text_column(spec, columns, training.text_column)
     if isinstance(data, datasets.Dataset) and len(data) == 0:
         raise DataError(f"{spec}: the dataset is empty")
     data = data.select_columns([column])
+    _check_text_column(spec, data, column)
     # Fail here in one line rather than later in a loader worker. A real corpus has text in its first rows;
     # the scan is bounded so that a huge source of blanks cannot stall the start.
-    if not any(_keep(t) for t in _first_texts(data, column, CHECK_ROWS)):
-        raise DataError(f"{spec}: no non-empty documents in column {column!r}")
-    return Source(spec, data, column, from_txt)
+    with _reading(spec, locate):
+        for text in _first_texts(data, column, CHECK_ROWS):
+            _check_text(spec, column, text)
+            if _keep(text):
+                return Source(spec, data, column, from_txt, locate)
+    raise DataError(f"{spec}: no non-empty documents in column {column!r}")
+
+
+def _check_text_column(spec: str, data: datasets.Dataset | datasets.IterableDataset, column: str) -> None:
+    """The column's type, where known, is text; a map-style source's column has no nulls anywhere."""
+    feature = (data.features or {}).get(column)
+    if feature is not None and not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise DataError(f"{spec}: column {column!r} holds {feature}, not text: every row's {column!r} must be a string")
+    if isinstance(data, datasets.Dataset):
+        try:  # pyarrow's JSON reader keeps bytes that are not UTF-8; they would fail in a loader worker
+            data.data.column(column).validate(full=True)
+        except pyarrow.ArrowInvalid as exc:
+            raise DataError(f"{spec}: column {column!r} is not UTF-8 text ({exc}); convert the data to UTF-8") from None
+        nulls = data.data.column(column).null_count
+        if nulls:
+            raise DataError(f"{spec}: {nulls} of {len(data)} rows have no {column!r} (null, the field missing, or a "
+                            f"JSON null line); every row needs text: drop those rows or choose --training.text_column")
+
+
+def _check_text(source: str, column: str, text: Any) -> None:
+    if text is None:
+        raise DataError(f"{source}: a row has no {column!r} (null, the field missing, or a JSON null line); "
+                        "every row needs text")
+    if not isinstance(text, str):
+        raise DataError(f"{source}: a row's {column!r} is a {type(text).__name__}, not a string; every row needs text")
+
+
+@contextlib.contextmanager
+def _reading(source: str, locate: Callable[[], str | None] | None) -> Iterator[None]:
+    """Reading a source's rows: a library's failure becomes a DataError naming the file at fault (found by
+    `locate`), else the source, and the failure's cause."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{locate and locate() or source}: cannot be read: {_root_cause(exc)}") from None
 
 
 def _per_source(value: str | None, n: int, option: str) -> list[str | None]:
@@ -176,16 +234,21 @@ def _format_of(path: Path) -> str | None:
 
 
 def _load_local(path: Path, split: str, data_dir: str | None, data_files: str | None,
-                streaming: bool) -> tuple[datasets.Dataset | datasets.IterableDataset, bool]:
-    if path.is_dir() and any((path / m).exists() for m in SAVED_MARKERS):
-        data = datasets.load_from_disk(str(path))
+                streaming: bool) -> tuple[datasets.Dataset | datasets.IterableDataset, bool, Callable[[], str | None] | None]:
+    """The data, whether it comes from txt files, and what finds the file at fault after a read failed (if
+    anything can)."""
+    if _saved_to_disk(path):
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path}: a datasets.save_to_disk folder that cannot be loaded: {_root_cause(exc)}") from None
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise DataError(f"{path}: no split {split!r} (--training.dataset_split); splits are {', '.join(data)}")
             data = data[split]
         if streaming:
             data = data.to_iterable_dataset(num_shards=max(1, len(data.cache_files)))
-        return data, False
+        return data, False, None
     builder, files = _local_files(path, data_dir, data_files)
     # txt: documents are separated by blank lines (a document per line would lose every newline), and
     # undecodable bytes become U+FFFD instead of stopping the run.
@@ -193,8 +256,41 @@ def _load_local(path: Path, split: str, data_dir: str | None, data_files: str | 
     try:
         data = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
     except Exception as exc:  # a corrupt or malformed file
-        raise DataError(f"{path}: cannot be read as {builder}: {_first_line(exc)}") from None
-    return data, builder == "text"
+        raise DataError(f"{_culprit(builder, files, kwargs) or path}: cannot be read as {builder}: "
+                        f"{_root_cause(exc)}") from None
+    return data, builder == "text", functools.partial(_culprit, builder, files, kwargs)
+
+
+def _saved_to_disk(path: Path) -> bool:
+    """A datasets.save_to_disk folder: a DatasetDict's dataset_dict.json, or a Dataset's state, info and arrow
+    files (the metadata alone may come with downloaded data)."""
+    return path.is_dir() and ((path / SAVED_DICT).is_file() or (path / SAVED_STATE).is_file()
+                              and (path / SAVED_INFO).is_file() and any(path.glob("*.arrow")))
+
+
+def _culprit(builder: str, files: list[str], kwargs: dict[str, Any]) -> str | None:
+    """The first of `files` that fails to read on its own (None if each reads alone, e.g. mismatched columns).
+    Run only after a failure: it reads the files in order up to the bad one."""
+    if len(files) == 1:
+        return files[0]
+    for file in files:
+        try:
+            for _ in datasets.load_dataset(builder, data_files=[file], split="train", streaming=True, **kwargs).iter(4096):
+                pass
+        except Exception:
+            return file
+    return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a library's chain of causes (datasets raises "An error occurred while generating
+    the dataset" from pyarrow's "JSON parse error: ... in row 816"), on one line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    if isinstance(exc, UnicodeDecodeError):
+        text = f"not UTF-8 ({text}); convert the file to UTF-8 (iconv -f <its encoding> -t utf-8)"
+    return text[:400] or type(exc).__name__
 
 
 def _local_files(root: Path, data_dir: str | None, data_files: str | None) -> tuple[str, list[str]]:
@@ -210,13 +306,20 @@ def _local_files(root: Path, data_dir: str | None, data_files: str | None) -> tu
     else:  # every data file below the folder, skipping hidden and private ones (.cache, _SUCCESS, ...)
         files = sorted(
             p for p in root.rglob("*")
-            if p.is_file() and _format_of(p) and not any(q.startswith((".", "_")) for q in p.relative_to(root).parts)
+            if p.is_file() and _format_of(p) and p.name not in METADATA_FILES
+            and not any(q.startswith((".", "_")) for q in p.relative_to(root).parts)
         )
+        suffixes = {p.name: p.suffixes[-1].lower() for p in files if _format_of(p) == "json"}
+        if {".json", ".jsonl"} <= set(suffixes.values()):
+            odd = sorted(name for name, suffix in suffixes.items() if suffix == ".json")
+            raise DataError(f"{root}: mixes .jsonl data with .json files ({', '.join(odd[:3])}"
+                            f"{', ...' if len(odd) > 3 else ''}), which may be metadata; choose the data with "
+                            "--training.data_files '*.jsonl'")
     if not files:
         raise DataError(f"{root}: no data files ({', '.join(FORMATS)}, optionally compressed)")
-    files = [p for p in files if p.stat().st_size > 0]  # datasets fails on some empty files; they hold nothing
+    files = [p for p in files if not _blank(p)]  # datasets fails on some empty files; they hold nothing
     if not files:
-        raise DataError(f"{root}: the data is empty (zero-byte files)")
+        raise DataError(f"{root}: the data is empty (zero-byte or blank files)")
     builders = {_format_of(p) for p in files}
     if None in builders:
         unknown = next(p for p in files if _format_of(p) is None)
@@ -228,6 +331,12 @@ def _local_files(root: Path, data_dir: str | None, data_files: str | None) -> tu
         for p in files:
             _check_not_binary(p)
     return builder, [str(p) for p in files]
+
+
+def _blank(path: Path) -> bool:
+    """Zero bytes, or a small uncompressed file of whitespace only."""
+    size = path.stat().st_size
+    return size == 0 or size < 4096 and path.suffix.lower() not in COMPRESSION and not path.read_bytes().strip()
 
 
 def _check_not_binary(path: Path) -> None:
@@ -286,9 +395,9 @@ def _first_texts(data: datasets.Dataset | datasets.IterableDataset, column: str,
             yield from data[start : min(start + 1000, limit)][column]
 
 
-def _keep(text: Any) -> bool:
-    """Empty and whitespace-only documents (and nulls) are skipped."""
-    return isinstance(text, str) and bool(text) and not text.isspace()
+def _keep(text: str) -> bool:
+    """Empty and whitespace-only documents are skipped."""
+    return bool(text) and not text.isspace()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,9 +511,12 @@ class _StreamReader(_Reader):
     def _next_batch(self) -> bool:
         assert self._it is not None
         state = self.data.state_dict() if self._batch else self._batch_state
-        batch = next(self._it, None)
+        with _reading(self.source.name, self.source.locate):
+            batch = next(self._it, None)
         if batch is None:
             return False
+        for text in batch[self.source.column]:
+            _check_text(self.source.name, self.source.column, text)
         self._batch_state, self._batch, self._idx = state, batch[self.source.column], 0
         return True
 

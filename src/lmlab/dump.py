@@ -11,12 +11,13 @@ metrics.jsonl and the HF export's files. Nothing else in the dump, and nothing o
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tomllib
 from pathlib import Path
 
-from lmlab.checkpoint import TMP_SUFFIX, complete_steps
+from lmlab.checkpoint import TMP_SUFFIX, complete_steps, free_space, nearest_existing
 from lmlab.config import JobConfig
 from lmlab.distributed import Dist
 from lmlab.errors import UserError
@@ -28,6 +29,33 @@ HF_EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json",
                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 _STEP = re.compile(r"step-\d+")
 _TB_EVENTS = "events.out.tfevents.*"
+
+
+def check_dump_folder(dump: Path) -> None:
+    """UserError unless `dump` is a folder this process can write, or can be created as one: not a file, no file
+    on its path, not on a read-only disk. Checked before the dump's lock creates it."""
+    existing = nearest_existing(dump)
+    if not existing.is_dir():
+        where = "is a file" if existing == dump.absolute() else f"cannot be created: {existing} is a file"
+        raise UserError(f"--job.dump_folder {dump} {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == dump.absolute() else f" ({existing}, where it would be created)"
+        raise UserError(f"--job.dump_folder {dump} is not writable{where}: a read-only disk or folder; "
+                        "choose another --job.dump_folder")
+
+
+def check_free_space(dump: Path, needed: int, what: str) -> None:
+    """UserError when the disk holding `dump` has fewer than `needed` bytes free (`what` says what needs them)."""
+    existing = nearest_existing(dump)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"--job.dump_folder {dump}: the disk is full for this run: {free_space(existing)}, "
+                        f"{what} needs about {needed / 2**30:.2f} GiB; free some space or choose another folder")
+
+
+def dump_write_failed(dump: Path, exc: OSError) -> UserError:
+    """A failed write in the dump at the start of a run, as one line with the free space (a full disk?)."""
+    return UserError(f"writing to --job.dump_folder {dump} failed ({exc.strerror or exc}; {free_space(dump)})")
 
 
 def dump_paths(cfg: JobConfig) -> dict[str, Path]:
@@ -65,7 +93,10 @@ def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
         )
     saved = dump / "job_config.toml"
     if dist.is_main:
-        dump.mkdir(parents=True, exist_ok=True)
+        try:
+            dump.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise dump_write_failed(dump, exc) from None
         has_run = bool(complete_steps(dump / cfg.checkpoint.folder)) or (dump / "model.safetensors").is_file()
         if has_run and saved.is_file() and not cfg.job.overwrite:
             previous = saved.read_text()

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from lmlab import dumplock
 from lmlab.config import JobConfig, parse_args
-from lmlab.errors import UserError
+from lmlab.dump import check_dump_folder, dump_write_failed
+from lmlab.errors import command
 from lmlab.train import check_inputs
 
 # The signals torchrun passes on to the trainers (they save on SIGINT / SIGTERM).
@@ -42,9 +43,10 @@ def visible_gpus() -> int:
 
 
 def torchrun() -> int:
-    """`torch.distributed.run` with torchrun's argv, without torchrun's traceback when a trainer explained its
-    own exit: after a stop signal (torchrun waits for the trainers to save) it returns 128 + the signal's
-    number, after a user error (the launcher repeats the trainer's line) 1. A crash keeps torchrun's report."""
+    """`torch.distributed.run` with torchrun's argv, without torchrun's traceback: after a stop signal (torchrun
+    waits for the trainers to save) it returns 128 + the signal's number; after a trainer's own error line (the
+    launcher repeats it) 1; after a trainer died without one (a signal, a crash in native code) one line
+    naming the rank and how it ended, and 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
@@ -55,9 +57,12 @@ def torchrun() -> int:
         main()
     except SignalException as exc:
         return 128 + int(exc.sigval)
-    except ChildFailedError:
+    except ChildFailedError as exc:
         if not Path(os.environ.get("LMLAB_EXIT_FILE", "")).is_file():
-            raise
+            rank, failure = exc.get_first_failure()
+            how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
+            print(f"error: trainer rank {rank} {how} without an error line (out of memory on the host? a crash in "
+                  "native code?); its output is above and in the dump's logs folder", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -87,16 +92,14 @@ def run_forwarding_signals(command: list[str], env: dict[str, str], pass_fds: tu
             signal.signal(sig, handler)
 
 
+@command("train.sh")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = parse_args(argv)
-        check_inputs(cfg)  # a bad input: one line, nothing started or created
-        # before anything in the dump folder is written: a second run there must not touch it
-        lock = dumplock.for_launcher(Path(cfg.job.dump_folder))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
+    check_dump_folder(Path(cfg.job.dump_folder))
+    check_inputs(cfg)  # a bad input: one line, nothing started or created
+    # before anything in the dump folder is written: a second run there must not touch it
+    lock = dumplock.for_launcher(Path(cfg.job.dump_folder))
     with lock:
         return launch(cfg, argv, lock)
 
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 def launch(cfg: JobConfig, argv: list[str], lock: dumplock.DumpLock) -> int:
     nproc = os.environ.get("NGPU") or str(max(visible_gpus(), 1))
     logs = Path(cfg.job.dump_folder) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise dump_write_failed(Path(cfg.job.dump_folder), exc) from None
     with tempfile.TemporaryDirectory() as tmp:
         exit_file = Path(tmp) / "exit.json"
         env = {

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config import Metrics
+from lmlab.errors import UserError
 from lmlab.network import unreachable_reason
 
 METRICS_FILE = "metrics.jsonl"
@@ -137,13 +138,20 @@ class MetricLogger:
 
 
 def read_metrics(dump_folder: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (the last record wins for a step logged twice, e.g. a resume)."""
+    """All records of a run's metrics.jsonl (the last record wins for a step logged twice, e.g. a resume).
+    UserError for a folder without one, or a line that is not a record of a step (naming the line)."""
     path = Path(dump_folder) / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {dump_folder} an lmlab dump folder?")
+        what = "no such folder" if not Path(dump_folder).exists() else f"no {METRICS_FILE}, so not an lmlab dump folder"
+        raise UserError(f"{dump_folder}: {what}")
     by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line.strip():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:  # invalid JSON or UTF-8
+                raise UserError(f"{path}:{number}: not a JSON record (a truncated or foreign line?)") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise UserError(f"{path}:{number}: not a record of a step (expected an object with an integer 'step')")
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]

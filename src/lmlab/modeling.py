@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -243,3 +244,44 @@ def _load_tokenizer(cfg: Model) -> PreTrainedTokenizerBase:
             "or has no such repo); pass a local folder holding tokenizer.json, e.g. one saved by "
             "tokenizer.save_pretrained()"
         ) from None
+
+
+# A Hugging Face model folder: its weights (one of these) and the files a tokenizer loads from.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def is_local_path(name: str) -> bool:
+    """A path, not a hub id: it exists, or is written as a path (a hub id is `name` or `org/name`)."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_model_folder(folder: Path, label: str, *, tokenizer: bool) -> None:
+    """UserError (starting with `label`, the option and folder as the user wrote them) unless `folder` holds a loadable HF
+    model: a config.json object with a model_type, weights whose safetensors headers and sizes are intact,
+    and, with `tokenizer`, tokenizer files. Cheap: no tensor is read."""
+    import safetensors
+
+    if not folder.is_dir():
+        raise UserError(f"{label}: {'not a folder' if folder.exists() else 'no such folder'}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{label}: no config.json, so not a Hugging Face model folder (a dump has one once "
+                        "its run has finished; `lmlab convert dcp-to-hf --path DUMP` writes one from a checkpoint)")
+    try:
+        values = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{label}: {config.name} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise UserError(f"{label}: {config.name} has no model_type (expected an object with one)")
+    if not any((folder / weights).is_file() for weights in WEIGHT_FILES):
+        raise UserError(f"{label}: no weights ({' or '.join(WEIGHT_FILES)})")
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safetensors.safe_open(str(weights), "pt"):
+                pass  # opening checks the header and that the file holds every tensor it lists
+        except (safetensors.SafetensorError, OSError) as exc:
+            raise UserError(f"{label}: {weights.name} is corrupt or truncated ({exc})") from None
+    if tokenizer and not any((folder / files).is_file() for files in TOKENIZER_FILES):
+        raise UserError(f"{label}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                        "there or name one")

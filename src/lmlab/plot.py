@@ -1,23 +1,38 @@
 """`lmlab plot DUMP... [-o out.png]`: loss and learning-rate curves of one or more runs in one PNG."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from lmlab.metrics import read_metrics
+from lmlab.errors import ArgumentParser, UserError, command
+from lmlab.metrics import METRICS_FILE, read_metrics
+
+CURVES = ("loss", "lr")
 
 
 def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
+    """Every dump's metrics are read and checked (UserError) before the PNG is drawn."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise UserError(f"-o {output}: no folder {output.parent} to write it in")
+    runs = []  # (label, records)
+    for dump in dumps:
+        records = read_metrics(dump)
+        if not records:
+            raise UserError(f"{Path(dump) / METRICS_FILE}: no records yet")
+        lacking = next((r for r in records if not all(isinstance(r.get(key), (int, float)) for key in CURVES)), None)
+        if lacking is not None:
+            raise UserError(f"{Path(dump) / METRICS_FILE}: the record of step {lacking['step']} has no numeric "
+                            f"{' and '.join(CURVES)}")
+        runs.append((Path(dump).name, records))
+
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    for dump in dumps:
-        records = read_metrics(dump)
+    for label, records in runs:
         steps = [r["step"] for r in records]
-        label = Path(dump).name
         ax_loss.plot(steps, [r["loss"] for r in records], label=label)
         ax_lr.plot(steps, [r["lr"] for r in records], label=label)
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
@@ -26,14 +41,18 @@ def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    output = Path(output)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(output, dpi=100)
+    except OSError as exc:
+        raise UserError(f"-o {output}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return output
 
 
+@command("lmlab plot")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmlab plot", description=__doc__)
+    parser = ArgumentParser(prog="lmlab plot", description=__doc__)
     parser.add_argument("dumps", nargs="+", help="dump folders (each holds metrics.jsonl)")
     parser.add_argument("-o", "--output", default="loss.png")
     args = parser.parse_args(argv)

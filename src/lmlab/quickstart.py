@@ -8,7 +8,6 @@ runs, and evaluated on held-out documents.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -17,7 +16,10 @@ import subprocess
 import sys
 import sysconfig
 import time
+from argparse import ArgumentDefaultsHelpFormatter
 from pathlib import Path
+
+from lmlab.errors import ArgumentParser, command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,9 +102,10 @@ def heldout_perplexity(model, tokenizer, docs: list[str], seq_len: int) -> float
     return math.exp(total_loss / total_tokens)
 
 
+@command("python -m lmlab.quickstart")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmlab.quickstart", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="python -m lmlab.quickstart", description=__doc__.splitlines()[0],
+                            formatter_class=ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="exp/quickstart",
                         help="where everything is written (data, tokenizer, the run in OUT/run); rerunning starts over")
     parser.add_argument("--config", default="configs/tiny_gated_deltanet.json", help="the model config")
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**__import__("os").environ, "NGPU": "1"}
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
-        print(f"quickstart: training failed (exit code {result.returncode})", file=sys.stderr)
+        print(f"error: the quickstart's training run failed (exit code {result.returncode}); its output is above",
+              file=sys.stderr)
         return result.returncode
 
     print("[4/4] evaluation on held-out documents")

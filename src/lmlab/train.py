@@ -28,12 +28,14 @@ from lmlab import dumplock
 from lmlab.checkpoint import Checkpointer, export_hf
 from lmlab.config import JobConfig, parse_args
 from lmlab.data import build_dataloader, data_epoch, load_sources
-from lmlab.distributed import Dist, init_distributed, parallelize
-from lmlab.dump import clear_previous_run, dump_paths, prepare_dump_folder
+from lmlab.distributed import DTYPES, Dist, init_distributed, parallelize
+from lmlab.dump import (
+    check_dump_folder, check_free_space, clear_previous_run, dump_paths, dump_write_failed, prepare_dump_folder,
+)
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
 from lmlab.metrics import MetricLogger, start_wandb
-from lmlab.errors import UserError
+from lmlab.errors import UserError, run_command
 from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
 from lmlab.models.blocks import LmlabForCausalLM
 from lmlab.optim import build_lr_scheduler, build_optimizer, schedule_change
@@ -129,6 +131,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     dataloader = build_dataloader(cfg.training, tokenizer, rank=dist.rank, world_size=dist.world_size)
     train_state = TrainState()
     # Only now, with every input checked, touch the dump folder: a bad flag must not overwrite anything.
+    needs = "a checkpoint and the HF export" if cfg.checkpoint.enable_checkpoint else "the HF export"
+    check_free_space(Path(cfg.job.dump_folder), n_params * bytes_per_parameter(cfg), needs)
     dump = prepare_dump_folder(cfg, dist)
 
     # --- resume ------------------------------------------------------------------------------------
@@ -157,7 +161,10 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
                 print(change, flush=True)
         else:
             where = f"warm start: model weights from {checkpointer.loaded_from}"
-        record.write_text(cfg.record_toml())  # the run has started: its checkpoints' config
+        try:
+            record.write_text(cfg.record_toml())  # the run has started: its checkpoints' config
+        except OSError as exc:
+            raise dump_write_failed(dump, exc) from None
         print(
             f"lmlab: {model.config.model_type} with {n_params / 1e6:.2f}M parameters on {dist.world_size} x "
             f"{dist.device.type}, {where}; kernels: {dispatch.describe(kernel_backend(cfg.model, model.config))}",
@@ -276,6 +283,12 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     return 0
 
 
+def bytes_per_parameter(cfg: JobConfig) -> int:
+    """Disk bytes per parameter a run needs at least: the HF export, and one checkpoint (float32 weights and
+    AdamW's two moments) when checkpointing is on."""
+    return (12 if cfg.checkpoint.enable_checkpoint else 0) + DTYPES[cfg.checkpoint.export_dtype].itemsize
+
+
 def start_profiler(cfg: JobConfig, dump: Path, dist: Dist) -> torch.profiler.profile | None:
     """With --profiling.enable_profiling: a torch profiler trace of one step every `profile_freq` steps,
     written per rank under <dump>/<save_traces_folder> (open it in tensorboard or perfetto)."""
@@ -378,15 +391,15 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     dumplock.trainer_dies_with_torchrun()  # Linux: SIGTERM (save and stop) when torchrun ends
-    try:
-        cfg = parse_args(argv)
-        # one run per dump folder: this trainer holds the lock (with the launcher and torchrun) until train() ends
-        with dumplock.for_trainer(Path(cfg.job.dump_folder)), StopRequested() as stop, scheduled_gc():
-            return train(cfg, stop)
-    except UserError as exc:
-        if not report_exit(f"error: {exc}", 2):  # train.sh's launcher prints it, last
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    return run_command("train.sh", lambda: run(argv), report=report_exit)
+
+
+def run(argv: list[str]) -> int:
+    cfg = parse_args(argv)
+    check_dump_folder(Path(cfg.job.dump_folder))
+    # one run per dump folder: this trainer holds the lock (with the launcher and torchrun) until train() ends
+    with dumplock.for_trainer(Path(cfg.job.dump_folder)), StopRequested() as stop, scheduled_gc():
+        return train(cfg, stop)
 
 
 def continue_command(record: Path) -> str:

@@ -34,7 +34,9 @@ import torch
 from lm_eval.utils import sanitize_model_name
 from transformers import PreTrainedTokenizerBase
 
+from lmlab.errors import ArgumentParser, UserError, command
 from lmlab.eval import harness
+from lmlab.modeling import check_model_folder, is_local_path
 
 
 def keep_doc(doc: dict[str, Any]) -> bool:
@@ -67,8 +69,8 @@ def prompt(text: str, key: str) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="launch_hf.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="launch_hf.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-m", "--model", action="append", required=True, help="model path or hub id (repeatable)")
     parser.add_argument("-t", "--task", action="append", choices=["based_fda"], default=[],
                         help="based_fda (the only task of this protocol; repeatable as in the original)")
@@ -83,7 +85,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu")
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", help="the model's dtype")
     parser.add_argument("--data_dir", help="local task data (default $LMLAB_EVAL_DATA); see lmlab.eval.harness")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_arguments(args)
+    return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The window must leave room for the context, and the counts must be counts (before any model loads)."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if args.limit == 0 or args.limit < -1:
+        raise UserError(f"--limit {args.limit}: expected -1 (all documents) or a count >= 1")
+    if args.answer_length < 1:
+        raise UserError(f"--answer_length {args.answer_length}: expected an integer >= 1")
+    if args.context_length <= args.answer_length:
+        raise UserError(f"--context_length {args.context_length} leaves no room for the document's text: it must be "
+                        f"more than --answer_length {args.answer_length} (the window is their difference)")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
+    for model in args.model:  # all of them before the first is evaluated
+        if is_local_path(model):
+            check_model_folder(Path(model).expanduser(), f"-m {model}", tokenizer=True)
 
 
 def harness_args(args: argparse.Namespace, model: str) -> list[str]:
@@ -114,6 +136,7 @@ def write_records(samples_file: Path) -> Path:
     return records
 
 
+@command("launch_hf.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0

@@ -23,17 +23,21 @@ whose evaluated split is there is redirected by a generated yaml (`include:` of 
 `dataset_path: json|parquet` and `dataset_kwargs.data_files`); its other splits (few-shot sources) are used
 when their files exist and disabled otherwise. A task without local files loads from the hub as usual;
 when that fails (offline), the command exits with code 2 and one line naming the task and the file it
-would have read.
+would have read. A --data_dir that is not a folder is refused before anything loads (with a network, its
+tasks would quietly come from the hub).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import datasets
 import huggingface_hub
@@ -42,7 +46,8 @@ import torch
 import yaml
 
 import lmlab.models
-from lmlab.errors import UserError
+from lmlab.errors import UserError, command
+from lmlab.modeling import check_model_folder, is_local_path
 from lmlab.network import unreachable_reason
 
 DATA_ENV = "LMLAB_EVAL_DATA"
@@ -190,6 +195,45 @@ def pop_option(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def check_arguments(args: Any, data_dir: str | None) -> None:
+    """What lm-eval would find out late or not at all, before a model or task loads: --limit and --batch_size
+    in range, --data_dir a folder, and an `hf` model's local folder loadable (lmlab.modeling.check_model_folder)."""
+    if not getattr(args, "tasks", None):
+        raise UserError("--tasks: no task named (e.g. --tasks piqa,arc_easy; `lm-eval ls tasks` lists them)")
+    if args.limit is not None and not args.limit > 0:
+        raise UserError(f"--limit {args.limit:g}: expected a count >= 1 or a fraction in (0, 1) of each task's documents")
+    batch_size = str(getattr(args, "batch_size", 1))
+    if not (batch_size.isdigit() and int(batch_size) >= 1 or re.fullmatch(r"auto(:[1-9]\d*)?", batch_size)):
+        raise UserError(f"--batch_size {batch_size}: expected an integer >= 1, 'auto' or 'auto:N'")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"--data_dir {data_dir}: no such folder")
+    model_args = args.model_args or {}
+    if (args.model or "hf") == "hf":
+        pretrained, tokenizer = model_args.get("pretrained"), model_args.get("tokenizer")
+        if isinstance(pretrained, str) and is_local_path(pretrained):
+            check_model_folder(Path(pretrained).expanduser(), f"--model_args pretrained={pretrained}",
+                               tokenizer=tokenizer is None)
+        elif isinstance(pretrained, str) and huggingface_hub.constants.HF_HUB_OFFLINE \
+                and huggingface_hub.try_to_load_from_cache(pretrained, "config.json") is None:
+            raise UserError(f"--model_args pretrained={pretrained}: no such folder, and the hub is offline "
+                            "(HF_HUB_OFFLINE) with no cached copy")
+        if isinstance(tokenizer, str) and is_local_path(tokenizer) and not Path(tokenizer).expanduser().is_dir():
+            raise UserError(f"--model_args tokenizer={tokenizer}: no such folder")
+
+
+def _raise_user_error(message: str) -> NoReturn:
+    raise UserError(f"lm-eval: {message}")
+
+
+def lm_eval_user_error(exc: ValueError) -> UserError | None:
+    """lm-eval's own argument checks (unknown task, no task, conflicting flags) raise ValueError from its config
+    module before any model loads: those are the user's to fix."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and "lm_eval/config/" in Path(frames[-1].filename).as_posix():
+        return UserError(f"lm-eval: {exc}")
+    return None
+
+
 def run(argv: list[str], data_dir: str | None) -> None:
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
@@ -197,11 +241,16 @@ def run(argv: list[str], data_dir: str | None) -> None:
     register_models()
     setup_logging()
     cli = HarnessCLI()
+    # lm-eval's parsers print usage and exit; here a bad argument is one `error:` line like everywhere in lmlab
+    for parser in (cli._parser, *cli._subparsers.choices.values()):
+        parser.error = _raise_user_error
     saved, sys.argv = sys.argv, ["lm-eval", *argv]  # lm-eval's parser reads sys.argv
     try:
         args = cli.parse_args()
     finally:
         sys.argv = saved
+    if args.command == "run":
+        check_arguments(args, data_dir)
     error = unreachable_data(getattr(args, "tasks", None) or [], data_dir)
     if error is not None:
         raise error
@@ -223,6 +272,11 @@ def run(argv: list[str], data_dir: str | None) -> None:
             if error is None:
                 raise
             raise error from None
+        except ValueError as exc:
+            error = lm_eval_user_error(exc)
+            if error is None:
+                raise
+            raise error from None
         finally:
             for name in quiet.LOGGERS:
                 logging.getLogger(name).removeFilter(quiet)
@@ -237,6 +291,7 @@ lmlab's additions (python -m evals.harness):
 """
 
 
+@command("python -m evals.harness")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
@@ -246,9 +301,6 @@ def main(argv: list[str] | None = None) -> int:
         if done.code == 0 and any(arg in ("-h", "--help") for arg in argv):
             print(LMLAB_HELP)
         raise
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

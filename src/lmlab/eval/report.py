@@ -11,16 +11,16 @@ Params: lm-eval's `model_num_parameters`, else the model folder's safetensors. T
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from lmlab.errors import UserError
+from lmlab.errors import ArgumentParser, UserError, command
+from lmlab.metrics import METRICS_FILE, read_metrics
 
 # (column, task, metric, scale): lm-eval's "<metric>,none" value of the task, times scale
 COLUMNS = [
@@ -61,12 +61,36 @@ def model_name(result: dict[str, Any]) -> str:
     return (args or {}).get("pretrained") or result.get("model_name") or "?"
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """One lm-eval results file, checked: UserError naming the file if it is not one."""
+    try:
+        result = json.loads(path.read_bytes())
+    except ValueError:  # invalid JSON or UTF-8
+        raise UserError(f"{path}: not a JSON file (a truncated or foreign results*.json?)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    tasks = result.get("results") if isinstance(result, dict) else None
+    if not isinstance(tasks, dict) or not all(isinstance(metrics, dict) for metrics in tasks.values()) \
+            or not isinstance(result.get("config", {}), dict):
+        raise UserError(f"{path}: not an lm-eval results file (expected an object whose 'results' maps each task "
+                        "to its metrics, and a 'config' object)")
+    for task, metrics in tasks.items():
+        for metric, value in metrics.items():
+            if metric.endswith(",none") and not isinstance(value, (int, float, type(None))):
+                raise UserError(f"{path}: {task} {metric} is {value!r}, not a number")
+    try:
+        float(result.get("date", 0))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: date {result['date']!r} is not a timestamp") from None
+    return result
+
+
 def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
     """Per model: its task results (newest file wins) and the number of parameters lm-eval counted."""
     models: dict[str, dict[str, Any]] = {}
-    for result in sorted((json.loads(f.read_text()) for f in files), key=lambda r: float(r.get("date", 0))):
+    for result in sorted(map(read_result, files), key=lambda r: float(r.get("date", 0))):
         model = models.setdefault(model_name(result), {"tasks": {}, "params": None})
-        model["tasks"].update(result.get("results", {}))
+        model["tasks"].update(result["results"])
         model["params"] = result.get("config", {}).get("model_num_parameters") or model["params"]
     return models
 
@@ -77,21 +101,23 @@ def safetensors_params(folder: Path) -> int | None:
         return None
     total = 0
     for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                numel = 1
-                for size in f.get_slice(key).get_shape():
-                    numel *= size
-                total += numel
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    numel = 1
+                    for size in f.get_slice(key).get_shape():
+                        numel *= size
+                    total += numel
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{file}: corrupt or truncated safetensors ({exc}); its parameters cannot be counted") from None
     return total
 
 
 def tokens_trained(folder: Path) -> int | None:
-    metrics = folder / "metrics.jsonl"
-    if not metrics.is_file():
+    if not (folder / METRICS_FILE).is_file():
         return None
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]).get("tokens_seen") if lines else None
+    records = read_metrics(folder)
+    return records[-1].get("tokens_seen") if records else None
 
 
 def human(count: int | None) -> str:
@@ -128,14 +154,20 @@ def markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+@command("lmlab report")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmlab report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="lmlab report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="lm-eval results JSON files or folders holding them")
     parser.add_argument("--csv", help="also write the table as CSV to this path")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.csv and not Path(args.csv).parent.is_dir():
+        raise UserError(f"--csv {args.csv}: no folder {Path(args.csv).parent} to write it in")
     rows = [row(name, model) for name, model in collect(result_files(args.results)).items()]
     print(markdown(rows))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            csv.writer(f).writerows([HEADER, *rows])
+        try:
+            with open(args.csv, "w", newline="") as f:
+                csv.writer(f).writerows([HEADER, *rows])
+        except OSError as exc:
+            raise UserError(f"--csv {args.csv}: cannot write it ({exc.strerror or exc})") from None
     return 0
