@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
 
 import lmlab  # noqa: F401  (registers lmlab's model types with the Auto classes)
 from lmlab.checkpoint import (
@@ -39,6 +40,12 @@ def _single_process() -> Dist:
     return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
 
 
+def _stages(total: int, what: str) -> tqdm:
+    """A progress bar over a conversion's stages (read, load, write), on a terminal only."""
+    return tqdm(total=total, desc=what, unit="stage", leave=False, disable=not sys.stderr.isatty(),
+                bar_format="{desc}: {n}/{total} stages [{elapsed}] {postfix}")
+
+
 def dcp_to_hf(
     path: Path, step: int, output: Path | None, config: str | None, tokenizer: str | None, dtype: str
 ) -> Path:
@@ -55,6 +62,8 @@ def dcp_to_hf(
     step_dir = folder / f"step-{step}"
     if not (step_dir / META_FILE).is_file():
         raise UserError(f"{step_dir} was not written by lmlab (no {META_FILE}); its key layout is unknown")
+    bar = _stages(3, f"dcp-to-hf {step_dir}")
+    bar.set_postfix_str("loading the weights")
     metadata = read_metadata(step_dir)
     templates = {
         key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
@@ -62,6 +71,8 @@ def dcp_to_hf(
         if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)
     }
     load_state({"model": templates}, step_dir)
+    bar.update()
+    bar.set_postfix_str("reading the config and tokenizer")
     config_source = config or str(step_dir)
     try:
         model_config = AutoConfig.from_pretrained(config_source)
@@ -69,7 +80,11 @@ def dcp_to_hf(
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the model config or tokenizer ({str(exc).splitlines()[0]})") from None
     out = output or path
+    bar.update()
+    bar.set_postfix_str(f"writing {out}")
     write_hf(templates, model_config, model_tokenizer, out, dtype)
+    bar.update()
+    bar.close()
     return out
 
 
@@ -80,12 +95,18 @@ def hf_to_dcp(model_name: str, checkpoint: Path) -> None:
         raise UserError(f"--checkpoint {checkpoint} already exists; choose a new path")
     if model_name.startswith(("/", ".", "~")) and not Path(model_name).expanduser().is_dir():
         raise UserError(f"--model {model_name}: no such directory")  # HF would call it a bad repo id
+    bar = _stages(2, f"hf-to-dcp {model_name}")
+    bar.set_postfix_str("loading the model")
     try:
         # safetensors only: a pickled pytorch_model.bin is never unpickled, so it cannot run code
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load HF model {model_name!r} ({str(exc).splitlines()[0]})") from None
+    bar.update()
+    bar.set_postfix_str(f"writing {checkpoint}")
     save_model_weights(model, checkpoint, _single_process())
+    bar.update()
+    bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
