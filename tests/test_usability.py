@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,28 @@ def test_evaluation_bars_refresh_once_a_minute_in_a_log_file(monkeypatch):
     with harness.bars_throttled_in_logs():  # pytest's stderr is not a terminal
         assert os.environ["TQDM_MININTERVAL"] == "60"
     assert "TQDM_MININTERVAL" not in os.environ
+
+
+def test_plot_labels_runs_apart_and_writes_next_to_the_run(tmp_path, monkeypatch):
+    from lmlab import plot
+    from lmlab.errors import UserError
+
+    assert plot.run_labels([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
+    assert plot.run_labels([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
+    written = []
+    monkeypatch.setattr(plot, "plot_runs", lambda dumps, output: written.append(Path(output)) or output)
+    monkeypatch.chdir(tmp_path)
+    assert plot.main(["exp/a/run"]) == 0 and written == [Path("exp/a/run/loss.png")]  # not ./loss.png
+    with pytest.raises(UserError, match="2 runs: name the PNG to write with -o"):
+        plot.main(["exp/a/run", "exp/b/run"])
+
+
+def test_the_quickstart_tokenizer_pads(tmp_path):
+    from transformers import AutoTokenizer
+
+    quickstart.train_tokenizer(["The for statement is used to iterate over the elements of a sequence."] * 20,
+                               tmp_path, vocab_size=300)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (1, 2, "<pad>")
+    batch = tokenizer(["The for", "The for statement is used"], padding=True)
+    assert len(set(map(len, batch["input_ids"]))) == 1

@@ -1,10 +1,25 @@
-"""`lmlab plot DUMP... [-o out.png]`: loss and learning-rate curves of one or more runs in one PNG."""
+"""`lmlab plot DUMP... [-o out.png]`: loss and learning-rate curves of one or more runs in one PNG.
+
+Without -o, one run's plot goes into its dump folder (`DUMP/loss.png`); several runs need -o. Each run is
+labelled by the shortest ending of its path that tells it from the others (exp/a/run, exp/b/run: a/run, b/run).
+"""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from lmlab.errors import UserError
 from lmlab.metrics import read_metrics
+
+
+def run_labels(dumps: list[str | Path]) -> list[str]:
+    """The shortest path endings that tell the runs apart (the folder names when those do)."""
+    parts = [Path(dump).resolve().parts for dump in dumps]
+    for length in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-length:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(Path(dump).resolve()) for dump in dumps]  # the same folder twice
 
 
 def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
@@ -14,10 +29,9 @@ def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    for dump in dumps:
+    for dump, label in zip(dumps, run_labels(dumps)):
         records = read_metrics(dump)
         steps = [r["step"] for r in records]
-        label = Path(dump).name
         ax_loss.plot(steps, [r["loss"] for r in records], label=label)
         ax_lr.plot(steps, [r["lr"] for r in records], label=label)
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
@@ -35,7 +49,9 @@ def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmlab plot", description=__doc__)
     parser.add_argument("dumps", nargs="+", help="dump folders (each holds metrics.jsonl)")
-    parser.add_argument("-o", "--output", default="loss.png")
+    parser.add_argument("-o", "--output", help="the PNG to write (default for one run: DUMP/loss.png)")
     args = parser.parse_args(argv)
-    print(plot_runs(args.dumps, args.output))
+    if args.output is None and len(args.dumps) > 1:
+        raise UserError(f"{len(args.dumps)} runs: name the PNG to write with -o (e.g. -o compare.png)")
+    print(plot_runs(args.dumps, args.output or Path(args.dumps[0]) / "loss.png"))
     return 0

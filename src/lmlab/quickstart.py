@@ -61,7 +61,8 @@ def write_corpus(out: Path, valid_fraction: float = 0.05, seed: int = 0) -> tupl
 
 
 def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None:
-    """A byte-level BPE tokenizer with <s> (BOS) and </s> (EOS), saved as a transformers tokenizer."""
+    """A byte-level BPE tokenizer with <s> (BOS), </s> (EOS) and <pad> (batched evaluation pads with it),
+    saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,7 +71,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in fla-hub's Llama tokenizer
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],  # ids 0, 1, 2 as in fla-hub's Llama tokenizer
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -79,7 +80,8 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        add_bos_token=True
     )
     wrapped.save_pretrained(out)
 
