@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     train_tokenizer(texts, out / "tokenizer")
 
     dump = out / "run"
-    print(f"[3/4] training {args.config} for {args.steps} steps through train.sh (2 CPU cores: a few minutes)")
+    print(f"[3/4] training {args.config} for {args.steps} steps through train.sh (its log lines and, in a "
+          "terminal, its progress bar show the ETA)")
     command = [
         "bash", str(REPO / "train.sh"),
         "--job.config_file", str(REPO / "flame/models/fla.toml"), "--job.dump_folder", str(dump),
