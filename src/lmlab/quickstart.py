@@ -1,4 +1,4 @@
-"""The embedded quickstart (`make quickstart`): a tiny Gated DeltaNet trained for a few minutes on CPU.
+"""The embedded quickstart (`make quickstart`): a tiny Gated DeltaNet trained on CPU, evaluated and sampled.
 
 No network: the corpus is English text that ships with every Python installation — the reference
 manual's topics (`pydoc_data.topics`) and the docstrings of the standard library's modules, classes and

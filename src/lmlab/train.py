@@ -257,9 +257,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
             saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
             message = (f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Continue it with: "
                        f"{continue_command(record)} (add --training.steps N to train longer; same NGPU)")
-            if dist.is_main:
+            if not report_exit(message, 0) and dist.is_main:  # train.sh's launcher prints it, last
                 print(message, flush=True)
-            report_exit(message, 0)
             logger.close()
             if profiler is not None:
                 profiler.stop()
