@@ -11,6 +11,7 @@ import netrc
 import os
 import sys
 import time
+import urllib.parse
 import uuid
 from collections import deque
 from pathlib import Path
@@ -57,7 +58,7 @@ def wandb_offline_reason() -> str | None:
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if not os.environ.get("WANDB_API_KEY"):
         try:  # `wandb login` stores the key in ~/.netrc
-            logged_in = netrc.netrc().authenticators(base_url.split("://")[-1].split("/")[0]) is not None
+            logged_in = netrc.netrc().authenticators(urllib.parse.urlparse(base_url).hostname) is not None
         except (OSError, netrc.NetrcParseError):
             logged_in = False
         if not logged_in:
