@@ -38,8 +38,11 @@ def test_report_table_and_csv(tmp_path, capsys):
     out_csv = tmp_path / "table.csv"
     paths = [tmp_path / "evals", tmp_path / "fda_out", tmp_path / "b.json"]
     assert main([*map(str, paths), "--csv", str(out_csv)]) == 0
-    table = capsys.readouterr().out
+    table, notes = capsys.readouterr()
     assert table.splitlines()[0] == "| " + " | ".join(HEADER) + " |"
+    assert notes.strip() == (f"lmlab report: {a}: piqa was evaluated in 2 files; using the newest, "
+                             f"{tmp_path / 'evals/new/results_2.json'} (not {tmp_path / 'evals/old/results_1.json'})")
+    assert "are percentages (lm-eval's fractions x 100)" in table
     assert HEADER[3:] == ["Wiki ppl", "LMB ppl", "LMB acc", "PIQA acc", "Hella acc_n", "Wino acc", "ARC-e acc",
                           "ARC-c acc_n", "Avg", "SWDE", "SQuAD", "FDA"]
     rows = {r[0]: r for r in csv.reader(out_csv.open())}

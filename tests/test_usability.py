@@ -1,7 +1,9 @@
 """Everyday use (issue 24): help texts, and what the commands say and write where a user would look."""
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +84,63 @@ def test_wandb_goes_offline_without_a_login(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     assert wandb_offline_reason() == "not logged in: run `wandb login`"
+
+
+def test_the_eta_comes_from_the_recent_steps_of_this_process(monkeypatch):
+    """A slow first step (compilation) or the steps of an earlier run never weigh on the ETA."""
+    from lmlab import metrics
+
+    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0])  # step 1 ends after 100 s, then 1 s a step
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    recent = metrics.RecentSteps(window=3)
+    recent.step_done()
+    assert recent.eta(10) is None  # one step of this process: no rate yet
+    for _ in range(4):
+        recent.step_done()
+    assert recent.eta(10) == 10.0
+
+
+def test_train_sh_draws_a_per_step_bar_under_the_output_on_a_terminal(tmp_path, capsys):
+    """The launcher passes the command's lines through and draws the trainer's progress file as a bar."""
+    import sys
+
+    from lmlab.launch import run_forwarding_signals
+
+    progress = tmp_path / "progress"
+    script = (f"import pathlib, time\nfor s in (3, 4, 5):\n    pathlib.Path({str(progress)!r}).write_text(f'{{s}} 5')\n"
+              "    print('line', s, flush=True)\n    time.sleep(0.3)\n")
+    assert run_forwarding_signals([sys.executable, "-c", script], {}, (), progress) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("line")] == ["line 3", "line 4", "line 5"]
+    assert "/5 [" in err and "step/s" in err  # a resumed run's bar starts at its step: 3/5, 4/5, 5/5
+
+
+def test_evaluation_bars_refresh_once_a_minute_in_a_log_file(monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    with harness.bars_throttled_in_logs():  # pytest's stderr is not a terminal
+        assert os.environ["TQDM_MININTERVAL"] == "60"
+    assert "TQDM_MININTERVAL" not in os.environ
+
+
+def test_plot_labels_runs_apart_and_writes_next_to_the_run(tmp_path, monkeypatch, capsys):
+    from lmlab import plot
+
+    assert plot.run_labels([tmp_path / "a" / "run", tmp_path / "b" / "run"]) == ["a/run", "b/run"]
+    assert plot.run_labels([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
+    written = []
+    monkeypatch.setattr(plot, "plot_runs", lambda dumps, output: written.append(Path(output)) or output)
+    monkeypatch.chdir(tmp_path)
+    assert plot.main(["exp/a/run"]) == 0 and written == [Path("exp/a/run/loss.png")]  # not ./loss.png
+    assert plot.main(["exp/a/run", "exp/b/run"]) == 2
+    assert "error: 2 runs: name the PNG to write with -o" in capsys.readouterr().err
+
+
+def test_the_quickstart_tokenizer_pads(tmp_path):
+    from transformers import AutoTokenizer
+
+    quickstart.train_tokenizer(["The for statement is used to iterate over the elements of a sequence."] * 20,
+                               tmp_path, vocab_size=300)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (1, 2, "<pad>")
+    batch = tokenizer(["The for", "The for statement is used"], padding=True)
+    assert len(set(map(len, batch["input_ids"]))) == 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
 
 import lmlab  # noqa: F401  (registers lmlab's model types with the Auto classes)
 from lmlab.checkpoint import (
@@ -40,6 +41,12 @@ from lmlab.modeling import check_model_folder, is_local_path
 
 def _single_process() -> Dist:
     return Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+
+
+def _stages(total: int, what: str) -> tqdm:
+    """A progress bar over a conversion's stages (read, load, write), on a terminal only."""
+    return tqdm(total=total, desc=what, unit="stage", leave=False, disable=not sys.stderr.isatty(),
+                bar_format="{desc}: {n}/{total} stages [{elapsed}] {postfix}")
 
 
 def dcp_to_hf(
@@ -66,6 +73,8 @@ def dcp_to_hf(
     step_dir = folder / f"step-{step}"
     if not (step_dir / META_FILE).is_file():
         raise UserError(f"{step_dir} was not written by lmlab (no {META_FILE}); its key layout is unknown")
+    bar = _stages(3, f"dcp-to-hf {step_dir}")
+    bar.set_postfix_str("loading the weights")
     metadata = read_metadata(step_dir)
     templates = {
         key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
@@ -73,13 +82,19 @@ def dcp_to_hf(
         if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)
     }
     load_state({"model": templates}, step_dir)
+    bar.update()
+    bar.set_postfix_str("reading the config and tokenizer")
     config_source = config or str(step_dir)
     try:
         model_config = AutoConfig.from_pretrained(config_source)
         model_tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the model config or tokenizer ({str(exc).splitlines()[0]})") from None
+    bar.update()
+    bar.set_postfix_str(f"writing {out}")
     write_hf(templates, model_config, model_tokenizer, out, dtype)
+    bar.update()
+    bar.close()
     return out
 
 
@@ -90,12 +105,18 @@ def hf_to_dcp(model_name: str, checkpoint: Path) -> None:
         raise UserError(f"--checkpoint {checkpoint} already exists; choose a new path")
     if is_local_path(model_name):
         check_model_folder(Path(model_name).expanduser(), f"--model {model_name}", tokenizer=False)
+    bar = _stages(2, f"hf-to-dcp {model_name}")
+    bar.set_postfix_str("loading the model")
     try:
         # safetensors only: a pickled pytorch_model.bin is never unpickled, so it cannot run code
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load HF model {model_name!r} ({str(exc).splitlines()[0]})") from None
+    bar.update()
+    bar.set_postfix_str(f"writing {checkpoint}")
     save_model_weights(model, checkpoint, _single_process())
+    bar.update()
+    bar.close()
 
 
 def build_parser() -> ArgumentParser:

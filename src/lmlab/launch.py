@@ -15,6 +15,7 @@ the trainers, which save. See lmlab.dumplock.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,12 +23,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from lmlab import dumplock
 from lmlab.config import JobConfig, parse_args
 from lmlab.dump import check_dump_folder, dump_write_failed
 from lmlab.errors import command
+from lmlab.metrics import PROGRESS_FILE_ENV
 from lmlab.train import check_inputs
 
 # The signals torchrun passes on to the trainers (they save on SIGINT / SIGTERM).
@@ -74,22 +78,58 @@ def _explained_failure_filter(record: logging.LogRecord) -> bool:
     return not (explained and str(record.msg).startswith("failed (exitcode"))
 
 
-def run_forwarding_signals(command: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> int:
+def run_forwarding_signals(command: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (),
+                           progress: Path | None = None) -> int:
     """Run `command` in its own session and pass it the signals in FORWARDED that this process gets; it gets
     SIGTERM if this process dies (Linux), and inherits the descriptors in `pass_fds` (the dump's lock).
+    `progress`: the trainer's progress file, shown as a bar under the command's output (`show_progress`).
 
     Its own session: a signal for train.sh's process group (Ctrl-C) must reach torchrun once, through
     us, not twice (a second one would cut short torchrun's wait for the trainers to save).
     """
     launcher = os.getpid()
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if progress else {}
     proc = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=pass_fds,
-                            preexec_fn=lambda: dumplock.die_with_parent(launcher))
+                            preexec_fn=lambda: dumplock.die_with_parent(launcher), **piped)
     previous = {sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum)) for sig in FORWARDED}
     try:
+        if progress is not None:
+            show_progress(proc, progress)
         return proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def show_progress(proc: subprocess.Popen, progress: Path) -> None:
+    """On a terminal: `proc`'s output line by line above a per-step progress bar of the trainer's progress
+    file ("step total"). tqdm's ETA is a moving average of the recent steps of this launch (a resumed run's bar
+    starts at its step). torchrun turns the trainer's own output into lines, so the bar is drawn here."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def follow() -> None:
+        nonlocal bar
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                step, total = map(int, progress.read_text().split())
+                if bar is None:
+                    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=False)
+                else:
+                    bar.update(step - bar.n)
+            time.sleep(0.2)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    for line in proc.stdout:
+        if bar is None:
+            print(line, end="", flush=True)
+        else:
+            bar.write(line.rstrip("\n"))
+    follower.join()
+    if bar is not None:
+        bar.close()
 
 
 @command("train.sh")
@@ -113,7 +153,9 @@ def launch(cfg: JobConfig, argv: list[str], lock: dumplock.DumpLock) -> int:
         raise dump_write_failed(Path(cfg.job.dump_folder), exc) from None
     with tempfile.TemporaryDirectory() as tmp:
         exit_file = Path(tmp) / "exit.json"
+        progress = Path(tmp) / "progress" if sys.stderr.isatty() else None  # no bar in a log file
         env = {
+            **({PROGRESS_FILE_ENV: str(progress)} if progress else {}),
             **{k: v for k, v in os.environ.items() if k != dumplock.TOKEN_ENV},
             **dumplock.trainer_env(lock),
             "LMLAB_EXIT_FILE": str(exit_file),
@@ -131,7 +173,7 @@ def launch(cfg: JobConfig, argv: list[str], lock: dumplock.DumpLock) -> int:
             "--role", "rank", "--tee", "3", "--log-dir", str(logs),
             "-m", "lmlab.train", *argv,
         ]
-        code = run_forwarding_signals(command, env, () if lock.fd is None else (lock.fd,))
+        code = run_forwarding_signals(command, env, () if lock.fd is None else (lock.fd,), progress)
         if code != 0 and exit_file.is_file():
             # torchrun reports a failed or stopped trainer at length; repeat the trainer's own line last
             # (an error, or how to resume after a stop, which is a success).

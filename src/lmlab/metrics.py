@@ -11,7 +11,9 @@ import netrc
 import os
 import sys
 import time
+import urllib.parse
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,27 @@ from lmlab.network import unreachable_reason
 METRICS_FILE = "metrics.jsonl"
 WANDB_FOLDER = "wandb"  # wandb's own folder in the dir it is given (the dump)
 WANDB_ID_FILE = "lmlab_run_id"  # in it: the W&B run id that a resume continues
+# train.sh's launcher shows the progress bar (it owns the terminal; torchrun turns the trainer's output into
+# lines): the trainer writes "step total" into this file after every step.
+PROGRESS_FILE_ENV = "LMLAB_PROGRESS_FILE"
+
+
+class RecentSteps:
+    """The ETA from this process's last `window` steps: their mean duration times the steps left. Not the
+    run's average (a slow start, compilation, would weigh on it for good), and not counting the steps of
+    the earlier processes of a resumed run."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.ends: deque[float] = deque(maxlen=window + 1)
+
+    def step_done(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def eta(self, steps_left: int) -> float | None:
+        """Seconds, or None before two steps of this process have ended."""
+        if len(self.ends) < 2:
+            return None
+        return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1) * steps_left
 
 
 def format_duration(seconds: float) -> str:
@@ -36,7 +59,7 @@ def wandb_offline_reason() -> str | None:
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if not os.environ.get("WANDB_API_KEY"):
         try:  # `wandb login` stores the key in ~/.netrc
-            logged_in = netrc.netrc().authenticators(base_url.split("://")[-1].split("/")[0]) is not None
+            logged_in = netrc.netrc().authenticators(urllib.parse.urlparse(base_url).hostname) is not None
         except (OSError, netrc.NetrcParseError):
             logged_in = False
         if not logged_in:
@@ -70,14 +93,17 @@ def start_wandb(dump_folder: Path, config: dict[str, Any], default_name: str, fr
 
 
 class MetricLogger:
-    def __init__(self, dump_folder: Path, cfg: Metrics, total_steps: int, enabled: bool,
+    def __init__(self, dump_folder: Path, cfg: Metrics, total_steps: int, enabled: bool, first_step: int = 0,
                  wandb_run: Any = None) -> None:
-        """`wandb_run`: a W&B run (`start_wandb`) that gets the same values, or None."""
+        """`first_step`: the step a resumed run starts after; `wandb_run`: a W&B run (`start_wandb`) that gets
+        the same values, or None."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.tb = None
         self.bar = None
         self.wandb_run = wandb_run
+        self.recent = RecentSteps()
+        self.progress_file = os.environ.get(PROGRESS_FILE_ENV)
         if not enabled:
             return
         self.file = open(dump_folder / METRICS_FILE, "a")
@@ -85,15 +111,28 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(dump_folder / cfg.save_tb_folder))
-        if sys.stderr.isatty():
+        if sys.stderr.isatty():  # a bar in a log file would be one line per refresh
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True, leave=False)
         self.color = not cfg.disable_color_printing and sys.stdout.isatty()
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
+    def step_done(self, step: int) -> None:
+        """After every optimizer step: the progress bar (here, or train.sh's) and the ETA's clock."""
         if not self.enabled:
             return
+        self.recent.step_done()
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        if self.progress_file:
+            Path(self.progress_file).write_text(f"{step} {self.total_steps}\n")
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """Log `values` of `step`, adding `eta_seconds` (from the recent steps) once known."""
+        if not self.enabled:
+            return
+        eta = self.recent.eta(self.total_steps - step)
+        values = values if eta is None else {**values, "eta_seconds": eta}
         record = {"step": step, "time": time.time(), **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -116,10 +155,10 @@ class MetricLogger:
             parts.append(f"mem {v['memory_gib']:.1f}GiB")
         if v.get("skipped_steps"):
             parts.append(f"skipped {v['skipped_steps']}")
-        parts.append(f"elapsed {format_duration(v['elapsed_seconds'])} eta {format_duration(v['eta_seconds'])}")
+        eta = format_duration(v["eta_seconds"]) if "eta_seconds" in v else "?"
+        parts.append(f"elapsed {format_duration(v['elapsed_seconds'])} eta {eta}")
         line = " | ".join(parts)
         if self.bar is not None:
-            self.bar.n = step
             self.bar.set_postfix_str(f"loss {v['loss']:.4f}", refresh=True)
             self.bar.write(line)
         else:

@@ -1,4 +1,8 @@
-"""`lmlab plot DUMP... [-o out.png]`: loss and learning-rate curves of one or more runs in one PNG."""
+"""`lmlab plot DUMP... [-o out.png]`: loss and learning-rate curves of one or more runs in one PNG.
+
+Without -o, one run's plot goes into its dump folder (`DUMP/loss.png`); several runs need -o. Each run is
+labelled by the shortest ending of its path that tells it from the others (exp/a/run, exp/b/run: a/run, b/run).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +13,23 @@ from lmlab.metrics import METRICS_FILE, read_metrics
 CURVES = ("loss", "lr")
 
 
+def run_labels(dumps: list[str | Path]) -> list[str]:
+    """The shortest path endings that tell the runs apart (the folder names when those do)."""
+    parts = [Path(dump).resolve().parts for dump in dumps]
+    for length in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-length:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(Path(dump).resolve()) for dump in dumps]  # the same folder twice
+
+
 def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
     """Every dump's metrics are read and checked (UserError) before the PNG is drawn."""
     output = Path(output)
     if not output.parent.is_dir():
         raise UserError(f"-o {output}: no folder {output.parent} to write it in")
     runs = []  # (label, records)
-    for dump in dumps:
+    for dump, label in zip(dumps, run_labels(dumps)):
         records = read_metrics(dump)
         if not records:
             raise UserError(f"{Path(dump) / METRICS_FILE}: no records yet")
@@ -23,7 +37,7 @@ def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
         if lacking is not None:
             raise UserError(f"{Path(dump) / METRICS_FILE}: the record of step {lacking['step']} has no numeric "
                             f"{' and '.join(CURVES)}")
-        runs.append((Path(dump).name, records))
+        runs.append((label, records))
 
     import matplotlib
 
@@ -54,7 +68,9 @@ def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="lmlab plot", description=__doc__)
     parser.add_argument("dumps", nargs="+", help="dump folders (each holds metrics.jsonl)")
-    parser.add_argument("-o", "--output", default="loss.png")
+    parser.add_argument("-o", "--output", help="the PNG to write (default for one run: DUMP/loss.png)")
     args = parser.parse_args(argv)
-    print(plot_runs(args.dumps, args.output))
+    if args.output is None and len(args.dumps) > 1:
+        raise UserError(f"{len(args.dumps)} runs: name the PNG to write with -o (e.g. -o compare.png)")
+    print(plot_runs(args.dumps, args.output or Path(args.dumps[0]) / "loss.png"))
     return 0

@@ -1,4 +1,4 @@
-"""The embedded quickstart (`make quickstart`): a tiny Gated DeltaNet trained for a few minutes on CPU.
+"""The embedded quickstart (`make quickstart`): a tiny Gated DeltaNet trained on CPU, evaluated and sampled.
 
 No network: the corpus is English text that ships with every Python installation — the reference
 manual's topics (`pydoc_data.topics`) and the docstrings of the standard library's modules, classes and
@@ -63,7 +63,8 @@ def write_corpus(out: Path, valid_fraction: float = 0.05, seed: int = 0) -> tupl
 
 
 def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None:
-    """A byte-level BPE tokenizer with <s> (BOS) and </s> (EOS), saved as a transformers tokenizer."""
+    """A byte-level BPE tokenizer with <s> (BOS), </s> (EOS) and <pad> (batched evaluation pads with it),
+    saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +73,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in fla-hub's Llama tokenizer
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],  # ids 0, 1, 2 as in fla-hub's Llama tokenizer
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -81,7 +82,8 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        add_bos_token=True
     )
     wrapped.save_pretrained(out)
 
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     train_tokenizer(texts, out / "tokenizer")
 
     dump = out / "run"
-    print(f"[3/4] training {args.config} for {args.steps} steps through train.sh (2 CPU cores: a few minutes)")
+    print(f"[3/4] training {args.config} for {args.steps} steps through train.sh (its log lines and, in a "
+          "terminal, its progress bar show the ETA)")
     command = [
         "bash", str(REPO / "train.sh"),
         "--job.config_file", str(REPO / "flame/models/fla.toml"), "--job.dump_folder", str(dump),

@@ -179,7 +179,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     if cfg.metrics.enable_wandb and dist.is_main:
         wandb_run = start_wandb(dump, cfg.to_dict(), f"{model.config.model_type}-{dump.resolve().name}",
                                 fresh=not train_state.step)
-    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main, wandb_run=wandb_run)
+    logger = MetricLogger(dump, cfg.metrics, t.steps, enabled=dist.is_main, first_step=train_state.step,
+                          wandb_run=wandb_run)
     data_iter = iter(dataloader)
     peak = peak_flops(dist.device)
     window = _Window()
@@ -229,6 +230,7 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
         train_state.step = step
         train_state.tokens_seen += global_tokens
         window.add(global_tokens)
+        logger.step_done(step)
 
         if step % cfg.metrics.log_freq == 0 or step == t.steps or step == 1:
             seconds, tokens = window.take()
@@ -243,7 +245,6 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
                 "tokens_seen": train_state.tokens_seen,
                 "skipped_steps": train_state.skipped_steps,
                 "elapsed_seconds": train_state.elapsed_seconds,
-                "eta_seconds": train_state.elapsed_seconds / step * (t.steps - step),
                 "tflops_per_device": tokens_per_second * model_flops_per_token / 1e12,
             }
             if peak:
@@ -263,9 +264,8 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
             saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
             message = (f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Continue it with: "
                        f"{continue_command(record)} (add --training.steps N to train longer; same NGPU)")
-            if dist.is_main:
+            if not report_exit(message, 0) and dist.is_main:  # train.sh's launcher prints it, last
                 print(message, flush=True)
-            report_exit(message, 0)
             logger.close()
             if profiler is not None:
                 profiler.stop()

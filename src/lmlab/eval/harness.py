@@ -37,7 +37,7 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import datasets
 import huggingface_hub
@@ -291,12 +291,27 @@ lmlab's additions (python -m evals.harness):
 """
 
 
+@contextlib.contextmanager
+def bars_throttled_in_logs() -> Iterator[None]:
+    """lm-eval's and datasets' progress bars (tqdm: the ETA is a moving average of the recent requests)
+    refresh at most once a minute when stderr is a file, not a terminal: each refresh is a line there."""
+    if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
+        yield
+        return
+    os.environ["TQDM_MININTERVAL"] = "60"
+    try:
+        yield
+    finally:
+        del os.environ["TQDM_MININTERVAL"]
+
+
 @command("python -m evals.harness")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
     try:
-        run(argv, data_dir)
+        with bars_throttled_in_logs():
+            run(argv, data_dir)
     except SystemExit as done:  # lm-eval's own --help: then say what lmlab adds
         if done.code == 0 and any(arg in ("-h", "--help") for arg in argv):
             print(LMLAB_HELP)

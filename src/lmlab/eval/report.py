@@ -2,7 +2,8 @@
 
 RESULTS are lm-eval results JSON files or folders searched for `results*.json` (`python -m evals.harness
 --output_path`, `launch_hf.py --output_dir`, a dump folder). A model is its `pretrained` model argument;
-when several files hold the same task for a model, the newest (lm-eval's `date`) counts.
+when several files hold the same task for a model, the newest (lm-eval's `date`) counts, and a line on stderr
+says which file that is and which it replaced.
 Columns: Wiki ppl (word_perplexity), LMB ppl, LMB acc, PIQA acc, Hella acc_norm, Wino acc, ARC-e acc,
 ARC-c acc_norm, Avg (mean of those six accuracies), SWDE, SQuAD (squad_completion), FDA (based_fda, the
 JRT protocol; lm-eval's `fda` marked "*" when only that was run) — `contains`; accuracies in %.
@@ -36,6 +37,8 @@ COLUMNS = [
     ("SQuAD", "squad_completion", "contains", 100),
     ("FDA", "based_fda", "contains", 100),
 ]
+UNITS = ("Accuracies, Avg, SWDE, SQuAD and FDA (`contains`) are percentages (lm-eval's fractions x 100); "
+         "Wiki ppl is word perplexity, LMB ppl token perplexity.")
 AVERAGED = ["LMB acc", "PIQA acc", "Hella acc_n", "Wino acc", "ARC-e acc", "ARC-c acc_n"]
 HEADER = ["Model", "Params", "Tokens", *[c[0] for c in COLUMNS[:8]], "Avg", *[c[0] for c in COLUMNS[8:]]]
 
@@ -85,14 +88,23 @@ def read_result(path: Path) -> dict[str, Any]:
     return result
 
 
-def collect(files: list[Path]) -> dict[str, dict[str, Any]]:
-    """Per model: its task results (newest file wins) and the number of parameters lm-eval counted."""
+def collect(files: list[Path]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per model: its task results (newest file wins) and the number of parameters lm-eval counted; and one
+    note per task that several files evaluated for the same model (which file counts)."""
     models: dict[str, dict[str, Any]] = {}
-    for result in sorted(map(read_result, files), key=lambda r: float(r.get("date", 0))):
-        model = models.setdefault(model_name(result), {"tasks": {}, "params": None})
+    source: dict[tuple[str, str], list[Path]] = {}  # (model, task) -> its files, oldest first
+    results = sorted(((read_result(f), f) for f in files), key=lambda rf: float(rf[0].get("date", 0)))
+    for result, file in results:
+        name = model_name(result)
+        model = models.setdefault(name, {"tasks": {}, "params": None})
         model["tasks"].update(result["results"])
         model["params"] = result.get("config", {}).get("model_num_parameters") or model["params"]
-    return models
+        for task in result.get("results", {}):
+            source.setdefault((name, task), []).append(file)
+    notes = [f"lmlab report: {name}: {task} was evaluated in {len(paths)} files; using the newest, {paths[-1]} "
+             f"(not {', '.join(map(str, paths[:-1]))})"
+             for (name, task), paths in source.items() if len(paths) > 1]
+    return models, notes
 
 
 def safetensors_params(folder: Path) -> int | None:
@@ -149,6 +161,7 @@ def row(name: str, model: dict[str, Any]) -> list[str]:
 def markdown(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append(f"\n{UNITS}")
     if any(r[-1].endswith("*") for r in rows):
         lines.append("\n\\* FDA from lm-eval's `fda` task, not the JRT protocol of launch_hf.py (`based_fda`).")
     return "\n".join(lines)
@@ -162,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.csv and not Path(args.csv).parent.is_dir():
         raise UserError(f"--csv {args.csv}: no folder {Path(args.csv).parent} to write it in")
-    rows = [row(name, model) for name, model in collect(result_files(args.results)).items()]
+    models, notes = collect(result_files(args.results))
+    for note in notes:
+        print(note, file=sys.stderr)
+    rows = [row(name, model) for name, model in models.items()]
     print(markdown(rows))
     if args.csv:
         try:
