@@ -142,19 +142,23 @@ def samples(out: Path) -> dict[tuple[str, int], list]:
 
 def differences(stock: Path, ours: Path) -> dict:
     """lmlab's responses against the stock model's on the documents both ran: the largest loglikelihood
-    difference, and how many is_greedy flags and generations differ."""
+    difference (wikitext's rolling sums, of tens of thousands: the largest relative one), and how many
+    is_greedy flags and generations differ."""
     stock_resps, our_resps = samples(stock), samples(ours)
-    counts = {"requests": 0, "max_abs_loglikelihood_diff": 0.0, "is_greedy_differ": 0, "generations_differ": 0}
+    counts = {"requests": 0, "max_abs_loglikelihood_diff": 0.0, "max_rel_rolling_diff": 0.0, "is_greedy_differ": 0,
+              "generations_differ": 0}
     for (task, doc), theirs in stock_resps.items():
         for (a,), (b,) in zip(theirs, our_resps[task, doc]):  # one response per request
             counts["requests"] += 1
             if task in GENERATION_TASKS:
                 counts["generations_differ"] += a != b
-                continue
-            if task != "wikitext":  # loglikelihood: (logprob, is_greedy); wikitext's rolling: the logprob
+            elif task == "wikitext":  # the rolling loglikelihood of a whole document
+                diff = abs(float(a) - float(b)) / max(abs(float(a)), 1.0)
+                counts["max_rel_rolling_diff"] = max(counts["max_rel_rolling_diff"], diff)
+            else:  # loglikelihood: (logprob, is_greedy)
                 counts["is_greedy_differ"] += str(a[1]) != str(b[1])
-                a, b = a[0], b[0]
-            counts["max_abs_loglikelihood_diff"] = max(counts["max_abs_loglikelihood_diff"], abs(float(a) - float(b)))
+                counts["max_abs_loglikelihood_diff"] = max(counts["max_abs_loglikelihood_diff"],
+                                                           abs(float(a[0]) - float(b[0])))
     return counts
 
 

@@ -4,7 +4,8 @@
 lmlab's model families (decoder-only, `LmlabForCausalLM`) the requests are scheduled by
 `lmlab.eval.scheduling` at any `--batch_size`, since the batch size never changes an lmlab model's
 results: loglikelihood and rolling loglikelihood as packed documents up to `token_budget` tokens per
-forward, greedy generation in left-padded batches up to `token_budget` prefill tokens. Tokenisation,
+forward, requests that share a context (multiple choice) with the context run once, greedy generation in
+left-padded batches of up to `token_budget` prompt + new tokens. Tokenisation,
 truncation, stop strings and post-processing are HFLM's own. Any other model, a sampled or otherwise
 non-greedy generation, and `think_end_token` take HFLM's own path unchanged.
 
