@@ -847,6 +847,7 @@ def test_a_trainer_dying_without_a_word_is_one_line_from_torchrun(exitcode, how,
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     import lmlab.launch
+    from lmlab import dumplock
 
     def trainer_dies():
         failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file=str(tmp_path / "none.json"))
@@ -854,6 +855,9 @@ def test_a_trainer_dying_without_a_word_is_one_line_from_torchrun(exitcode, how,
 
     monkeypatch.setattr(torch.distributed.run, "main", trainer_dies)
     monkeypatch.setenv("LMLAB_EXIT_FILE", str(tmp_path / "exit.json"))  # not written: the trainer said nothing
+    # torchrun() names itself the trainers' parent in the environment: restored after the test, or a later
+    # in-process trainer would take pytest's parent for torchrun and end the run (dumplock.die_with_parent)
+    monkeypatch.setenv(dumplock.AGENT_PID_ENV, "")
     assert lmlab.launch.torchrun() == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: trainer rank 1 {how} without an error line"), line
