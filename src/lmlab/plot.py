@@ -23,11 +23,16 @@ def run_labels(dumps: list[str | Path]) -> list[str]:
     return [str(Path(dump).resolve()) for dump in dumps]  # the same folder twice
 
 
-def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
-    """Every dump's metrics are read and checked (UserError) before the PNG is drawn."""
+def writable_output(output: str | Path) -> Path:
+    """The PNG's path, once its folder is known to exist (UserError otherwise)."""
     output = Path(output)
     if not output.parent.is_dir():
         raise UserError(f"-o {output}: no folder {output.parent} to write it in")
+    return output
+
+
+def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
+    """Every dump's metrics are read and checked (UserError) before the PNG is drawn."""
     runs = []  # (label, records)
     for dump, label in zip(dumps, run_labels(dumps)):
         records = read_metrics(dump)
@@ -38,6 +43,7 @@ def plot_runs(dumps: list[str | Path], output: str | Path) -> Path:
             raise UserError(f"{Path(dump) / METRICS_FILE}: the record of step {lacking['step']} has no numeric "
                             f"{' and '.join(CURVES)}")
         runs.append((label, records))
+    output = writable_output(output)
 
     import matplotlib
 
@@ -72,5 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output is None and len(args.dumps) > 1:
         raise UserError(f"{len(args.dumps)} runs: name the PNG to write with -o (e.g. -o compare.png)")
+    if args.output is not None:
+        writable_output(args.output)  # an argument: checked before the runs are read
     print(plot_runs(args.dumps, args.output or Path(args.dumps[0]) / "loss.png"))
     return 0
