@@ -1,6 +1,7 @@
 """lmlab's request scheduling (lmlab.eval.lm, lmlab.eval.scheduling) against lm-eval's own HF model class
 (`HFLM`, batch 1) on the same tiny fp32 model, request by request, for every family and HQLT mode
 (configs/tiny_*.json): loglikelihood, rolling loglikelihood and greedy generation."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 import lmlab  # noqa: F401  (registers the model families)
 from lmlab.eval import lm, scheduling
 from lmlab.eval.lm import LmlabLM
+from lmlab.models.cache import Cache
 from test_eval_harness import GATED_DELTANET, HQLT, write_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,12 +66,12 @@ def both(model, tokenizer, **kwargs) -> tuple[HFLM, LmlabLM]:
 
 
 def loglikelihood_requests() -> list[Instance]:
-    """Multiple choice (one context, 4 continuations), short and long contexts (one past max_length: left
+    """Multiple choice (one context, 4 or 5 continuations), short and long contexts (one past max_length: left
     truncation), one-token continuations, two tasks."""
     requests = []
     for doc in range(6):
         context = text(3 + 9 * doc, doc)  # 3 .. 48 words: the last ones are truncated
-        for choice in range(4):
+        for choice in range(5 - doc % 2):  # 5 choices: a continuation batch padded to 6 rows
             requests.append(request("loglikelihood", (context, " " + text(1 + choice, doc + choice)),
                                     task="mc" if doc % 2 else "other", doc_id=doc))
     return requests
@@ -84,18 +86,26 @@ def test_packed_and_shared_context_scoring_equal_lm_evals_hf_model_request_by_re
     model = tiny_model(name, tokenizer)
     hf, ours = both(model, tokenizer, token_budget=100)  # several forwards, several rows each
     assert ours.scheduled and not hasattr(hf, "scheduled")
+    # room for the states of 7 rows of 40 tokens: a context and its continuations (padded to 6) per batch
+    ours.state_memory = dataclasses.replace(ours.state_memory, budget=7 * (ours.state_memory.fixed +
+                                                                           40 * ours.state_memory.per_token))
     shared_groups = []
+
+    batch_sizes = []
 
     def spy(model, groups, **kwargs):
         shared_groups.extend(groups)
-        yield from scheduling.score_shared_context(model, groups, **kwargs)
+        for index, scores in scheduling.score_shared_context(model, groups, **kwargs):
+            batch_sizes.append(len({g for g, _ in index}))
+            yield index, scores
 
     monkeypatch.setattr(lm, "score_shared_context", spy)
     requests = loglikelihood_requests()
     expected, got = hf.loglikelihood(requests), ours.loglikelihood(requests)
     for (a, greedy_a), (b, greedy_b) in zip(expected, got, strict=True):
         assert b == pytest.approx(a, abs=1e-4) and greedy_a == greedy_b
-    assert 2 <= len(shared_groups) < 6 and all(len(conts) == 4 for _, conts in shared_groups)  # the rest: packed
+    assert 2 <= len(shared_groups) < 6 and all(len(conts) in (4, 5) for _, conts in shared_groups)  # the rest: packed
+    assert batch_sizes == [1] * len(shared_groups)  # the state budget's bound
     # token level: continuations that are the model's own greedy tokens
     contexts = [tokenizer(text(4 + 5 * i, i))["input_ids"] for i in range(3)]
     greedy = [(None, ctx, model(torch.tensor([ctx])).logits[0, -1:].argmax(-1).tolist()) for ctx in contexts]
@@ -152,3 +162,23 @@ def test_shared_contexts_group_multiple_choice_only_within_max_length_and_budget
 def test_bad_token_budget_is_one_line():
     with pytest.raises(lmlab.errors.UserError, match="token_budget must be a positive integer"):
         LmlabLM(pretrained="unused", token_budget="0")
+
+
+def test_batch_rows_are_powers_of_two_and_one_and_a_half_times_them():
+    sizes = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert [scheduling.batch_rows_at_most(n) for n in range(1, 65)] == [max(s for s in sizes if s <= n)
+                                                                         for n in range(1, 65)]
+    assert [scheduling.batch_rows_at_least(n) for n in range(1, 65)] == [min(s for s in sizes if s >= n)
+                                                                          for n in range(1, 65)]
+
+
+@pytest.mark.parametrize("name", ["small_gdn_hybrid", "tiny_transformer"])
+def test_state_memory_is_what_a_cache_holds(name, tokenizer):
+    """Recurrent and conv states are a fixed size per row; attention keys and values grow per token."""
+    model = tiny_model(name, tokenizer)
+    state = scheduling.measure_state_memory(model, budget=1 << 20)
+    cache = Cache()
+    model.model(input_ids=torch.ones(3, 5, dtype=torch.long), past_key_values=cache, use_cache=True)
+    assert 3 * (state.fixed + 5 * state.per_token) == cache.nbytes()
+    assert state.per_token > 0 and (state.fixed > 0) == (name == "small_gdn_hybrid")
+    assert state.rows(5) == (1 << 20) // (state.fixed + 5 * state.per_token)

@@ -15,6 +15,7 @@ non-greedy generation, and `think_end_token` take HFLM's own path unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -30,7 +31,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lmlab.errors import UserError
-from lmlab.eval.scheduling import Scoring, greedy_generate, score_packed, score_shared_context, shared_contexts
+from lmlab.eval.scheduling import (
+    Scoring,
+    batch_rows_at_most,
+    default_state_budget,
+    greedy_generate,
+    measure_state_memory,
+    score_packed,
+    score_shared_context,
+    shared_contexts,
+)
 from lmlab.models.blocks import LmlabForCausalLM
 
 # Tokens per forward: 64 packed rows of 1024 tokens; a 340M model's activations for them take a few GiB,
@@ -47,6 +57,9 @@ class LmlabLM(HFLM):
         super().__init__(*args, **kwargs)
         self.token_budget = int(token_budget)
         self.scheduled = isinstance(self.model, LmlabForCausalLM) and self.backend == "causal"
+        if self.scheduled:
+            with self._autocast():  # the states' dtypes are the evaluation's
+                self.state_memory = measure_state_memory(self.model, default_state_budget(self.device))
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)  # (request type, task) -> seconds
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self._bar: tqdm | None = None
@@ -88,7 +101,7 @@ class LmlabLM(HFLM):
         with self._autocast():
             contexts = [(pairs[g[0]][0], [pairs[i][1] for i in g]) for g in groups]
             for index, scores in score_shared_context(self.model, contexts, token_budget=self.token_budget,
-                                                      softmax_dtype=self.softmax_dtype):
+                                                      state=self.state_memory, softmax_dtype=self.softmax_dtype):
                 for (g, j), score in zip(index, scores):
                     record(groups[g][j], score)
                 self._advance(len(index))
@@ -120,8 +133,8 @@ class LmlabLM(HFLM):
         return totals
 
     def _generate(self, requests: list[Instance]) -> list[str]:
-        """Greedy generations in left-padded batches of at most token_budget prefill + generated tokens,
-        longest contexts first; other generation settings go to HFLM."""
+        """Greedy generations in left-padded batches of at most token_budget prefill + generated tokens and
+        as many rows as StateMemory allows, longest contexts first; other generation settings go to HFLM."""
         results: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
@@ -145,7 +158,9 @@ class LmlabLM(HFLM):
             order = sorted(indices, key=lambda i: -lengths[i])
             stopped = self._stop_check(until)
             while order:
-                rows = max(1, self.token_budget // (lengths[order[0]] + max_new))
+                tokens = lengths[order[0]] + max_new
+                rows = min(len(order), self.token_budget // tokens, self.state_memory.rows(tokens))
+                rows = batch_rows_at_most(max(1, rows))
                 batch, order = order[:rows], order[rows:]
                 contexts = [requests[i].args[0] for i in batch]
                 input_ids, mask = self.tok_batch_encode(contexts, left_truncate_len=max_context,
@@ -207,6 +222,8 @@ class LmlabLM(HFLM):
                 "loglikelihood": "packed documents (cu_seqlens), longest first, any --batch_size",
                 "generate_until": "greedy, left-padded batches from the decoding cache, longest first",
                 "token_budget": self.token_budget,
+                "batch_rows": "1, 2, 3, 4, 6, 8, 12, ... (shared contexts, generation)",
+                "decoding_state_bytes": dataclasses.asdict(self.state_memory),
                 "seconds": {f"{task}/{kind}": round(s, 3) for (kind, task), s in self.seconds.items()},
             }
             print(self.time_summary(), file=sys.stderr)

@@ -13,16 +13,25 @@ once the next forward is queued.
 Multiple choice (hellaswag 4x, arc 3-5x, piqa 2x the same context): the context runs once, left-padded
 in a batch of contexts of similar length, with the models' decoding Cache (recurrent, conv and KV states);
 the Cache is copied to one row per continuation and the continuations run from it, right-padded (what
-follows a token cannot change its output). Against packed rows that repeat the context, on 100
+follows a token cannot change its output). A batch holds as many rows as the token budget and the
+memory set aside for decoding states allow (`StateMemory`: a 340M Gated DeltaNet's state is 66 MB a row,
+so the token budget alone let hellaswag's batches exhaust an 80 GB card). Against packed rows that repeat the context, on 100
 hellaswag-sized documents (60-100 context and 4 x 20-40 continuation tokens; CPU, 2 cores shared with
 other jobs, one thread; bench/experiments/shared_context.py, in commit afb14bf): 14.7 s
 against 29.0 s (tiny_gated_deltanet), 7.8 s against 15.6 s (tiny_transformer), 11.6 s against 35.6 s
 (tiny_hqlt_sync), results within 1e-4 of each other. The tokens fall from 43.6k to 20.0k (+ padding), so
 the context runs once wherever no truncation applies; truncated requests are packed.
 
+Batch sizes. The shared-context and generation paths run batches of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... rows
+only (`batch_rows_at_most`, `batch_rows_at_least`: powers of two and 1.5 times them; a continuation batch
+is padded up with copies of its first row). fla's Triton kernels autotune on first use for every new batch
+size (their autotune keys include it; seconds each, on an H100 they stalled each task's start), so few
+sizes keep that to a handful of tunings, cached on disk for later runs. Packed rows are one document
+batch (`cu_seqlens`), whatever their number.
+
 Generation. Contexts sorted by length run in batches of at most `token_budget` prefill tokens, left-padded
 (`attention_mask`; padding never enters a state, see docs/CONTRACTS.md), then one token per step for the
-whole batch from the models' decoding Cache. EOS and stop strings are checked on the host every
+whole batch from the models' decoding Cache, as many rows as `StateMemory` allows. EOS and stop strings are checked on the host every
 `CHECK_EVERY` steps only (generating past a stop cannot change the text cut at the first stop).
 """
 from __future__ import annotations
@@ -40,6 +49,54 @@ from lmlab.models.cache import Cache
 LOGITS_CHUNK = 8192
 # Decode steps between two host checks of EOS and stop strings.
 CHECK_EVERY = 16
+
+
+@dataclass(frozen=True)
+class StateMemory:
+    """How many rows' decoding states fit the memory set aside for them: a row's Cache holds `fixed` bytes
+    (recurrent and short-conv states) plus `per_token` bytes per token it has seen (attention keys and
+    values; an overestimate for sliding windows once they are full)."""
+
+    fixed: int
+    per_token: int
+    budget: int
+
+    def rows(self, tokens: int) -> int:
+        """Rows whose states after `tokens` tokens fit the budget (at least 1)."""
+        return max(1, self.budget // max(1, self.fixed + self.per_token * tokens))
+
+
+@torch.no_grad()
+def measure_state_memory(model: torch.nn.Module, budget: int) -> StateMemory:
+    """`model`'s StateMemory, from the Cache it leaves after one row of one token and of two tokens."""
+    device = next(model.parameters()).device
+    sizes = []
+    for length in (1, 2):
+        cache = Cache()
+        model.model(input_ids=torch.ones(1, length, dtype=torch.long, device=device), past_key_values=cache,
+                    use_cache=True)
+        sizes.append(cache.nbytes())
+    return StateMemory(fixed=2 * sizes[0] - sizes[1], per_token=sizes[1] - sizes[0], budget=budget)
+
+
+def default_state_budget(device: torch.device) -> int:
+    """Bytes for a batch's decoding states: an eighth of the GPU memory free now (the forward's chunked
+    intermediate states and activations need the rest), 2 GiB on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 8
+    return 2 << 30
+
+
+def batch_rows_at_most(n: int) -> int:
+    """The largest batch size of 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 times them) not above n."""
+    power = 1 << (n.bit_length() - 1)
+    return power * 3 // 2 if power >= 2 and n >= power * 3 // 2 else power
+
+
+def batch_rows_at_least(n: int) -> int:
+    """The smallest batch size of 1, 2, 3, 4, 6, 8, 12, ... not below n."""
+    power = 1 << (n - 1).bit_length()
+    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
 
 
 @dataclass(frozen=True)
@@ -108,7 +165,7 @@ def score_packed(model: torch.nn.Module, requests: Sequence[Scoring], *, token_b
 
 @torch.no_grad()
 def score_shared_context(model: torch.nn.Module, groups: Sequence[tuple[list[int], list[list[int]]]], *,
-                         token_budget: int, softmax_dtype: torch.dtype | None = None
+                         token_budget: int, state: StateMemory, softmax_dtype: torch.dtype | None = None
                          ) -> Iterator[tuple[list[tuple[int, int]], list[tuple[float, bool]]]]:
     """Multiple choice: each (context, continuations) group runs its context once, left-padded with the
     groups of similar length, and every continuation from a copy of its context's decoding state
@@ -116,14 +173,16 @@ def score_shared_context(model: torch.nn.Module, groups: Sequence[tuple[list[int
     per batch, longest contexts first; the results are lm-eval's HF model's for context + continuation."""
     order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))
     batches, at = [], 0
-    while at < len(order):  # as many groups as fit the budget: contexts (padded) + continuations (padded)
+    while at < len(order):  # as many groups as fit: tokens (padded) and states of contexts + continuations
         end, width, conts = at + 1, max(map(len, groups[order[at]][1])), len(groups[order[at]][1])
         ctx_len = len(groups[order[at]][0])
         while end < len(order):
             w, n = max(width, *map(len, groups[order[end]][1])), conts + len(groups[order[end]][1])
-            if (end + 1 - at) * ctx_len + n * w > token_budget:
+            rows = end + 1 - at + batch_rows_at_least(n)
+            if (end + 1 - at) * ctx_len + n * w > token_budget or rows > state.rows(ctx_len + w):
                 break
             end, width, conts = end + 1, w, n
+        end = at + batch_rows_at_most(end - at)
         batches.append(order[at:end])
         at = end
     device = next(model.parameters()).device
@@ -143,19 +202,21 @@ def _shared_forward(model: torch.nn.Module, groups: list[tuple[list[int], list[l
         contexts[row, ctx_len - len(context):] = torch.tensor(context)
         mask[row, ctx_len - len(context):] = 1
     conts = [(row, c) for row, (_, continuations) in enumerate(groups) for c in continuations]
-    owners = torch.tensor([row for row, _ in conts], device=device)
+    # padded up to a batch size of batch_rows_at_least with rows from the first context, not scored
+    owners = [row for row, _ in conts]
+    owners = torch.tensor(owners + owners[:1] * (batch_rows_at_least(len(conts)) - len(conts)), device=device)
     mask, cache = mask.to(device), Cache()
     # each context's last output scores its continuations' first tokens
     hidden = [model.model(input_ids=contexts.to(device), attention_mask=mask, past_key_values=cache,
                           use_cache=True).last_hidden_state[:, -1]]
     width = max(len(c) for _, c in conts) - 1  # a continuation's last token is only a target
     if width:
-        inputs = torch.zeros(len(conts), width, dtype=torch.long)  # right padding
+        inputs = torch.zeros(len(owners), width, dtype=torch.long)  # right padding
         for r, (_, c) in enumerate(conts):
             inputs[r, :len(c) - 1] = torch.tensor(c[:-1])
         cache.batch_select_indices(owners)  # one copy of its context's state per continuation
         hidden.append(model.model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[owners],
-                                  mask.new_ones(len(conts), width)], 1), past_key_values=cache,
+                                  mask.new_ones(len(owners), width)], 1), past_key_values=cache,
                                   use_cache=True).last_hidden_state.flatten(0, 1))
     # each continuation's positions in a row: its context's last one, then its own but the last
     positions = [i for r, (row, c) in enumerate(conts)

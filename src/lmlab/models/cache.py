@@ -52,6 +52,18 @@ class Cache:
         self.layers.setdefault(layer_idx, {})[name] = tuple(x[:, start:] for x in new)
         return new
 
+    def nbytes(self) -> int:
+        """Bytes held by all states (e.g. to size a batch's decoding states, lmlab.eval.scheduling)."""
+        total = 0
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.nbytes
+            return t
+
+        self._map(count)
+        return total
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t.index_select(0, indices.to(t.device)))
 
