@@ -14,7 +14,7 @@ Multiple choice (hellaswag 4x, arc 3-5x, piqa 2x the same context): the context 
 in a batch of contexts of similar length, with the models' decoding Cache (recurrent, conv and KV states);
 the Cache is copied to one row per continuation and the continuations run from it, right-padded (what
 follows a token cannot change its output). A batch holds as many rows as the token budget and the
-memory set aside for decoding states allow (`StateMemory`: a 340M Gated DeltaNet's state is 66 MB a row,
+memory set aside for decoding states allow (`StateMemory`: a 340M Gated DeltaNet's state is 64 MiB a row,
 so the token budget alone let hellaswag's batches exhaust an 80 GB card). Against packed rows that repeat the context, on 100
 hellaswag-sized documents (60-100 context and 4 x 20-40 continuation tokens; CPU, 2 cores shared with
 other jobs, one thread; bench/experiments/shared_context.py, in commit afb14bf): 14.7 s
