@@ -14,9 +14,9 @@ Multiple choice (hellaswag 4x, arc 3-5x, piqa 2x the same context): the context 
 in a batch of contexts of similar length, with the models' decoding Cache (recurrent, conv and KV states);
 the Cache is copied to one row per continuation and the continuations run from it, right-padded (what
 follows a token cannot change its output). A batch holds as many rows as the token budget and the
-memory set aside for decoding states allow (`StateMemory`: a 340M Gated DeltaNet's state is 64 MiB a row,
-so the token budget alone let hellaswag's batches exhaust an 80 GB card). Against packed rows that repeat the context, on 100
-hellaswag-sized documents (60-100 context and 4 x 20-40 continuation tokens; CPU, 2 cores shared with
+memory set aside for decoding states allow (`StateMemory`: a 340M Gated DeltaNet's state is 64 MiB a
+row, so the token budget alone let hellaswag's batches exhaust an 80 GB card). Against packed rows that
+repeat the context, on 100 hellaswag-sized documents (60-100 context and 4 x 20-40 continuation tokens; CPU, 2 cores shared with
 other jobs, one thread; bench/experiments/shared_context.py, in commit afb14bf): 14.7 s
 against 29.0 s (tiny_gated_deltanet), 7.8 s against 15.6 s (tiny_transformer), 11.6 s against 35.6 s
 (tiny_hqlt_sync), results within 1e-4 of each other. The tokens fall from 43.6k to 20.0k (+ padding), so
@@ -24,15 +24,15 @@ the context runs once wherever no truncation applies; truncated requests are pac
 
 Batch sizes. The shared-context and generation paths run batches of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... rows
 only (`batch_rows_at_most`, `batch_rows_at_least`: powers of two and 1.5 times them; a continuation batch
-is padded up with copies of its first row). fla's Triton kernels autotune on first use for every new batch
+is padded up with unscored rows from its first context). fla's Triton kernels autotune on first use for every new batch
 size (their autotune keys include it; seconds each, on an H100 they stalled each task's start), so few
 sizes keep that to a handful of tunings, cached on disk for later runs. Packed rows are one document
 batch (`cu_seqlens`), whatever their number.
 
 Generation. Contexts sorted by length run in batches of at most `token_budget` prefill tokens, left-padded
 (`attention_mask`; padding never enters a state, see docs/CONTRACTS.md), then one token per step for the
-whole batch from the models' decoding Cache, as many rows as `StateMemory` allows. EOS and stop strings are checked on the host every
-`CHECK_EVERY` steps only (generating past a stop cannot change the text cut at the first stop).
+whole batch from the models' decoding Cache, as many rows as `StateMemory` allows. EOS and stop strings
+are checked on the host every `CHECK_EVERY` steps only (generating past a stop cannot change the text cut at the first stop).
 """
 from __future__ import annotations
 
