@@ -117,7 +117,7 @@ def test_packed_and_shared_context_scoring_equal_lm_evals_hf_model_request_by_re
 
 
 @pytest.mark.parametrize("name", [*SMALL, *TINY])
-def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tokenizer):
+def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tokenizer, monkeypatch):
     """Stop strings that cut early (" " ends most generations after a token or two), one that never comes
     ("\\n": the full max_gen_toks), and an EOS the model emits: the same texts as HFLM's generate()."""
     model = tiny_model(name, tokenizer)
@@ -125,7 +125,7 @@ def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tok
     requests = [request("generate_until", (c, {"until": ["\n"], "max_gen_toks": 17})) for c in contexts]
     requests += [request("generate_until", (c, {"until": [" "], "max_gen_toks": 8, "do_sample": False}))
                  for c in contexts]
-    hf, ours = both(model, tokenizer)
+    hf, ours = both(model, tokenizer, token_budget=40)  # the prompts run one or two rows at a time
     first = hf.generate_until(requests)
     assert all(first[:4])  # until "\n": 17 tokens of text
     # an EOS that the first generation reaches: its third token
@@ -133,7 +133,11 @@ def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tok
     eos = model.generate(context, max_new_tokens=3, do_sample=False, pad_token_id=2)[0, -1].item()
     model.generation_config.eos_token_id = eos
     expected = hf.generate_until(requests)
+    pieces = []
+    concatenate = Cache.concatenate
+    monkeypatch.setattr(Cache, "concatenate", lambda caches: pieces.append(len(caches)) or concatenate(caches))
     assert ours.generate_until(requests) == expected
+    assert max(pieces) > 1  # a batch's prompts ran in pieces
     assert len(expected[0]) < len(first[0])  # the EOS cut it
 
 
@@ -182,3 +186,10 @@ def test_state_memory_is_what_a_cache_holds(name, tokenizer):
     assert 3 * (state.fixed + 5 * state.per_token) == cache.nbytes()
     assert state.per_token > 0 and (state.fixed > 0) == (name == "small_gdn_hybrid")
     assert state.rows(5) == (1 << 20) // (state.fixed + 5 * state.per_token)
+
+
+def test_caches_after_different_numbers_of_tokens_are_not_concatenated():
+    short, long = Cache(), Cache()
+    long.advance(2)
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        Cache.concatenate([short, long])

@@ -133,8 +133,8 @@ class LmlabLM(HFLM):
         return totals
 
     def _generate(self, requests: list[Instance]) -> list[str]:
-        """Greedy generations in left-padded batches of at most token_budget prefill + generated tokens and
-        as many rows as StateMemory allows, longest contexts first; other generation settings go to HFLM."""
+        """Greedy generations in left-padded batches of as many rows as StateMemory allows (prompts run
+        token_budget tokens at a time), longest contexts first; other generation settings go to HFLM."""
         results: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
@@ -159,15 +159,14 @@ class LmlabLM(HFLM):
             stopped = self._stop_check(until)
             while order:
                 tokens = lengths[order[0]] + max_new
-                rows = min(len(order), self.token_budget // tokens, self.state_memory.rows(tokens))
-                rows = batch_rows_at_most(max(1, rows))
+                rows = batch_rows_at_most(min(len(order), self.state_memory.rows(tokens)))
                 batch, order = order[:rows], order[rows:]
                 contexts = [requests[i].args[0] for i in batch]
                 input_ids, mask = self.tok_batch_encode(contexts, left_truncate_len=max_context,
                                                         truncation=self.truncation)
                 with self._autocast():
                     generated = greedy_generate(self.model, input_ids.to(self.device), mask.to(self.device),
-                                                max_new, eos_ids, stopped)
+                                                max_new, eos_ids, stopped, max(1, self.token_budget // tokens))
                 for i, tokens in zip(batch, generated):
                     results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])

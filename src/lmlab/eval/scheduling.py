@@ -29,9 +29,9 @@ size (their autotune keys include it; seconds each, on an H100 they stalled each
 sizes keep that to a handful of tunings, cached on disk for later runs. Packed rows are one document
 batch (`cu_seqlens`), whatever their number.
 
-Generation. Contexts sorted by length run in batches of at most `token_budget` prefill tokens, left-padded
-(`attention_mask`; padding never enters a state, see docs/CONTRACTS.md), then one token per step for the
-whole batch from the models' decoding Cache, as many rows as `StateMemory` allows. EOS and stop strings
+Generation. Contexts sorted by length run in batches of as many rows as `StateMemory` allows, left-padded
+(`attention_mask`; padding never enters a state, see docs/CONTRACTS.md), their prompts in pieces of at
+most `token_budget` tokens, then one token per step for the whole batch from the models' decoding Cache. EOS and stop strings
 are checked on the host every `CHECK_EVERY` steps only (generating past a stop cannot change the text cut at the first stop).
 """
 from __future__ import annotations
@@ -291,16 +291,24 @@ def _results(order: list, sums: torch.Tensor, misses: torch.Tensor) -> tuple[lis
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int, eos_ids: set[int], stopped: Callable[[list[int]], bool]) -> list[list[int]]:
+                    max_new_tokens: int, eos_ids: set[int], stopped: Callable[[list[int]], bool],
+                    prefill_rows: int) -> list[list[int]]:
     """Greedy continuations of a left-padded batch, each cut after its first EOS; generation ends early
-    once every row has an EOS or `stopped(its tokens)` (checked every CHECK_EVERY steps)."""
+    once every row has an EOS or `stopped(its tokens)` (checked every CHECK_EVERY steps). The prompts run
+    `prefill_rows` rows at a time (a forward's activations), the decoding steps all rows at once (a step
+    of a 340M model costs about the same at 32 rows as at 128: kernel launches, not arithmetic)."""
     def finished(row: list[int]) -> bool:
         return any(t in eos_ids for t in row) or stopped(row)
 
     out = torch.empty(input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device)
-    cache = Cache()
-    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits
+    parts, logits, at = [], [], 0
+    while at < len(input_ids):
+        rows = batch_rows_at_most(min(prefill_rows, len(input_ids) - at))
+        parts.append(Cache())
+        logits.append(model(input_ids[at:at + rows], attention_mask=attention_mask[at:at + rows],
+                            past_key_values=parts[-1], use_cache=True, logits_to_keep=1).logits)
+        at += rows
+    cache, logits = Cache.concatenate(parts), torch.cat(logits)
     steps = 0
     while steps < max_new_tokens:
         out[:, steps] = logits[:, -1].argmax(-1)

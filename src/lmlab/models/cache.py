@@ -64,6 +64,26 @@ class Cache:
         self._map(count)
         return total
 
+    @classmethod
+    def concatenate(cls, caches: list[Cache]) -> Cache:
+        """One cache holding the rows of `caches` in order (each after the same number of tokens)."""
+        if len({cache.seen_tokens for cache in caches}) > 1:
+            raise ValueError("caches after different numbers of tokens cannot be concatenated")
+
+        def cat(values: list[Any]) -> Any:
+            if isinstance(values[0], torch.Tensor):
+                return torch.cat(values)
+            if isinstance(values[0], tuple):
+                return tuple(cat(list(parts)) for parts in zip(*values))
+            return values[0]  # None: an absent state
+
+        merged = cls()
+        merged.seen_tokens = caches[0].seen_tokens
+        for layer_idx, states in caches[0].layers.items():
+            merged.layers[layer_idx] = {name: cat([cache.layers[layer_idx][name] for cache in caches])
+                                        for name in states}
+        return merged
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map(lambda t: t.index_select(0, indices.to(t.device)))
 
