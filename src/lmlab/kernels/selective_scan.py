@@ -115,9 +115,10 @@ def selective_scan_chunk_torch(
     Bsz, T, D = u.shape
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):
-        A, u, delta, B, C = (x.float() for x in (A, u, delta, B, C))
+        # the chunks cast their own slices to float32: backward keeps the inputs as they came (bf16 in training)
+        A = A.float()
         initial = None if initial_state is None else initial_state.float()
-        h = initial if initial is not None and cu_seqlens is None else u.new_zeros(Bsz, D, A.shape[1])
+        h = initial if initial is not None and cu_seqlens is None else A.new_zeros(Bsz, D, A.shape[1])
         if cu_seqlens is not None:
             doc, offset = document_positions(cu_seqlens, torch.arange(T, device=u.device))
             starts = (offset == 0)[None]
@@ -135,7 +136,7 @@ def selective_scan_chunk_torch(
                 here = ((ends >= first) & (ends < chunk.stop))[:, None, None]
                 final = torch.where(here, h_all[0].index_select(0, (ends - first).clamp(0, h_all.shape[1] - 1)),
                                     final)
-        y = torch.cat(outputs, dim=1) if outputs else u.new_zeros(Bsz, 0, D)
+        y = torch.cat(outputs, dim=1) if outputs else A.new_zeros(Bsz, 0, D)
         if cu_seqlens is not None and output_final_state:
             h = keep_initial_if_empty(final, cu_seqlens, initial)
     return y.to(dtype), (h if output_final_state else None)
@@ -166,6 +167,7 @@ def _scan_chunk(
     Σ exp(A Σ_{(j,t]} Δ) ⊙ Δ_j u_j B_j over the 2s tokens j <= t before it (its own document's), and
     R_t = Σ Δ over those tokens, so the decay from the next block of tokens to t is exp(A R_t) <= 1."""
     c = u.shape[1]
+    u, delta, B, C = (t.float() for t in (u, delta, B, C))
     x = (delta * u)[..., None] * B[:, :, None, :]  # [S,c,D,N]
     segment = None
     if starts is not None:
