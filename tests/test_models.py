@@ -33,6 +33,8 @@ MODELS = {
     "hgrn2": {"model_type": "hgrn2", "num_heads": 4, "expand_ratio": None, "use_short_conv": True},
     "gsa": {"model_type": "gsa", "num_heads": 4, "num_kv_heads": 2, "num_slots": 8, "use_short_conv": True},
     "mamba": {"model_type": "mamba", "state_size": 8},
+    "samba": {"model_type": "samba", "state_size": 8,
+              "attn": {"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": 4}},
     "hybrid": {"model_type": "gated_deltanet", "num_heads": 2, "head_dim": 16,
                "attn": {"layers": [1], "num_heads": 4, "num_kv_heads": 2, "window_size": 4}},
 }
@@ -54,6 +56,7 @@ PARAM_COUNTS = {
     "gsa_340M": 380_158_976,
     "mamba_340M": 398_148_608,
     "mamba_1B": 1_400_276_992,
+    "samba_1B": 1_403_935_488,
     "tiny_transformer": 3_344_064,
     "tiny_delta_net": 3_356_544,
     "tiny_gated_deltanet": 3_653_208,
@@ -61,6 +64,7 @@ PARAM_COUNTS = {
     "tiny_hgrn2": 3_345_600,
     "tiny_gsa": 3_393_216,
     "tiny_mamba": 2_579_904,
+    "tiny_samba": 3_552_192,
     "tiny_hybrid": 3_424_908,
     "tiny_hqlt_sync": 3_494_784,
     "tiny_hqlt_delayed_stream": 3_494_784,
@@ -97,7 +101,7 @@ HQLT_PARAMS = {
     "sync_hqlt_ch64_sum-mixing_noconv_340M": 374_067_200,
 }
 # The seed's configs of families lmlab does not build yet (issue 23: fla builds them, on CUDA), kept verbatim.
-UNBUILT_CONFIGS = {"mamba2_340M", "mamba2_1B", "samba_1B"}
+UNBUILT_CONFIGS = {"mamba2_340M", "mamba2_1B"}
 
 
 def make_config(spec: dict, **overrides):
@@ -368,6 +372,38 @@ def test_bad_mamba_configs_are_rejected(overrides, message):
         make_config(MODELS["mamba"], **overrides)
 
 
+def test_samba_layout_and_defaults():
+    """fla's Samba: its default `attn` (every other layer from 1, 18 heads, window 2048) cut to the model's
+    depth; the MLPs sized by hidden_ratio, not by intermediate_size (the Mamba layers' expand · hidden);
+    rescale_prenorm_residual rescales the Mamba layers' out_proj only, by √num_hidden_layers."""
+    config = make_config({"model_type": "samba"}, hidden_size=72, num_hidden_layers=4, rescale_prenorm_residual=True)
+    assert config.attn == {"layers": [1, 3], "num_heads": 18, "num_kv_heads": 18, "qkv_bias": False,
+                           "window_size": 2048, "rope_theta": 10000.0}
+    assert make_config({"model_type": "samba"}, attn=None).attn is None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    layers = model.model.layers
+    assert type(layers[0].mixer).__name__ == "MambaMixer" and type(layers[1].mixer).__name__ == "Attention"
+    assert layers[0].mixer.in_proj.out_features == 2 * config.intermediate_size == 2 * 144
+    assert layers[0].mlp.up_proj.out_features == 256  # 72 · 4 · 2/3, rounded up to a multiple of 256
+    bound = 144 ** -0.5 / math.sqrt(4)
+    assert layers[0].mixer.out_proj.weight.abs().max() <= bound
+    for weight in (layers[1].mixer.o_proj.weight, layers[0].mlp.down_proj.weight):  # N(0, 0.02) as fla
+        assert abs(weight.std().item() - 0.02) < 0.003
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"intermediate_size": 100}, r"intermediate_size \(100\) disagrees"),
+    ({"time_step_init_scheme": "xavier"}, "random or constant"),
+    ({"time_step_rank": -1}, "dt rank must be a positive integer"),
+    ({"attn": {"layers": [2], "num_heads": 4}}, "outside"),
+    ({"prenorm_residual_strategy": "zero"}, "rescale_prenorm_residual"),
+])
+def test_bad_samba_configs_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(MODELS["samba"], **overrides)
+
+
 def test_mamba_reads_the_seed_key_names():
     """The seed's configs use the fork's time_step_* names (fla 0.6.0's dt_*): its 340M has dt rank 128, not
     "auto"'s 64; a saved config holds fla 0.6.0's names only, and reloads the same."""
@@ -432,6 +468,12 @@ def test_flops_count_the_selective_scan():
         model = AutoModelForCausalLM.from_config(config)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert flops_per_token(config, 2048) == pytest.approx(3 * (2 * weights + 48 * 2048 * (2 * 4 + 6 * 16)))
+    config = AutoConfig.from_pretrained(ROOT / "configs/samba_1B.json")  # 9 Mamba, 9 attention layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 9 * 18 * 4 * 128 * (2048 + 1) / 2  # window 2048 >= seq 2048: causal
+    assert flops_per_token(config, 2048) == pytest.approx(3 * (2 * weights + attention + 9 * 4608 * (8 + 96)))
 
 
 @pytest.mark.parametrize("name", ["hgrn2_340M", "gsa_340M"])
@@ -520,7 +562,7 @@ def test_block_compiles_without_graph_breaks(name):
 
 
 @pytest.mark.slow  # inductor compiles C++ on CPU: minutes per family
-@pytest.mark.parametrize("name", ["hgrn2", "gsa", "mamba"])
+@pytest.mark.parametrize("name", ["hgrn2", "gsa", "mamba", "samba"])
 def test_compiled_blocks_equal_eager(name):
     """Each block compiled as training compiles it (inductor, fullgraph) gives eager's loss and gradients,
     with packed documents."""
@@ -541,7 +583,7 @@ def test_compiled_blocks_equal_eager(name):
 
 
 @pytest.mark.parametrize("name", ["transformer", "delta_net", "gated_deltanet", "gla", "hgrn2", "gsa", "mamba",
-                                  "hybrid"])
+                                  "samba", "hybrid"])
 def test_tiny_config_loss_falls(name):
     """30 Adam steps on one repeated random batch: the model must start memorising it."""
     torch.manual_seed(0)
@@ -681,7 +723,7 @@ def test_model_backend_flag_sets_the_built_models_kernels_only():
     assert {m.backend for m in other.modules() if isinstance(m, UsesKernels)} == {"auto"}
 
 
-@pytest.mark.parametrize("name, tie", [("hybrid", False), ("hybrid", True), ("mamba", True)])
+@pytest.mark.parametrize("name, tie", [("hybrid", False), ("hybrid", True), ("mamba", True), ("samba", False)])
 def test_save_and_load_round_trip(tmp_path, name, tie):
     model = make_model(name, tie_word_embeddings=tie)
     model.save_pretrained(tmp_path)
@@ -809,10 +851,12 @@ def test_340m_compiled_blocks_match_eager(name, packed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, packed", [("mamba_340M", False), ("mamba_340M", True)])
+@pytest.mark.parametrize("name, packed", [("mamba_340M", False), ("mamba_340M", True), ("samba_1B", False),
+                                          ("samba_1B", True)])
 def test_gpu_selective_scan_blocks_compiled_match_eager(name, packed):
-    """Mamba's blocks as training runs them (torch.compile per block with fullgraph=True, bf16 autocast,
-    backend auto) against eager torch in bf16 and float32, four layers."""
+    """Mamba's and Samba's blocks as training runs them (torch.compile per block with fullgraph=True, bf16
+    autocast, backend auto) against eager torch in bf16 and float32, four layers (Samba's 1 and 3: sliding-window
+    attention over the 2048 tokens' rows and documents)."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     config = AutoConfig.from_pretrained(ROOT / f"configs/{name}.json", num_hidden_layers=4)
     torch.manual_seed(0)
@@ -820,7 +864,7 @@ def test_gpu_selective_scan_blocks_compiled_match_eager(name, packed):
     ids = torch.randint(0, config.vocab_size, (2, 1024), device="cuda")
     varlen = {"cu_seqlens": torch.tensor([0, 300, 1024, 1500, 2048], dtype=torch.int32, device="cuda")} if packed else {}
     watched = [key for key, _ in model.named_parameters() if key.startswith(("backbone.layers.0.", "backbone.layers.3."))
-               and key.endswith(("out_proj.weight", "A_log", "dt_proj.weight", "conv1d.weight"))]
+               and key.endswith(("out_proj.weight", "A_log", "dt_proj.weight", "conv1d.weight", "down_proj.weight"))]
 
     def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.set_kernel_backend(backend)
