@@ -280,6 +280,23 @@ def test_mamba_mixer_computes_what_flas_layer_computes():
         assert max_err(ours(x, rotary={}, attention_mask=mask), theirs(x, attention_mask=mask)[0]) < 1e-5
 
 
+def test_mamba_loads_transformers_mamba_and_computes_the_same():
+    """transformers' own Mamba (its config names: time_step_*, layer_norm_epsilon; fla's state-dict keys) loads
+    into lmlab's, and the whole model gives the same logits (transformers' PyTorch path, on CPU)."""
+    from transformers.models.mamba import modeling_mamba
+
+    torch.manual_seed(0)
+    theirs = modeling_mamba.MambaForCausalLM(modeling_mamba.MambaConfig(
+        hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8, layer_norm_epsilon=1e-6)).eval()
+    values = theirs.config.to_dict()
+    ours = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values)).eval()
+    assert ours.config.norm_eps == 1e-6 and ours.config.tie_word_embeddings
+    ours.load_state_dict(theirs.state_dict())
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        assert max_err(ours(ids).logits, theirs(ids).logits) < 1e-5
+
+
 def test_hgrn2_lower_bounds_reach_the_hgrn2_layers_after_the_first():
     """fla's rule: layer l's bound is the softmax's cumulative sum up to l minus its first term (0 at layer
     0, which gets none); hybrid attention layers get none; the bounds are trained."""
@@ -864,7 +881,8 @@ def test_gpu_selective_scan_blocks_compiled_match_eager(name, packed):
     model = AutoModelForCausalLM.from_config(config).cuda().train()
     ids = torch.randint(0, config.vocab_size, (2, 1024), device="cuda")
     varlen = {"cu_seqlens": torch.tensor([0, 300, 1024, 1500, 2048], dtype=torch.int32, device="cuda")} if packed else {}
-    watched = [key for key, _ in model.named_parameters() if key.startswith(("backbone.layers.0.", "backbone.layers.3."))
+    watched = [key for key, _ in model.named_parameters()
+               if key.startswith(("backbone.layers.0.", "backbone.layers.3."))
                and key.endswith(("out_proj.weight", "A_log", "dt_proj.weight", "conv1d.weight", "down_proj.weight"))]
 
     def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import dispatch
 from lmlab.kernels.documents import document_positions
-from lmlab.kernels.recurrent_common import document_starts, keep_initial_if_empty, needs_grad, use_recurrent
+from lmlab.kernels.recurrent_common import (
+    document_starts,
+    keep_initial_if_empty,
+    recompute_in_backward,
+    use_recurrent,
+)
 
 OP = "selective_scan"
 CHUNK_SIZE = 64
@@ -128,8 +132,8 @@ def selective_scan_chunk_torch(
         for first in range(0, T, chunk_size):
             chunk = slice(first, min(first + chunk_size, T))
             packed = () if cu_seqlens is None else (starts[:, chunk], initial, doc[chunk])
-            y, h_all = _checkpointed(_scan_chunk, h, u[:, chunk], delta[:, chunk], A, B[:, chunk], C[:, chunk],
-                                     *packed)
+            y, h_all = recompute_in_backward(_scan_chunk, h, u[:, chunk], delta[:, chunk], A, B[:, chunk],
+                                             C[:, chunk], *packed)
             outputs.append(y)
             h = h_all[:, -1].clone()  # not a view: the chunk's states must not stay alive for backward
             if cu_seqlens is not None and output_final_state:  # the documents that end in this chunk
@@ -140,13 +144,6 @@ def selective_scan_chunk_torch(
         if cu_seqlens is not None and output_final_state:
             h = keep_initial_if_empty(final, cu_seqlens, initial)
     return y.to(dtype), (h if output_final_state else None)
-
-
-def _checkpointed(fn, *args):
-    """fn(*args), recomputed in backward (only the arguments are kept) when gradients are needed."""
-    if needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
-    return fn(*args)
 
 
 def _scan_chunk(
