@@ -69,6 +69,19 @@ def test_attention_window(Tq):
     assert not torch.allclose(attention(q, inside, v, window_size=3)[:, -1], out[:, -1])
 
 
+def test_attention_window_covering_all_keys_is_causal_attention(monkeypatch):
+    """A window as long as the keys (Samba's 2048 at 2048-token rows) takes causal attention's unmasked path."""
+    q, k, v = qkv(Tq=12, Tk=12)
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, attn_mask=None, **kwargs: masks.append(attn_mask) or sdpa(*args, attn_mask=attn_mask,
+                                                                                               **kwargs))
+    out = attention(q, k, v, window_size=12)
+    assert masks == [None]
+    torch.testing.assert_close(out, attention_reference(q, k, v, window_size=12))
+
+
 def test_attention_window_restricts_exactly():
     q, k, v = qkv(B=1, Tq=8, Tk=8)
     out = attention(q, k, v, window_size=3)

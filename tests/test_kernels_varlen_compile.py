@@ -137,7 +137,7 @@ def block_input() -> torch.Tensor:
 # hgrn2 and gsa (slow): their kernels' varlen graphs are checked above (hgrn2's is gla's), their blocks'
 # graph breaks in test_models.py
 @pytest.mark.parametrize("name", ["transformer", "hybrid", "gla", *(pytest.param(name, marks=pytest.mark.slow)
-                                                                    for name in ("hgrn2", "gsa"))])
+                                                                    for name in ("hgrn2", "gsa", "mamba", "samba"))])
 def test_block_varlen_is_one_graph(name):
     """A model's blocks: mixer, short convs (gla, hgrn2, gsa), attention with a window (hybrid) and GQA,
     HGRN2's lower bounds."""

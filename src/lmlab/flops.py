@@ -9,6 +9,8 @@ flame used the Transformer formula 6·N + 12·L·H·d·ctx for every model, whic
   inter-chunk read-out and state update 2·2·dk·dv, and for the delta rules the WY/UT correction
   (another 2·C·(dk + dv) + 2·dk·dv), per token and head; HGRN2 is GLA with dk = expand_ratio, GSA two
   such recurrences (keys -> M slots: dk = head dim, dv = M; slots -> values: dk = M, dv = head dim);
+- Mamba's selective scan (Mamba and Samba's Mamba layers), per token and channel: the causal conv
+  (2 per tap) and, per state entry, 6 (discretise Δ·A and Δ·u·B, update the state, read it with C);
 - hybrid_qlt layers: both memories: the local softmax attention over the keys a query sees (at most W =
   chunk_size in a sliding window, (W+1)/2 on average inside Delayed-Chunk's chunks) and the recurrence
   (the delta rule, or plain linear attention in sync_chunk_linear mode).
@@ -42,6 +44,8 @@ def _linear_weights(config: PretrainedConfig) -> int:
 def _attention_layers(config: PretrainedConfig) -> tuple[set[int], int, int, int | None]:
     """(layer indices using softmax attention, heads, head dim, window) of a config."""
     layers = config.num_hidden_layers
+    if config.model_type == "mamba":
+        return set(), 0, 0, None
     if config.model_type == "transformer" or not hasattr(config, "attn"):
         heads = getattr(config, "num_heads", None) or getattr(config, "num_attention_heads")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -102,7 +106,9 @@ def _flops_per_token(config_json: str, seq_len: int) -> float:
     keys_seen = (seq_len + 1) / 2 if window is None else min(window, (seq_len + 1) / 2)
     forward += len(attn_layers) * heads * 4.0 * head_dim * keys_seen
     recurrent_layers = config.num_hidden_layers - len(attn_layers)
-    if recurrent_layers and config.model_type != "transformer" and hasattr(config, "attn"):
+    if config.model_type in ("mamba", "samba"):
+        forward += recurrent_layers * config.intermediate_size * (2.0 * config.conv_kernel + 6.0 * config.state_size)
+    elif recurrent_layers and config.model_type != "transformer" and hasattr(config, "attn"):
         for rheads, dk, dv, delta in _recurrences(config):
             per_head = 2.0 * CHUNK * (dk + dv) + 4.0 * dk * dv
             if delta:

@@ -44,7 +44,7 @@ class TokenIds(Domain):
 # differ (per-layer lists of heads, say).
 MODEL_KEYS: dict[str, Domain] = {
     **{key: Int(ge=1) for key in ("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "conv_size",
-                                  "chunk_size")},
+                                  "chunk_size", "state_size", "conv_kernel")},
     **{key: Int(ge=1, none=True) for key in ("num_kv_heads", "num_v_heads", "head_dim", "intermediate_size",
                                              "window_size", "max_position_embeddings", "expand_ratio", "num_slots")},
     "hidden_ratio": Float(gt=0, none=True),
@@ -60,7 +60,8 @@ MODEL_KEYS: dict[str, Domain] = {
         "fuse_linear_cross_entropy", "use_l2warp", "use_gate", "use_short_conv", "use_beta", "allow_neg_eigval",
         "use_output_norm", "use_output_gate", "use_gk", "use_gv", "qkv_bias", "use_forgetting_gate",
         "use_local_pos_encoding", "use_memory_gate", "use_memory_scaler", "use_memory_gate_separate",
-        "use_memory_dynamic_scaler", "use_lower_bound", "use_norm")},
+        "use_memory_dynamic_scaler", "use_lower_bound", "use_norm", "use_bias", "use_conv_bias", "residual_in_fp32",
+        "rescale_prenorm_residual")},
 }
 
 

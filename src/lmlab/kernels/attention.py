@@ -58,6 +58,10 @@ def attention(
     """Attention output `[B, Tq, H, D]` in q's dtype; see the module docstring for the semantics."""
     _check_inputs(q, k, v, window_size, cu_seqlens, attention_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if causal and window_size is not None and window_size >= k.shape[1]:
+        # every key a query may see is inside its window: plain causal attention, whose SDPA call needs no
+        # mask (Samba's 2048-token windows at training's 2048-token rows)
+        window_size = None
     if dispatch.choose(_OP if attention_mask is None else _OP_PADDED, q, backend) == "flash":
         return _flash_attention(q, k, v, causal, window_size, cu_seqlens, scale)
     return _sdpa_attention(q, k, v, causal, window_size, cu_seqlens, attention_mask, scale)

@@ -173,8 +173,8 @@ def document_starts(cu_seqlens: torch.Tensor, length: int) -> tuple[torch.Tensor
 
 
 def keep_initial_if_empty(S: torch.Tensor, cu_seqlens: torch.Tensor, initial_state: State) -> torch.Tensor:
-    """Final states [N,H,K,V] with the empty documents' replaced by their initial state (or zeros)."""
-    empty = (cu_seqlens[1:] == cu_seqlens[:-1])[:, None, None, None]
+    """Final states [N, ...] with the empty documents' replaced by their initial state (or zeros)."""
+    empty = (cu_seqlens[1:] == cu_seqlens[:-1]).view(-1, *[1] * (S.dim() - 1))
     return torch.where(empty, 0 if initial_state is None else initial_state.float(), S)
 
 

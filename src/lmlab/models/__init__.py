@@ -18,6 +18,8 @@ from lmlab.models.gla import GLAConfig, GLAForCausalLM, GLAModel
 from lmlab.models.gsa import GSAConfig, GSAForCausalLM, GSAModel
 from lmlab.models.hgrn2 import HGRN2Config, HGRN2ForCausalLM, HGRN2Model
 from lmlab.models.hybrid_qlt import HybridQLTConfig, HybridQLTForCausalLM, HybridQLTModel
+from lmlab.models.mamba import MambaConfig, MambaForCausalLM, MambaModel
+from lmlab.models.samba import SambaConfig, SambaForCausalLM, SambaModel
 from lmlab.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 
 FAMILIES = {
@@ -28,6 +30,8 @@ FAMILIES = {
     "hgrn2": (HGRN2Config, HGRN2Model, HGRN2ForCausalLM),
     "gsa": (GSAConfig, GSAModel, GSAForCausalLM),
     "hybrid_qlt": (HybridQLTConfig, HybridQLTModel, HybridQLTForCausalLM),
+    "mamba": (MambaConfig, MambaModel, MambaForCausalLM),
+    "samba": (SambaConfig, SambaModel, SambaForCausalLM),
 }
 MODEL_TYPES = tuple(FAMILIES)
 
