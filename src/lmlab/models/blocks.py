@@ -4,7 +4,8 @@ Every family (transformer, delta_net, gated_deltanet, gla, hgrn2, gsa, hybrid_ql
 pre-norm block,
     h = h + attn(attn_norm(h));  h = h + mlp(mlp_norm(h))
 whose `attn` is the family's token mixer, or softmax `Attention` at the layers a hybrid config's `attn`
-key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable.
+key lists. mamba2's block has no MLP (h = h + mixer(norm(h)), fla's Mamba layout). Module names and parameter
+shapes are fla 0.6.0's, so state dicts are interchangeable.
 
 Forward conventions (docs/CONTRACTS.md):
 - `cu_seqlens` (packed documents over the B*T tokens of the [B, T] rows, one row after the other; no
@@ -446,11 +447,25 @@ def token_positions(B: int, T: int, past: int, attention_mask: torch.Tensor | No
     return torch.arange(past, past + T, device=device)[None]
 
 
+@torch.no_grad()
+def init_dt_bias(dt_bias: nn.Parameter, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+    """Mamba2's time-step bias (fla's init, also Gated DeltaNet's): dt ~ logU(dt_min, dt_max), at least
+    dt_floor, stored as softplus^-1(dt). A parameter loaded from a checkpoint (flagged by transformers) is
+    left alone."""
+    if getattr(dt_bias, "_is_hf_initialized", False):
+        return
+    log_dt = torch.rand_like(dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = log_dt.exp().clamp(min=dt_floor)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
 class LmlabPreTrainedModel(PreTrainedModel):
     """Shared HF plumbing; a family subclass sets `config_class` and `mixer_factory` (builds its token
     mixer as `mixer_factory(config, layer_idx)`)."""
 
     mixer_factory: Callable[[PretrainedConfig, int], nn.Module]
+    # residual branches per block, for the "rescale" initialisation: a mixer and an MLP (fla's Mamba blocks: 1)
+    residual_branches_per_layer = 2
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderBlock"]
@@ -472,7 +487,8 @@ class LmlabPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """fla's scheme: N(0, initializer_range) for linear, conv and embedding weights, zero biases, unit
         norms, and the family's own rule for special parameters (GDN's A_log / dt_bias); then the residual
-        branches' output projections as the config's `prenorm_residual_strategy` says."""
+        branches' output projections as the config's `prenorm_residual_strategy` says ("rescale" divides by
+        the square root of the model's residual branches, `residual_branches_per_layer` per layer)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, ShortConvolution)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -482,7 +498,7 @@ class LmlabPreTrainedModel(PreTrainedModel):
             if getattr(module, "is_residual_output", False) and strategy == "rescale":
                 nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
                 with torch.no_grad():
-                    module.weight /= math.sqrt(2 * self.config.num_hidden_layers)
+                    module.weight /= math.sqrt(self.residual_branches_per_layer * self.config.num_hidden_layers)
             elif getattr(module, "is_residual_output", False) and strategy == "zero":
                 nn.init.zeros_(module.weight)
         elif isinstance(module, nn.Embedding):
@@ -497,14 +513,23 @@ class LmlabPreTrainedModel(PreTrainedModel):
 
 
 class LmlabModel(LmlabPreTrainedModel):
-    """The decoder: embeddings, blocks (`layers`), final norm."""
+    """The decoder: embeddings, blocks (`layers`), final norm.
+
+    fla's layout, which a family may change: `block_class` (built as block_class(config, mixer)), the final
+    norm's name and whether the embedding's padding_idx is pad_token_id (fla's Mamba models: mixer-only
+    blocks, `norm_f`, no padding index)."""
+
+    block_class: Callable[[PretrainedConfig, nn.Module], nn.Module] = DecoderBlock
+    final_norm_name = "norm"
+    embedding_padding = True
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderBlock(config, self.make_mixer(config, i))
+        padding_idx = config.pad_token_id if self.embedding_padding else None
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
+        self.layers = nn.ModuleList(self.block_class(config, self.make_mixer(config, i))
                                     for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.add_module(self.final_norm_name, RMSNorm(config.hidden_size, config.norm_eps))
         # (head_dim, rope_theta) of every layer that rotates its queries and keys (a `rotary_key`), found
         # once: the tables are built every forward
         self.rotary_keys = {key for m in self.modules() if (key := getattr(m, "rotary_key", None)) is not None}
@@ -563,7 +588,7 @@ class LmlabModel(LmlabPreTrainedModel):
             all_hidden.append(hidden)
             hidden = layer(hidden, rotary, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache,
                            **mixer_inputs)
-        hidden = self.norm(hidden)
+        hidden = getattr(self, self.final_norm_name)(hidden)
         if cache is not None:
             cache.advance(T)
         want_all = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -575,14 +600,15 @@ class LmlabModel(LmlabPreTrainedModel):
 
 
 class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
-    """Decoder + linear head. A family subclass sets `model_class` (its LmlabModel subclass)."""
+    """Decoder + linear head. A family subclass sets `model_class` (its LmlabModel subclass), built under the
+    name `base_model_prefix` ("model"; fla's Mamba models: "backbone", which they also give as `model`)."""
 
     model_class: type[LmlabModel]
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.model = self.model_class(config)
+        self.add_module(self.base_model_prefix, self.model_class(config))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
