@@ -135,12 +135,12 @@ def block_input() -> torch.Tensor:
 
 
 # hgrn2 and gsa (slow): their kernels' varlen graphs are checked above (hgrn2's is gla's), their blocks'
-# graph breaks in test_models.py
-@pytest.mark.parametrize("name", ["transformer", "hybrid", "gla", *(pytest.param(name, marks=pytest.mark.slow)
-                                                                    for name in ("hgrn2", "gsa"))])
+# graph breaks in test_models.py; mamba2's kernel (simple GLA) is checked here, in its block
+@pytest.mark.parametrize("name", ["transformer", "hybrid", "gla", "mamba2",
+                                  *(pytest.param(name, marks=pytest.mark.slow) for name in ("hgrn2", "gsa"))])
 def test_block_varlen_is_one_graph(name):
-    """A model's blocks: mixer, short convs (gla, hgrn2, gsa), attention with a window (hybrid) and GQA,
-    HGRN2's lower bounds."""
+    """A model's blocks: mixer, short convs (gla, hgrn2, gsa, mamba2), attention with a window (hybrid) and GQA,
+    HGRN2's lower bounds, Mamba2's conv with bias, grouped B and C and gated group norm."""
     assert_one_graph(blocks_loss(name), [block_input()])
 
 

@@ -18,6 +18,7 @@ from lmlab.models.gla import GLAConfig, GLAForCausalLM, GLAModel
 from lmlab.models.gsa import GSAConfig, GSAForCausalLM, GSAModel
 from lmlab.models.hgrn2 import HGRN2Config, HGRN2ForCausalLM, HGRN2Model
 from lmlab.models.hybrid_qlt import HybridQLTConfig, HybridQLTForCausalLM, HybridQLTModel
+from lmlab.models.mamba2 import Mamba2Config, Mamba2ForCausalLM, Mamba2Model
 from lmlab.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 
 FAMILIES = {
@@ -28,6 +29,7 @@ FAMILIES = {
     "hgrn2": (HGRN2Config, HGRN2Model, HGRN2ForCausalLM),
     "gsa": (GSAConfig, GSAModel, GSAForCausalLM),
     "hybrid_qlt": (HybridQLTConfig, HybridQLTModel, HybridQLTForCausalLM),
+    "mamba2": (Mamba2Config, Mamba2Model, Mamba2ForCausalLM),
 }
 MODEL_TYPES = tuple(FAMILIES)
 
