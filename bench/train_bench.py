@@ -47,6 +47,7 @@ FLA_CLASSES = {
     "gla": ("GLAConfig", "GLAForCausalLM"),
     "hgrn2": ("HGRN2Config", "HGRN2ForCausalLM"),
     "gsa": ("GSAConfig", "GSAForCausalLM"),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM"),
 }
 # A step function and the model's parameter count, built for one micro-batch size.
 Builder = Callable[[int], tuple[Callable[[], None], int]]

@@ -37,6 +37,15 @@ def test_seed_config_reads_flas_schema():
     assert AutoConfig.for_model("mamba2", **{k: v for k, v in saved.items() if k != "model_type"}).to_dict() == saved
 
 
+def test_exported_config_file_loads_as_model_config(tmp_path):
+    """A config.json written by save_pretrained (dt_limit's inf tagged as {"__float__": "Infinity"}) is a valid
+    --model.config file."""
+    from lmlab.modeling import load_model_config
+
+    seed_config().save_pretrained(tmp_path)
+    assert load_model_config(str(tmp_path / "config.json")).dt_limit == [0.0, math.inf]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"num_heads": 4}, r"num_heads \(4\) disagrees with expand \* hidden_size / head_dim \(8\)"),
     ({"head_dim": 24}, r"expand \* hidden_size \(128\) must be a multiple of head_dim \(24\)"),
@@ -60,7 +69,8 @@ def test_bad_mamba2_configs_are_rejected_in_one_line(overrides, message):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"A_init": "uniform"}, {"rescale_prenorm_residual": False, "conv_init": 0.1}])
+@pytest.mark.parametrize("overrides", [{}, {"A_init": "uniform"},
+                                       {"rescale_prenorm_residual": False, "conv_init": 0.1}])
 def test_init_is_the_seed_forks_by_default(overrides):
     """The fork's A_h = h (fla 0.6.0's U(A_init_range) with A_init "uniform"); D = 1; dt in [dt_min, dt_max];
     out_proj kaiming-uniform(a=√5) / √L when rescale_prenorm_residual (one residual branch per block), else

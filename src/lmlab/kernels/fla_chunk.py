@@ -8,8 +8,8 @@ functions forward and 4 backward per layer call instead of 1 + 1, ≈ 0.7 ms of 
 As custom ops with a registered backward the block stays one graph, and its compiled code calls fla's
 kernels through the dispatcher. The ops run the same fla forward / backward functions, step for step,
 as fla's autograd functions do; the PyTorch twins of the recurrences are lmlab's chunk kernels
-(`gla.gla_chunk_torch`, `simple_gla.simple_gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`, `gated_delta_rule.gated_delta_rule_chunk_torch`,
-`delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`).
+(`gla.gla_chunk_torch`, `simple_gla.simple_gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`,
+`gated_delta_rule.gated_delta_rule_chunk_torch`, `delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`).
 
 Imported only when fla's kernels are used (each op's `_fla_kernels`); fla is required here.
 """

@@ -202,6 +202,7 @@ def _ordered_pair(pair: Any) -> bool:
 
 
 def _differs(a: Any, b: Any) -> bool:
+    """a != b, with lists and tuples alike (a config read from JSON holds lists)."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
     return a != b
