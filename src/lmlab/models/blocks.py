@@ -4,8 +4,9 @@ Every family (transformer, delta_net, gated_deltanet, gla, hgrn2, gsa, hybrid_ql
 pre-norm block,
     h = h + attn(attn_norm(h));  h = h + mlp(mlp_norm(h))
 whose `attn` is the family's token mixer, or softmax `Attention` at the layers a hybrid config's `attn`
-key lists. mamba2's block has no MLP (h = h + mixer(norm(h)), fla's Mamba layout). Module names and parameter
-shapes are fla 0.6.0's, so state dicts are interchangeable.
+key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable. Mamba and
+Samba keep fla's own names for their blocks, final norm and decoder (`backbone`): they bring their blocks
+(`LmlabModel.make_block`) and say the names (`final_norm_name`, `base_model_prefix`).
 
 Forward conventions (docs/CONTRACTS.md):
 - `cu_seqlens` (packed documents over the B*T tokens of the [B, T] rows, one row after the other; no
@@ -464,9 +465,10 @@ class LmlabPreTrainedModel(PreTrainedModel):
     mixer as `mixer_factory(config, layer_idx)`)."""
 
     mixer_factory: Callable[[PretrainedConfig, int], nn.Module]
-    # residual branches per block, for the "rescale" initialisation: a mixer and an MLP (fla's Mamba blocks: 1)
-    residual_branches_per_layer = 2
-    base_model_prefix = "model"
+    base_model_prefix = "model"  # the decoder's attribute in the causal LM (fla's Mamba and Samba: backbone)
+    # "rescale" divides by √(residual_branches · num_hidden_layers): two per block (mixer, MLP), as in the
+    # HQLT fork; fla's Mamba and Samba divide by √num_hidden_layers
+    residual_branches = 2
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderBlock"]
     # Recurrent states cannot be rolled back: no assisted decoding, no cache cropping.
@@ -487,8 +489,7 @@ class LmlabPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """fla's scheme: N(0, initializer_range) for linear, conv and embedding weights, zero biases, unit
         norms, and the family's own rule for special parameters (GDN's A_log / dt_bias); then the residual
-        branches' output projections as the config's `prenorm_residual_strategy` says ("rescale" divides by
-        the square root of the model's residual branches, `residual_branches_per_layer` per layer)."""
+        branches' output projections as the config's `prenorm_residual_strategy` says."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, ShortConvolution)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -498,7 +499,7 @@ class LmlabPreTrainedModel(PreTrainedModel):
             if getattr(module, "is_residual_output", False) and strategy == "rescale":
                 nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
                 with torch.no_grad():
-                    module.weight /= math.sqrt(self.residual_branches_per_layer * self.config.num_hidden_layers)
+                    module.weight /= math.sqrt(self.residual_branches * self.config.num_hidden_layers)
             elif getattr(module, "is_residual_output", False) and strategy == "zero":
                 nn.init.zeros_(module.weight)
         elif isinstance(module, nn.Embedding):
@@ -513,27 +514,26 @@ class LmlabPreTrainedModel(PreTrainedModel):
 
 
 class LmlabModel(LmlabPreTrainedModel):
-    """The decoder: embeddings, blocks (`layers`), final norm.
+    """The decoder: embeddings, blocks (`layers`), final norm."""
 
-    fla's layout, which a family may change: `block_class` (built as block_class(config, mixer)), the final
-    norm's name and whether the embedding's padding_idx is pad_token_id (fla's Mamba models: mixer-only
-    blocks, `norm_f`, no padding index)."""
-
-    block_class: Callable[[PretrainedConfig, nn.Module], nn.Module] = DecoderBlock
-    final_norm_name = "norm"
-    embedding_padding = True
+    final_norm_name = "norm"  # fla's Mamba and Samba: norm_f
+    embedding_padding = True  # padding_idx = pad_token_id (fla's Mamba, Mamba2 and Samba embeddings have none)
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
         padding_idx = config.pad_token_id if self.embedding_padding else None
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
-        self.layers = nn.ModuleList(self.block_class(config, self.make_mixer(config, i))
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_block(config, i) for i in range(config.num_hidden_layers))
         self.add_module(self.final_norm_name, RMSNorm(config.hidden_size, config.norm_eps))
         # (head_dim, rope_theta) of every layer that rotates its queries and keys (a `rotary_key`), found
         # once: the tables are built every forward
         self.rotary_keys = {key for m in self.modules() if (key := getattr(m, "rotary_key", None)) is not None}
         self.post_init()
+
+    def make_block(self, config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """Block `layer_idx`, called as block(hidden, rotary, attention_mask=, cu_seqlens=, cache=,
+        **mixer_inputs) -> hidden."""
+        return DecoderBlock(config, self.make_mixer(config, layer_idx))
 
     def rotary_tables(self, positions: torch.Tensor) -> Rotary:
         """cos/sin tables for every (head_dim, rope_theta) of the model's attention layers (none for a
@@ -600,15 +600,15 @@ class LmlabModel(LmlabPreTrainedModel):
 
 
 class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
-    """Decoder + linear head. A family subclass sets `model_class` (its LmlabModel subclass), built under the
-    name `base_model_prefix` ("model"; fla's Mamba models: "backbone", which they also give as `model`)."""
+    """Decoder + linear head. A family subclass sets `model_class` (its LmlabModel subclass); the decoder is
+    the attribute `base_model_prefix` names (`model` reads it under either name)."""
 
     model_class: type[LmlabModel]
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.add_module(self.base_model_prefix, self.model_class(config))
+        setattr(self, self.base_model_prefix, self.model_class(config))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

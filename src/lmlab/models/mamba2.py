@@ -299,7 +299,7 @@ class GroupGatedRMSNorm(nn.Module, UsesKernels):
 class Mamba2Block(GradientCheckpointingLayer):
     """fla's Mamba2Block: h + mixer(norm(h)), one residual branch."""
 
-    def __init__(self, config: PretrainedConfig, mixer: nn.Module):
+    def __init__(self, config: Mamba2Config, mixer: nn.Module):
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mixer = mixer
@@ -313,17 +313,21 @@ class Mamba2Block(GradientCheckpointingLayer):
 
 
 class Mamba2PreTrainedModel(LmlabPreTrainedModel):
+    """fla's Mamba2 layout: the decoder at `backbone`, the final norm `norm_f`, an embedding without a padding
+    index, one residual branch per block."""
+
     config_class = Mamba2Config
     mixer_factory = Mamba2Mixer
     base_model_prefix = "backbone"
-    residual_branches_per_layer = 1
+    final_norm_name = "norm_f"
+    embedding_padding = False
+    residual_branches = 1
     _no_split_modules = ["Mamba2Block"]
 
 
 class Mamba2Model(Mamba2PreTrainedModel, LmlabModel):
-    block_class = Mamba2Block
-    final_norm_name = "norm_f"
-    embedding_padding = False
+    def make_block(self, config: Mamba2Config, layer_idx: int) -> Mamba2Block:
+        return Mamba2Block(config, self.make_mixer(config, layer_idx))
 
 
 class Mamba2ForCausalLM(Mamba2PreTrainedModel, LmlabForCausalLM):
