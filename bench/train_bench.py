@@ -48,6 +48,7 @@ FLA_CLASSES = {
     "hgrn2": ("HGRN2Config", "HGRN2ForCausalLM"),
     "gsa": ("GSAConfig", "GSAForCausalLM"),
     "mamba": ("MambaConfig", "MambaForCausalLM"),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM"),
     "samba": ("SambaConfig", "SambaForCausalLM"),
 }
 # A step function and the model's parameter count, built for one micro-batch size.

@@ -20,6 +20,7 @@ from lmlab.errors import UserError
 from lmlab.kernels import delta_rule as dr
 from lmlab.kernels import gated_delta_rule as gdr
 from lmlab.kernels import gla as gla_mod
+from lmlab.kernels import simple_gla as sgla
 from lmlab.kernels.recurrent_common import unit_lower_inverse
 
 # op -> (dispatching function, recurrent reference, chunk kernel, names of the gate inputs in call order)
@@ -29,7 +30,11 @@ OPS = {
         gdr.gated_delta_rule, gdr.gated_delta_rule_recurrent_torch, gdr.gated_delta_rule_chunk_torch, ("g", "beta")
     ),
     "gla": (gla_mod.gla, gla_mod.gla_recurrent_torch, gla_mod.gla_chunk_torch, ("gk",)),
+    "simple_gla": (sgla.simple_gla, sgla.simple_gla_recurrent_torch, sgla.simple_gla_chunk_torch, ("g",)),
 }
+# simple GLA's kernels are GLA's chunk kernel and the shared step-by-step one: the tests of how they compile and
+# what they save for backward run for it only in the slow suite
+OPS_COMPILED = [*(op for op in OPS if op != "simple_gla"), pytest.param("simple_gla", marks=pytest.mark.slow)]
 
 
 def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, *, seed: int = 0, device="cpu",
@@ -43,9 +48,11 @@ def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, *, seed: int = 
     if op == "gla":
         x["q"], x["k"] = randn(B, T, H, K), randn(B, T, H, K)
         x["gk"] = F.logsigmoid(randn(B, T, H, K)) / 4
+    elif op == "simple_gla":  # as Mamba2 makes them: unnormalised B and C, Δ·A from about -1e-3 to -2
+        x["q"], x["k"] = randn(B, T, H, K), randn(B, T, H, K)
     else:
         x["beta"] = torch.rand(B, T, H, generator=gen)
-    if op == "gated_delta_rule":
+    if op in ("gated_delta_rule", "simple_gla"):
         x["g"] = F.logsigmoid(randn(B, T, H) + 2)
     return {name: t.to(device=device, dtype=dtype) for name, t in x.items()}
 
@@ -110,7 +117,7 @@ def test_autocast_does_not_lower_precision(op):
         assert o_amp.dtype == torch.float32 and rel_err(o_amp, o) < 1e-6 and rel_err(s_amp, s) < 1e-6
 
 
-@pytest.mark.parametrize("op", ["gated_delta_rule", "gla"])
+@pytest.mark.parametrize("op", ["gated_delta_rule", "gla", "simple_gla"])
 def test_strong_decay_is_stable(op):
     """Log-decays far below fp32's exp range inside one chunk must not overflow (no NaN/inf)."""
     _, recurrent, chunk, _ = OPS[op]
@@ -257,6 +264,15 @@ def test_matches_fla_naive_gla(with_h0):
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
+def test_matches_fla_naive_simple_gla():
+    naive = _load_fla_naive("simple_gla")
+    x = make_inputs("simple_gla", 2, 70, 2, 16, 24)
+    h0 = torch.randn(2, 2, 16, 24)
+    o, s = sgla.simple_gla_chunk_torch(*positional("simple_gla", x), initial_state=h0, output_final_state=True)
+    o_ref, s_ref = naive.naive_recurrent_simple_gla(*positional("simple_gla", x), initial_state=h0)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_dispatch_on_cpu(op):
     dispatch_fn, recurrent, _, _ = OPS[op]
@@ -284,7 +300,7 @@ def saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS_COMPILED)
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_chunk_saves_only_its_inputs_for_backward(op, varlen, compiled):
@@ -306,7 +322,7 @@ def test_chunk_saves_only_its_inputs_for_backward(op, varlen, compiled):
 def test_chunk_recomputes_only_for_backward(op, monkeypatch):
     """The chunked kernel runs once without gradients, and once more, in backward, with them."""
     module, attribute = {"delta_rule": (dr, "delta_chunk_torch"), "gated_delta_rule": (gdr, "delta_chunk_torch"),
-                         "gla": (gla_mod, "_gla_chunk")}[op]
+                         "gla": (gla_mod, "_gla_chunk"), "simple_gla": (gla_mod, "_gla_chunk")}[op]
     kernel, calls = getattr(module, attribute), []
     monkeypatch.setattr(module, attribute, lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
     x = make_inputs(op, 1, 40, 2, 8, 8)
@@ -356,10 +372,11 @@ def torch_family(op: str):
         grads = dict(zip(present, vjp((do, dht) if dht is not None else (do,))))
         return tuple(grads.get(i) for i in range(len(inputs)))
 
-    return fla_chunk._Family(forward, backward, a_in_float32=op == "gla")
+    spec = fla_chunk.FAMILIES[op]
+    return fla_chunk._Family(forward, backward, a_in_float32=spec.a_in_float32, keeps_a=spec.keeps_a)
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS_COMPILED)
 @pytest.mark.parametrize("varlen", [False, True])
 def test_fla_chunk_ops_route_gradients_and_compile_in_one_graph(op, varlen, monkeypatch):
     """lmlab's custom ops around fla's chunk kernels (`fla_chunk`), their kernels replaced by PyTorch: the op
@@ -370,7 +387,7 @@ def test_fla_chunk_ops_route_gradients_and_compile_in_one_graph(op, varlen, monk
 
     monkeypatch.setitem(fla_chunk.FAMILIES, op, torch_family(op))
     wrapped = {"gla": fla_chunk.chunk_gla, "delta_rule": fla_chunk.chunk_delta_rule,
-               "gated_delta_rule": fla_chunk.chunk_gated_delta_rule}[op]
+               "gated_delta_rule": fla_chunk.chunk_gated_delta_rule, "simple_gla": fla_chunk.chunk_simple_gla}[op]
     B, T, H, K, V = 2, 100, 2, 16, 24
     x, h0, kwargs = make_inputs(op, B, T, H, K, V), torch.randn(B, H, K, V), {}
     if varlen:
@@ -392,7 +409,7 @@ def test_fla_chunk_ops_route_gradients_and_compile_in_one_graph(op, varlen, monk
 
 
 def test_fla_backend_runs_lmlab_ops_around_fla_kernels():
-    """The fla backend's chunked kernels are lmlab's custom ops (one compiled graph per block), for all three
+    """The fla backend's chunked kernels are lmlab's custom ops (one compiled graph per block), for all four
     recurrences."""
     pytest.importorskip("fla")
     import lmlab.models
@@ -402,6 +419,7 @@ def test_fla_backend_runs_lmlab_ops_around_fla_kernels():
     assert gdr._fla_kernels()[1] is fla_chunk.chunk_gated_delta_rule
     assert gla_mod._fla_kernels()[1] is fla_chunk.chunk_gla
     assert dr._fla_kernels()[1] is fla_chunk.chunk_delta_rule
+    assert sgla._fla_kernels()[1] is fla_chunk.chunk_simple_gla
 
 
 def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():
@@ -410,6 +428,15 @@ def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():
     blocks, grouped value heads, packed documents."""
     pytest.importorskip("fla")
     errors_by_case = errors_in_triton_interpreter("fla_interpreter.py")
+    assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
+
+
+@pytest.mark.slow  # about 15 s: the interpreter runs every Triton program in Python
+def test_fla_simple_gla_kernels_match_torch_chunk_in_triton_interpreter():
+    """fla's simple-GLA Triton kernels (Mamba2's fast path), forward and backward through lmlab's custom op, run
+    by Triton's CPU interpreter against the torch chunk kernel: outputs, final states, every gradient."""
+    pytest.importorskip("fla")
+    errors_by_case = errors_in_triton_interpreter("fla_simple_gla_interpreter.py")
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
 
 
@@ -435,6 +462,7 @@ GPU_SHAPES = {  # 340M-like: B, T, H, K, V
     "delta_rule": (2, 2048, 8, 128, 128),
     "gated_delta_rule": (2, 2048, 6, 256, 512),
     "gla": (2, 2048, 4, 128, 256),
+    "simple_gla": (2, 2048, 32, 128, 64),  # mamba2_340M: 32 heads, state 128, head dim 64
 }
 
 

@@ -16,7 +16,7 @@ from lmlab.kernels.documents import document_index
 from lmlab.kernels.gsa import gsa_chunk_torch, gsa_recurrent_torch
 from lmlab.models.blocks import token_positions
 import test_kernels_gsa
-from test_kernels_recurrent import OPS, make_inputs, positional
+from test_kernels_recurrent import OPS, OPS_COMPILED, make_inputs, positional
 from test_models import TINY, make_model
 
 T, CHUNK = 24, 8
@@ -83,7 +83,7 @@ def test_short_conv_varlen_is_one_graph():
     assert_one_graph(loss, [x, weight, state])
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS_COMPILED)
 @pytest.mark.parametrize("impl", ["chunk", "recurrent"])
 def test_recurrent_op_varlen_is_one_graph(op, impl):
     _, recurrent, chunk, _ = OPS[op]
@@ -134,13 +134,15 @@ def block_input() -> torch.Tensor:
     return torch.randn(2, T // 2, TINY["hidden_size"], generator=torch.Generator().manual_seed(0))
 
 
-# hgrn2 and gsa (slow): their kernels' varlen graphs are checked above (hgrn2's is gla's), their blocks'
-# graph breaks in test_models.py
-@pytest.mark.parametrize("name", ["transformer", "hybrid", "gla", *(pytest.param(name, marks=pytest.mark.slow)
-                                                                    for name in ("hgrn2", "gsa", "mamba", "samba"))])
+# hgrn2, gsa, mamba and samba (slow): their kernels' varlen graphs are checked above (hgrn2's is gla's) and in
+# test_kernels_selective_scan.py (Mamba's scan), their blocks' graph breaks in test_models.py; mamba2's kernel
+# (simple GLA) is checked here, in its block
+@pytest.mark.parametrize("name", ["transformer", "hybrid", "gla", "mamba2",
+                                  *(pytest.param(name, marks=pytest.mark.slow)
+                                    for name in ("hgrn2", "gsa", "mamba", "samba"))])
 def test_block_varlen_is_one_graph(name):
-    """A model's blocks: mixer, short convs (gla, hgrn2, gsa), attention with a window (hybrid) and GQA,
-    HGRN2's lower bounds."""
+    """A model's blocks: mixer, short convs (gla, hgrn2, gsa, mamba, mamba2, samba), attention with a window
+    (hybrid) and GQA, HGRN2's lower bounds, Mamba2's conv with bias, grouped B and C and gated group norm."""
     assert_one_graph(blocks_loss(name), [block_input()])
 
 

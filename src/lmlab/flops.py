@@ -8,7 +8,8 @@ flame used the Transformer formula 6·N + 12·L·H·d·ctx for every model, whic
 - chunkwise linear recurrences (chunk C = 64): intra-chunk scores and values 2·C·(dk + dv), the
   inter-chunk read-out and state update 2·2·dk·dv, and for the delta rules the WY/UT correction
   (another 2·C·(dk + dv) + 2·dk·dv), per token and head; HGRN2 is GLA with dk = expand_ratio, GSA two
-  such recurrences (keys -> M slots: dk = head dim, dv = M; slots -> values: dk = M, dv = head dim);
+  such recurrences (keys -> M slots: dk = head dim, dv = M; slots -> values: dk = M, dv = head dim),
+  Mamba2's SSD one with dk = state_size, dv = head_dim (its short convolution and gates are not counted);
 - Mamba's selective scan (Mamba and Samba's Mamba layers), per token and channel: the causal conv
   (2 per tap) and, per state entry, 6 (discretise Δ·A and Δ·u·B, update the state, read it with C);
 - hybrid_qlt layers: both memories: the local softmax attention over the keys a query sees (at most W =
@@ -18,11 +19,13 @@ flame used the Transformer formula 6·N + 12·L·H·d·ctx for every model, whic
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 from transformers import PretrainedConfig
 
 CHUNK = 64
+RECURRENT_ONLY = ("mamba", "mamba2")  # families with neither softmax attention nor fla's hybrid `attn` key
 
 
 def _linear_weights(config: PretrainedConfig) -> int:
@@ -44,7 +47,7 @@ def _linear_weights(config: PretrainedConfig) -> int:
 def _attention_layers(config: PretrainedConfig) -> tuple[set[int], int, int, int | None]:
     """(layer indices using softmax attention, heads, head dim, window) of a config."""
     layers = config.num_hidden_layers
-    if config.model_type == "mamba":
+    if config.model_type in RECURRENT_ONLY:
         return set(), 0, 0, None
     if config.model_type == "transformer" or not hasattr(config, "attn"):
         heads = getattr(config, "num_heads", None) or getattr(config, "num_attention_heads")
@@ -62,6 +65,8 @@ def _recurrences(config: PretrainedConfig) -> list[tuple[int, int, int, bool]]:
     """(heads, key dim per head, value dim per head, uses the delta rule) of each chunkwise recurrence of a
     linear-attention layer: one, or GSA's two passes (keys -> slots, then slots -> values)."""
     h = config.hidden_size
+    if config.model_type == "mamba2":  # simple GLA, whose keys and queries are B and C
+        return [(config.num_heads, config.state_size, config.head_dim, False)]
     if config.model_type == "gated_deltanet":
         heads = getattr(config, "num_v_heads", None) or config.num_heads
         return [(heads, config.head_dim, int(config.head_dim * config.expand_v), True)]
@@ -90,13 +95,12 @@ def _local_keys_seen(config: PretrainedConfig, seq_len: int) -> float:
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token at sequence length `seq_len`."""
-    return _flops_per_token(config.to_json_string(), seq_len)
+    # json.dumps keeps inf (Mamba2's dt_limit) as Infinity, which json.loads reads back; to_json_string tags it
+    return _flops_per_token(json.dumps(config.to_dict(), sort_keys=True), seq_len)
 
 
 @functools.lru_cache(maxsize=None)
 def _flops_per_token(config_json: str, seq_len: int) -> float:
-    import json
-
     from transformers import AutoConfig
 
     values = json.loads(config_json)
@@ -108,7 +112,7 @@ def _flops_per_token(config_json: str, seq_len: int) -> float:
     recurrent_layers = config.num_hidden_layers - len(attn_layers)
     if config.model_type in ("mamba", "samba"):
         forward += recurrent_layers * config.intermediate_size * (2.0 * config.conv_kernel + 6.0 * config.state_size)
-    elif recurrent_layers and config.model_type != "transformer" and hasattr(config, "attn"):
+    elif recurrent_layers:
         for rheads, dk, dv, delta in _recurrences(config):
             per_head = 2.0 * CHUNK * (dk + dv) + 4.0 * dk * dv
             if delta:

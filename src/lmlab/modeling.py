@@ -91,7 +91,9 @@ def load_model_config(source: str, *, trust_remote_code: bool = False) -> Pretra
         if not path.is_file():
             raise UserError(f"--model.config {source}: no such file")
         try:
-            values = json.loads(path.read_text())
+            # inf and nan as transformers writes them into config.json ({"__float__": "Infinity"}), read back as
+            # its from_pretrained reads them
+            values = PretrainedConfig._decode_special_floats(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
             raise UserError(f"--model.config {source}: invalid JSON ({exc})") from None
         except UnicodeDecodeError:
@@ -152,7 +154,7 @@ def _ensure_registered(model_type: str) -> None:
             return
     raise UserError(
         f"unknown model_type {model_type!r}: lmlab runs {supported} on any device; other fla types "
-        "(mamba2, rwkv7, ...) need fla on a CUDA machine"
+        "(rwkv7, ...) need fla on a CUDA machine"
     )
 
 

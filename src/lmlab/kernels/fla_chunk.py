@@ -1,5 +1,5 @@
-"""fla's chunked recurrence kernels (GLA, delta rule, gated delta rule, the chunk-read delta rule) as two
-`torch.library` custom ops.
+"""fla's chunked recurrence kernels (GLA, simple GLA, delta rule, gated delta rule, the chunk-read delta rule)
+as two `torch.library` custom ops.
 
 fla exposes each chunk op as a `torch.compiler.disable`d autograd function. Inside a compiled block that
 is a graph break, after which dynamo resumes every enclosing frame as its own compiled piece: 4 compiled
@@ -8,8 +8,8 @@ functions forward and 4 backward per layer call instead of 1 + 1, ≈ 0.7 ms of 
 As custom ops with a registered backward the block stays one graph, and its compiled code calls fla's
 kernels through the dispatcher. The ops run the same fla forward / backward functions, step for step,
 as fla's autograd functions do; the PyTorch twins of the recurrences are lmlab's chunk kernels
-(`gla.gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`, `gated_delta_rule.gated_delta_rule_chunk_torch`,
-`delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`).
+(`gla.gla_chunk_torch`, `simple_gla.simple_gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`,
+`gated_delta_rule.gated_delta_rule_chunk_torch`, `delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`).
 
 Imported only when fla's kernels are used (each op's `_fla_kernels`); fla is required here.
 """
@@ -25,6 +25,9 @@ from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_fwd_o
 from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_fwd
 from fla.ops.delta_rule.wy_fast import prepare_wy_repr_bwd, prepare_wy_repr_fwd, recompute_w_u_fwd
 from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.simple_gla.chunk import chunk_simple_gla_bwd, chunk_simple_gla_fwd
+from fla.ops.utils import chunk_local_cumsum
+from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.index import prepare_chunk_indices
 from fla.utils import input_guard
 
@@ -36,12 +39,13 @@ Tensors = tuple[torch.Tensor, ...]
 @dataclass(frozen=True)
 class _Family:
     # (q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size)
-    #   -> (o, final_state or None, A): A is the intra-chunk matrix fla's backward reuses
-    forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+    #   -> (o, final_state or None, A or None): A is the intra-chunk matrix fla's backward reuses
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
     # (q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size)
     #   -> (dq, dk, dv, dg or None, dbeta or None, dh0 or None)
     backward: Callable[..., Tensors]
     a_in_float32: bool  # A's dtype: float32, else k's
+    keeps_a: bool = True  # False: the forward keeps no A (it is None; the op passes an empty tensor)
 
 
 def _gla_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
@@ -58,6 +62,26 @@ def _gla_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens
         q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=initial_state, h=None, A=A, do=do,
         dht=dht, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
     return dq, dk, dv, dg, None, dh0
+
+
+# Simple GLA (one log-decay per head): fla's autograd function turns g into its chunk-local cumulative sum in
+# base 2 (the kernels use exp2) and sums the decay gradient back in reverse; both happen here as there.
+def _simple_gla_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices,
+                        chunk_size):
+    g_cumsum = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens,
+                                  chunk_indices=chunk_indices)
+    o, final_state = chunk_simple_gla_fwd(
+        q=q, k=k, v=v, g=g_cumsum, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+    return o, final_state, None
+
+
+def _simple_gla_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
+    chunked = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+    g_cumsum = chunk_local_cumsum(g, scale=RCP_LN2, **chunked)
+    dq, dk, dv, dg, dh0 = chunk_simple_gla_bwd(q=q, k=k, v=v, g=g_cumsum, g_gamma=None, initial_state=initial_state,
+                                               do=do, dht=dht, scale=scale, **chunked)
+    return dq, dk, dv, chunk_local_cumsum(dg, reverse=True, **chunked), None, dh0
 
 
 def _delta_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
@@ -109,6 +133,7 @@ def _chunk_read_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_
 
 FAMILIES = {
     "gla": _Family(_gla_forward, _gla_backward, a_in_float32=True),
+    "simple_gla": _Family(_simple_gla_forward, _simple_gla_backward, a_in_float32=True, keeps_a=False),
     "delta_rule": _Family(_delta_forward, _delta_backward, a_in_float32=False),
     "gated_delta_rule": _Family(gated_delta_rule_fla.forward, gated_delta_rule_fla.backward, a_in_float32=False),
     "delta_rule_chunk_read": _Family(_chunk_read_forward, _chunk_read_backward, a_in_float32=False),
@@ -147,7 +172,8 @@ def _run_forward(family, q, k, v, g, beta, scale, initial_state, output_final_st
     o, final_state, A = spec.forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                      chunk_indices, chunk_size)
     final_state = final_state if final_state is not None else _absent(q)
-    return o.to(q.dtype), final_state, A.to(torch.float32 if spec.a_in_float32 else k.dtype)
+    A = A.to(torch.float32 if spec.a_in_float32 else k.dtype) if spec.keeps_a else _absent(q)
+    return o.to(q.dtype), final_state, A
 
 
 @_chunk_forward.register_fake
@@ -155,9 +181,10 @@ def _(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seq
     B, T, HV, V = v.shape
     states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final_state = q.new_empty(states, HV, k.shape[-1], V, dtype=torch.float32) if output_final_state else _absent(q)
-    a_dtype = torch.float32 if FAMILIES[family].a_in_float32 else k.dtype
-    return v.new_empty(v.shape, dtype=q.dtype), final_state, q.new_empty(B, T, HV, chunk_size_for(family, T),
-                                                                          dtype=a_dtype)
+    spec = FAMILIES[family]
+    A = q.new_empty(B, T, HV, chunk_size_for(family, T), dtype=torch.float32 if spec.a_in_float32 else k.dtype) \
+        if spec.keeps_a else _absent(q)
+    return v.new_empty(v.shape, dtype=q.dtype), final_state, A
 
 
 @torch.library.custom_op("lmlab::fla_chunk_backward", mutates_args=())
@@ -218,6 +245,14 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tenso
               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's `chunk_gla` (gk is its `g`)."""
     return chunk("gla", q, k, v, gk, None, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
+                     scale: float | None = None, initial_state: torch.Tensor | None = None,
+                     output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's `chunk_simple_gla` (g [B,T,H]: one log-decay per head)."""
+    return chunk("simple_gla", q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def chunk_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *,

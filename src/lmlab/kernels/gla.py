@@ -13,7 +13,8 @@ Chunkwise form: inside a chunk with start state S0 and cumulative log-decay b_t 
 Every exponent there is <= 0 except inside A, which is computed without overflow as fla does: the
 chunk is cut into sub-chunks; for keys before a query's sub-chunk, A = (q ⊙ exp(b − b_r)) (k ⊙ exp(b_r − b))ᵀ
 with r the first position of the query's sub-chunk (both factors <= 1); on the diagonal sub-chunks the
-[c, c, K] products are formed explicitly.
+[c, c, K] products are formed explicitly. A one-wide gk [B,T,H,1] (one decay per head: `simple_gla`, Mamba2's
+SSD) needs none of that: its decay factors out of the dot product, A_tj = exp(b_t − b_j) q_tᵀ k_j.
 Packed documents (varlen): see `recurrent_common`.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lmlab.kernels.recurrent_common import (
     call_kernel,
     carry_weights,
     causal_mask,
+    decay_matrix,
     dispatch_op,
     fla_health_check,
     first_state,
@@ -88,7 +90,10 @@ def _gla_chunk(
     b = to_chunks(gk, chunk_size).cumsum(-2)
     # from the chunk's start: the sub-chunk rescaling needs b non-increasing (differences within a
     # document are the same from either start)
-    scores = _intra_chunk_scores(q, k, b, math.gcd(SUB_CHUNK, chunk_size))
+    if b.shape[-1] == 1:  # one decay per head
+        scores = (q @ k.transpose(-1, -2)) * decay_matrix(b[..., 0], causal_mask(chunk_size, q.device))
+    else:
+        scores = _intra_chunk_scores(q, k, b, math.gcd(SUB_CHUNK, chunk_size))
     if docs is not None:
         scores, b = scores * docs.pairs, docs.restart(b)
     q_decayed = q * b.exp()
@@ -139,7 +144,7 @@ def gla_chunk_torch(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, State]:
-    """Chunkwise-parallel GLA, float32 inside."""
+    """Chunkwise-parallel GLA, float32 inside; gk [B,T,H,K], or [B,T,H,1] for one decay per head."""
     return call_kernel(
         _gla_chunk, dict(q=q, k=k, v=v, gk=gk), initial_state, cu_seqlens=cu_seqlens,
         scale=scale, output_final_state=output_final_state, chunk_size=chunk_size, recompute=True,

@@ -1,4 +1,4 @@
-"""RMS normalisation, plain and gated (fla's RMSNorm / FusedRMSNormGated with swish).
+"""RMS normalisation, plain and gated (fla's RMSNorm / FusedRMSNormGated with swish / Mamba2's RMSNormGated).
 
 The statistics and the whole expression are computed in float32 and cast back once, as fla's Triton
 kernels do, so both backends round the same way.
@@ -29,6 +29,21 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     return (_normalize(x, eps) * weight.float() * F.silu(gate.float())).to(x.dtype)
 
 
+def group_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *,
+                         group_size: int, norm_before_gate: bool = False, backend: str | None = None) -> torch.Tensor:
+    """fla's RMSNormGated (Mamba2's output norm), statistics over groups of `group_size` channels:
+    rms_norm(x · silu(gate)) * weight, or rms_norm(x) * weight * silu(gate) with `norm_before_gate`;
+    returns x's dtype."""
+    if dispatch.choose("group_gated_rms_norm", x, backend) == "fla":
+        from fla.modules.norm.layernorm_gated import rmsnorm_fn
+        return rmsnorm_fn(x, weight, None, z=gate, eps=eps, group_size=group_size,
+                          norm_before_gate=norm_before_gate)
+    gate = F.silu(gate.float())
+    y = x.float() if norm_before_gate else x.float() * gate
+    y = _normalize(y.unflatten(-1, (-1, group_size)), eps).flatten(-2) * weight.float()
+    return (y * gate if norm_before_gate else y).to(x.dtype)
+
+
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
@@ -42,3 +57,4 @@ def _fla_norm_unavailable(x: torch.Tensor) -> str | None:
 
 dispatch.register_health_check("rms_norm", _fla_norm_unavailable, eager_only=True)
 dispatch.register_health_check("gated_rms_norm", _fla_norm_unavailable, eager_only=True)
+dispatch.register_health_check("group_gated_rms_norm", _fla_norm_unavailable, eager_only=True)

@@ -19,6 +19,7 @@ from lmlab.models.gsa import GSAConfig, GSAForCausalLM, GSAModel
 from lmlab.models.hgrn2 import HGRN2Config, HGRN2ForCausalLM, HGRN2Model
 from lmlab.models.hybrid_qlt import HybridQLTConfig, HybridQLTForCausalLM, HybridQLTModel
 from lmlab.models.mamba import MambaConfig, MambaForCausalLM, MambaModel
+from lmlab.models.mamba2 import Mamba2Config, Mamba2ForCausalLM, Mamba2Model
 from lmlab.models.samba import SambaConfig, SambaForCausalLM, SambaModel
 from lmlab.models.transformer import TransformerConfig, TransformerForCausalLM, TransformerModel
 
@@ -31,6 +32,7 @@ FAMILIES = {
     "gsa": (GSAConfig, GSAModel, GSAForCausalLM),
     "hybrid_qlt": (HybridQLTConfig, HybridQLTModel, HybridQLTForCausalLM),
     "mamba": (MambaConfig, MambaModel, MambaForCausalLM),
+    "mamba2": (Mamba2Config, Mamba2Model, Mamba2ForCausalLM),
     "samba": (SambaConfig, SambaModel, SambaForCausalLM),
 }
 MODEL_TYPES = tuple(FAMILIES)

@@ -448,6 +448,18 @@ def token_positions(B: int, T: int, past: int, attention_mask: torch.Tensor | No
     return torch.arange(past, past + T, device=device)[None]
 
 
+@torch.no_grad()
+def init_dt_bias(dt_bias: nn.Parameter, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+    """Mamba2's time-step bias (fla's init, also Gated DeltaNet's): dt ~ logU(dt_min, dt_max), at least
+    dt_floor, stored as softplus^-1(dt). A parameter loaded from a checkpoint (flagged by transformers) is
+    left alone."""
+    if getattr(dt_bias, "_is_hf_initialized", False):
+        return
+    log_dt = torch.rand_like(dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = log_dt.exp().clamp(min=dt_floor)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
 class LmlabPreTrainedModel(PreTrainedModel):
     """Shared HF plumbing; a family subclass sets `config_class` and `mixer_factory` (builds its token
     mixer as `mixer_factory(config, layer_idx)`)."""
@@ -505,10 +517,12 @@ class LmlabModel(LmlabPreTrainedModel):
     """The decoder: embeddings, blocks (`layers`), final norm."""
 
     final_norm_name = "norm"  # fla's Mamba and Samba: norm_f
+    embedding_padding = True  # padding_idx = pad_token_id (fla's Mamba, Mamba2 and Samba embeddings have none)
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        padding_idx = config.pad_token_id if self.embedding_padding else None
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
         self.layers = nn.ModuleList(self.make_block(config, i) for i in range(config.num_hidden_layers))
         self.add_module(self.final_norm_name, RMSNorm(config.hidden_size, config.norm_eps))
         # (head_dim, rope_theta) of every layer that rotates its queries and keys (a `rotary_key`), found

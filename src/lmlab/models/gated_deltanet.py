@@ -21,6 +21,7 @@ from lmlab.models.blocks import (
     ShortConvolution,
     UsesKernels,
     delta_mixer_output,
+    init_dt_bias,
     l2_norm,
     padding_mask,
     project_qkv,
@@ -113,10 +114,7 @@ class GatedDeltaNet(nn.Module, UsesKernels):
         Parameters loaded from a checkpoint (flagged by transformers) are left alone."""
         if not getattr(self.A_log, "_is_hf_initialized", False):
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
-        if not getattr(self.dt_bias, "_is_hf_initialized", False):
-            log_dt = torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
-            dt = log_dt.exp().clamp(min=1e-4)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_dt_bias(self.dt_bias)
 
     def forward(self, x: torch.Tensor, *, rotary: Rotary, attention_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""Run by tests/test_kernels_recurrent.py in a subprocess with TRITON_INTERPRET=1 (set before triton and fla
+are imported, which the interpreter needs): fla's Triton simple-GLA kernels, through lmlab's custom op
+(`fla_chunk.chunk_simple_gla`, Mamba2's fast path), on CPU against lmlab's torch chunk kernel. Prints one JSON
+line: case -> relative error per tensor (o, final state, dq, dk, dv, dg, dh0)."""
+import builtins
+import gc
+import json
+
+import torch
+import torch.nn.functional as F
+import triton.language as tl
+from fla.ops.common import chunk_h, chunk_o
+from triton.runtime.autotuner import Autotuner
+
+from lmlab.kernels.fla_chunk import chunk_simple_gla
+from lmlab.kernels.simple_gla import simple_gla_chunk_torch
+
+for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
+    tuner.configs = tuner.configs[:1]  # the interpreter cannot time configs: keep the first of each
+
+
+def tensor_range(*bounds):
+    """`range` for the kernels' loops: the interpreter runs them as Python loops, whose index has no `.to()`."""
+    for i in builtins.range(*(int(b) for b in bounds)):
+        yield tl.full((), i, tl.int32)
+
+
+for module in (chunk_h, chunk_o):
+    module.range = tensor_range
+
+
+def run(fn, x, h0, **kwargs):
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in {**x, "h0": h0}.items()}
+    o, state = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], scale=0.3, initial_state=leaves["h0"],
+                  output_final_state=True, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=gen)).sum() + (state * torch.randn(state.shape, generator=gen)).sum()
+    loss.backward()
+    return [o, state, *(leaves[name].grad for name in ("q", "k", "v", "g", "h0"))]
+
+
+def case(B, T, H, K, V, cu_seqlens=None):
+    gen = torch.Generator().manual_seed(0)
+    x = {name: torch.randn(B, T, H, D, generator=gen) for name, D in (("q", K), ("k", K), ("v", V))}
+    x["g"] = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 2)
+    h0 = torch.randn(B if cu_seqlens is None else len(cu_seqlens) - 1, H, K, V, generator=gen)
+    kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    got, ref = run(chunk_simple_gla, x, h0, **kwargs), run(simple_gla_chunk_torch, x, h0, **kwargs)
+    return [((a - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
+
+
+print(json.dumps({
+    "dense, a partial last chunk": case(2, 100, 2, 16, 32),
+    "packed documents": case(1, 150, 2, 16, 32, cu_seqlens=torch.tensor([0, 37, 64, 140, 150], dtype=torch.int32)),
+}))
