@@ -148,6 +148,21 @@ def test_flame_config_loads_unchanged(tmp_path):
     assert all(saved[key] == value for key, value in flame.items() if key != "transformers_version")
 
 
+@pytest.mark.parametrize("family", ["gla", "mamba", "mamba2", "samba"])
+def test_embedding_padding_index_is_flas(family):
+    """The pad token's embedding row is excluded from training (nn.Embedding's padding_idx) exactly where fla's
+    class excludes it: in the families on fla's usual decoder (GLA here), not in Mamba, Mamba2 and Samba."""
+    fla_models = pytest.importorskip("fla.models")
+    lmlab.models.register()
+    values = {**TINY, "pad_token_id": 0, **{"mamba2": {"head_dim": 16}, "samba": {"attn": None}}.get(family, {})}
+    ours = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **values))
+    assert type(ours).__module__ == f"lmlab.models.{family}"
+    # fla's classes have lmlab's names
+    theirs = getattr(fla_models, type(ours).__name__)(getattr(fla_models, type(ours.config).__name__)(**values))
+    assert ours.get_input_embeddings().padding_idx == theirs.get_input_embeddings().padding_idx
+    assert (ours.get_input_embeddings().padding_idx is None) == (family != "gla")
+
+
 @pytest.mark.parametrize("family, strategy", [("hybrid", "rescale"), ("hybrid", None), ("transformer", None),
                                               ("hgrn2", "rescale"), ("gsa", "rescale")])
 def test_init_scheme_is_the_forks(family, strategy):

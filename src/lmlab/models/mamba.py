@@ -255,11 +255,12 @@ def _mixer(config: MambaConfig, layer_idx: int) -> MambaMixer:
 
 
 class BackboneLayout:
-    """fla's Mamba and Samba layout: the decoder at `backbone`, the final norm `norm_f`, rescaling by
-    √num_hidden_layers."""
+    """fla's Mamba and Samba layout: the decoder at `backbone`, the final norm `norm_f`, an embedding without a
+    padding index, rescaling by √num_hidden_layers."""
 
     base_model_prefix = "backbone"
     final_norm_name = "norm_f"
+    embedding_padding = False
     residual_branches = 1
 
 
