@@ -1,12 +1,12 @@
 """Pieces shared by lmlab's model families, and the decoder / causal-LM plumbing around them.
 
-Every family (transformer, delta_net, gated_deltanet, gla, hgrn2, gsa, hybrid_qlt) is a stack of the same
-pre-norm block,
+Every family but Mamba, Mamba2 and Samba (transformer, delta_net, gated_deltanet, gla, hgrn2, gsa,
+hybrid_qlt) is a stack of the same pre-norm block,
     h = h + attn(attn_norm(h));  h = h + mlp(mlp_norm(h))
 whose `attn` is the family's token mixer, or softmax `Attention` at the layers a hybrid config's `attn`
-key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable. Mamba and
-Samba keep fla's own names for their blocks, final norm and decoder (`backbone`): they bring their blocks
-(`LmlabModel.make_block`) and say the names (`final_norm_name`, `base_model_prefix`).
+key lists. Module names and parameter shapes are fla 0.6.0's, so state dicts are interchangeable. Mamba,
+Mamba2 and Samba keep fla's own names for their blocks, final norm and decoder (`backbone`): they bring their
+blocks (`LmlabModel.make_block`) and take fla's layout from `BackboneLayout` and `BackboneForCausalLM`.
 
 Forward conventions (docs/CONTRACTS.md):
 - `cu_seqlens` (packed documents over the B*T tokens of the [B, T] rows, one row after the other; no
@@ -465,9 +465,9 @@ class LmlabPreTrainedModel(PreTrainedModel):
     mixer as `mixer_factory(config, layer_idx)`)."""
 
     mixer_factory: Callable[[PretrainedConfig, int], nn.Module]
-    base_model_prefix = "model"  # the decoder's attribute in the causal LM (fla's Mamba and Samba: backbone)
+    base_model_prefix = "model"  # the decoder's attribute in the causal LM (BackboneLayout: backbone)
     # "rescale" divides by √(residual_branches · num_hidden_layers): two per block (mixer, MLP), as in the
-    # HQLT fork; fla's Mamba and Samba divide by √num_hidden_layers
+    # HQLT fork; BackboneLayout's families divide by √num_hidden_layers
     residual_branches = 2
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderBlock"]
@@ -516,8 +516,8 @@ class LmlabPreTrainedModel(PreTrainedModel):
 class LmlabModel(LmlabPreTrainedModel):
     """The decoder: embeddings, blocks (`layers`), final norm."""
 
-    final_norm_name = "norm"  # fla's Mamba and Samba: norm_f
-    embedding_padding = True  # padding_idx = pad_token_id (fla's Mamba, Mamba2 and Samba embeddings have none)
+    final_norm_name = "norm"  # BackboneLayout: norm_f
+    embedding_padding = True  # padding_idx = pad_token_id (BackboneLayout: none)
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
@@ -696,3 +696,23 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
+
+
+class BackboneLayout:
+    """fla's Mamba, Mamba2 and Samba layout, mixed into a family's PreTrainedModel: the decoder at `backbone`,
+    the final norm `norm_f`, an embedding without a padding index, "rescale" by √num_hidden_layers."""
+
+    base_model_prefix = "backbone"
+    final_norm_name = "norm_f"
+    embedding_padding = False
+    residual_branches = 1
+
+
+class BackboneForCausalLM(LmlabForCausalLM):
+    """A causal LM whose decoder is `backbone`, read as `model` too (lmlab's trainer and evaluation use it)."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    @property
+    def model(self) -> LmlabModel:
+        return self.backbone

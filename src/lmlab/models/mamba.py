@@ -20,8 +20,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lmlab.kernels.selective_scan import selective_scan
 from lmlab.models.blocks import (
+    BackboneForCausalLM,
+    BackboneLayout,
     LmlabConfig,
-    LmlabForCausalLM,
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
@@ -252,26 +253,6 @@ def _mixer(config: MambaConfig, layer_idx: int) -> MambaMixer:
                       config.dt_rank, dt_min=config.dt_min, dt_max=config.dt_max, dt_init_scheme=config.dt_init_scheme,
                       dt_scale=config.dt_scale, dt_init_floor=config.dt_init_floor, use_bias=config.use_bias,
                       use_conv_bias=config.use_conv_bias, layer_idx=layer_idx)
-
-
-class BackboneLayout:
-    """fla's Mamba and Samba layout: the decoder at `backbone`, the final norm `norm_f`, an embedding without a
-    padding index, rescaling by √num_hidden_layers."""
-
-    base_model_prefix = "backbone"
-    final_norm_name = "norm_f"
-    embedding_padding = False
-    residual_branches = 1
-
-
-class BackboneForCausalLM(LmlabForCausalLM):
-    """A causal LM whose decoder is `backbone`, read as `model` too (lmlab's trainer and evaluation use it)."""
-
-    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-
-    @property
-    def model(self) -> LmlabModel:
-        return self.backbone
 
 
 class MambaPreTrainedModel(BackboneLayout, LmlabPreTrainedModel):

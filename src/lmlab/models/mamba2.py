@@ -27,7 +27,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lmlab.kernels.norm import group_gated_rms_norm
 from lmlab.kernels.simple_gla import simple_gla
 from lmlab.models.blocks import (
-    LmlabForCausalLM,
+    BackboneForCausalLM,
+    BackboneLayout,
     LmlabModel,
     LmlabPreTrainedModel,
     RMSNorm,
@@ -312,16 +313,9 @@ class Mamba2Block(GradientCheckpointingLayer):
                                           cu_seqlens=cu_seqlens, cache=cache, **mixer_inputs)
 
 
-class Mamba2PreTrainedModel(LmlabPreTrainedModel):
-    """fla's Mamba2 layout: the decoder at `backbone`, the final norm `norm_f`, an embedding without a padding
-    index, one residual branch per block."""
-
+class Mamba2PreTrainedModel(BackboneLayout, LmlabPreTrainedModel):
     config_class = Mamba2Config
     mixer_factory = Mamba2Mixer
-    base_model_prefix = "backbone"
-    final_norm_name = "norm_f"
-    embedding_padding = False
-    residual_branches = 1
     _no_split_modules = ["Mamba2Block"]
 
 
@@ -330,12 +324,5 @@ class Mamba2Model(Mamba2PreTrainedModel, LmlabModel):
         return Mamba2Block(config, self.make_mixer(config, layer_idx))
 
 
-class Mamba2ForCausalLM(Mamba2PreTrainedModel, LmlabForCausalLM):
+class Mamba2ForCausalLM(Mamba2PreTrainedModel, BackboneForCausalLM):
     model_class = Mamba2Model
-    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
-
-    @property
-    def model(self) -> Mamba2Model:
-        """The decoder (fla's name: `backbone`), under the name lmlab's training and evaluation use for every
-        family."""
-        return self.backbone

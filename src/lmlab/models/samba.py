@@ -15,6 +15,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lmlab.models.blocks import (
     MLP,
+    BackboneForCausalLM,
+    BackboneLayout,
     HybridConfig,
     LmlabModel,
     LmlabPreTrainedModel,
@@ -23,8 +25,6 @@ from lmlab.models.blocks import (
 )
 from lmlab.models.cache import Cache
 from lmlab.models.mamba import (
-    BackboneForCausalLM,
-    BackboneLayout,
     MambaMixer,
     check_mamba_keys,
     inner_size,
