@@ -234,7 +234,7 @@ class MambaMixer(nn.Module, UsesKernels):
 
 
 class MambaBlock(GradientCheckpointingLayer):
-    """fla's MambaBlock: h + mixer(norm(h))."""
+    """fla's MambaBlock (its Mamba2Block is the same): h + mixer(norm(h)), one residual branch."""
 
     def __init__(self, config: PretrainedConfig, mixer: nn.Module):
         super().__init__()

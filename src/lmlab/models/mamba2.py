@@ -1,4 +1,5 @@
-"""Mamba2 (fla's `mamba2`; Dao & Gu, arXiv 2405.21060): blocks of one pre-norm residual mixer each, no MLP.
+"""Mamba2 (fla's `mamba2`; Dao & Gu, arXiv 2405.21060): blocks of one pre-norm residual mixer each, no MLP
+(Mamba's block, `lmlab.models.mamba.MambaBlock`).
 
 The mixer, per token: in_proj x -> (z, xBC, dt); xBC through a causal depthwise conv and silu, split into
 x [H heads of head_dim P], B and C [n_groups of state_size N, each shared by H / n_groups heads];
@@ -22,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lmlab.kernels.norm import group_gated_rms_norm
 from lmlab.kernels.simple_gla import simple_gla
@@ -31,7 +31,6 @@ from lmlab.models.blocks import (
     BackboneLayout,
     LmlabModel,
     LmlabPreTrainedModel,
-    RMSNorm,
     Rotary,
     ShortConvolution,
     UsesKernels,
@@ -41,6 +40,7 @@ from lmlab.models.blocks import (
     zero_padding,
 )
 from lmlab.models.cache import Cache
+from lmlab.models.mamba import MambaBlock
 
 A_INITS = ("arange", "uniform")
 # The seed's fla fork (transformers' Mamba2 names) spells some of fla 0.6.0's keys differently; the seed's
@@ -297,31 +297,15 @@ class GroupGatedRMSNorm(nn.Module, UsesKernels):
                                     norm_before_gate=self.norm_before_gate, backend=self.backend)
 
 
-class Mamba2Block(GradientCheckpointingLayer):
-    """fla's Mamba2Block: h + mixer(norm(h)), one residual branch."""
-
-    def __init__(self, config: Mamba2Config, mixer: nn.Module):
-        super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mixer = mixer
-        self.mixer.out_proj.is_residual_output = True
-
-    def forward(self, hidden_states: torch.Tensor, rotary: Rotary, attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None,
-                **mixer_inputs: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.mixer(self.norm(hidden_states), rotary=rotary, attention_mask=attention_mask,
-                                          cu_seqlens=cu_seqlens, cache=cache, **mixer_inputs)
-
-
 class Mamba2PreTrainedModel(BackboneLayout, LmlabPreTrainedModel):
     config_class = Mamba2Config
     mixer_factory = Mamba2Mixer
-    _no_split_modules = ["Mamba2Block"]
+    _no_split_modules = ["MambaBlock"]
 
 
 class Mamba2Model(Mamba2PreTrainedModel, LmlabModel):
-    def make_block(self, config: Mamba2Config, layer_idx: int) -> Mamba2Block:
-        return Mamba2Block(config, self.make_mixer(config, layer_idx))
+    def make_block(self, config: Mamba2Config, layer_idx: int) -> MambaBlock:
+        return MambaBlock(config, self.make_mixer(config, layer_idx))
 
 
 class Mamba2ForCausalLM(Mamba2PreTrainedModel, BackboneForCausalLM):
