@@ -450,7 +450,7 @@ def token_positions(B: int, T: int, past: int, attention_mask: torch.Tensor | No
 
 @torch.no_grad()
 def init_dt_bias(dt_bias: nn.Parameter, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
-    """Mamba2's time-step bias (fla's init, also Gated DeltaNet's): dt ~ logU(dt_min, dt_max), at least
+    """Mamba's and Mamba2's time-step bias (fla's init, also Gated DeltaNet's): dt ~ logU(dt_min, dt_max), at least
     dt_floor, stored as softplus^-1(dt). A parameter loaded from a checkpoint (flagged by transformers) is
     left alone."""
     if getattr(dt_bias, "_is_hf_initialized", False):

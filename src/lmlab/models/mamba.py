@@ -29,6 +29,7 @@ from lmlab.models.blocks import (
     Rotary,
     ShortConvolution,
     UsesKernels,
+    init_dt_bias,
     padding_mask,
     zero_padding,
 )
@@ -204,10 +205,7 @@ class MambaMixer(nn.Module, UsesKernels):
             nn.init.constant_(self.dt_proj.weight, std)
         else:
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-        if not getattr(self.dt_proj.bias, "_is_hf_initialized", False):
-            log_dt = torch.rand_like(self.dt_proj.bias, dtype=torch.float32) * math.log(self.dt_max / self.dt_min)
-            dt = (log_dt + math.log(self.dt_min)).exp().clamp(min=self.dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        init_dt_bias(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
         if not getattr(self.A_log, "_is_hf_initialized", False):
             n = torch.arange(1, self.state_size + 1, dtype=torch.float32, device=self.A_log.device)
             self.A_log.copy_(n.log().expand_as(self.A_log))
