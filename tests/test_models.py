@@ -759,12 +759,14 @@ def test_model_backend_flag_sets_the_built_models_kernels_only():
     assert {m.backend for m in other.modules() if isinstance(m, UsesKernels)} == {"auto"}
 
 
-@pytest.mark.parametrize("name, tie", [("hybrid", False), ("hybrid", True), ("mamba", True), ("samba", False)])
+@pytest.mark.parametrize("name, tie", [("hybrid", False), ("hybrid", True), ("mamba", True), ("mamba2", False),
+                                       ("mamba2", True), ("samba", False)])
 def test_save_and_load_round_trip(tmp_path, name, tie):
     model = make_model(name, tie_word_embeddings=tie)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model) and getattr(loaded.config, "attn", None) == getattr(model.config, "attn", None)
+    assert loaded.model is getattr(loaded, loaded.base_model_prefix)  # `backbone` in the Mamba layout
     assert (loaded.lm_head.weight is loaded.model.embeddings.weight) == tie
     ids = random_ids(2, 9)
     with torch.no_grad():

@@ -186,18 +186,6 @@ def test_flops_count_the_ssd():
     assert flops_per_token(config, 2048) == pytest.approx(3 * (2 * weights + recurrence))
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_save_and_load_round_trip(tmp_path, tie):
-    model = make_model("mamba2", tie_word_embeddings=tie)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is type(model) and loaded.model is loaded.backbone
-    assert (loaded.lm_head.weight is loaded.backbone.embeddings.weight) == tie
-    ids = random_ids(2, 9)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
-
-
 # ---------------------------------------------------------------------------------------------------
 # GPU: fla's simple-GLA kernels (the fast path) against the PyTorch ones on the 340M config
 
