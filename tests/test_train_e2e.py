@@ -64,7 +64,7 @@ def test_paper_train_command_on_cpu(corpus, tmp_path):
 
 @pytest.mark.slow  # about a minute per family on 2 CPU cores
 @pytest.mark.parametrize("family", ["hgrn2", "gsa", "mamba", "mamba2", "samba"])
-def test_paper_train_command_trains_hgrn2_and_gsa(corpus, tmp_path, family):
+def test_paper_train_command_trains_the_tiny_config(corpus, tmp_path, family):
     """The paper's command on the family's tiny config, with packed documents: the loss falls and the HF
     export reloads as lmlab's class."""
     dump = tmp_path / family
