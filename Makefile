@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make quickstart` and `make test`.
 # Each creates .venv if missing, installs torch==2.13.0 first (a local file on the CPU machines here, the
-# normal wheel elsewhere), then lmlab with its pinned dependencies.
+# normal wheel elsewhere), then lmlab with its pinned dependencies. --no-compile: pip would byte-compile
+# every installed file (most of the install's CPU time on 2 cores); Python compiles what it imports instead.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,8 +12,8 @@ STAMP  := $(VENV)/.lmlab-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

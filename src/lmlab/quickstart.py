@@ -88,19 +88,22 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 4096) -> None
     wrapped.save_pretrained(out)
 
 
-def heldout_perplexity(model, tokenizer, docs: list[str], seq_len: int) -> float:
-    """Token-level perplexity on held-out documents, each scored on its first `seq_len` tokens."""
+def heldout_perplexity(model, tokenizer, docs: list[str], seq_len: int, batch_size: int = 16) -> float:
+    """Token-level perplexity on held-out documents, each scored on its first `seq_len` tokens. Batched and
+    right-padded (labels -100 there): a causal model's outputs before the padding do not depend on it."""
     import torch
 
+    rows = [ids[:seq_len] for ids in tokenizer(docs).input_ids if len(ids) >= 2]
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
-        for doc in docs:
-            ids = tokenizer(doc, return_tensors="pt").input_ids[:, :seq_len]
-            if ids.shape[1] < 2:
-                continue
-            loss = model(input_ids=ids, labels=ids).loss
-            total_loss += float(loss) * (ids.shape[1] - 1)
-            total_tokens += ids.shape[1] - 1
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in batch])
+            labels = torch.tensor([row + [-100] * (width - len(row)) for row in batch])
+            tokens = sum(len(row) - 1 for row in batch)
+            total_loss += float(model(input_ids=ids, labels=labels).loss) * tokens  # the mean over `tokens`
+            total_tokens += tokens
     return math.exp(total_loss / total_tokens)
 
 
