@@ -17,7 +17,7 @@ def test_quickstart_help_shows_the_defaults(capsys):
         quickstart.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert done.value.code == 0
-    assert "(default: 300)" in out and "(default: configs/tiny_gated_deltanet.json)" in out
+    assert "(default: 250)" in out and "(default: configs/quickstart_gated_deltanet.json)" in out
 
 
 def test_harness_help_is_lm_evals_plus_lmlabs_data_dir(capsys):
