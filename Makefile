@@ -21,11 +21,15 @@ install: $(STAMP)
 quickstart: install
 	$(PY) -m lmlab.quickstart
 
+# Two pytest-xdist workers (one per core here); a test module stays on one worker, so its module fixtures
+# (a trained run, say) are built once.
+XDIST := -n 2 --dist loadscope
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-all: install
-	$(PY) -m pytest -q -m 'not gpu'
+	$(PY) -m pytest -q $(XDIST) -m 'not gpu'
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
