@@ -1,7 +1,10 @@
 # Two commands for a fresh machine: `make quickstart` and `make test`.
 # Each creates .venv if missing, installs torch==2.13.0 first (a local file on the CPU machines here, the
 # normal wheel elsewhere), then lmlab with its pinned dependencies. --no-compile: pip would byte-compile
-# every installed file (most of the install's CPU time on 2 cores); Python compiles what it imports instead.
+# every installed file (most of the install's CPU time on 2 cores); Python caches the bytecode of what it
+# imports instead, which needs writing bytecode on (some environments, CI's images among them, turn it off:
+# then every process would compile torch and transformers again, 6 s more per `import lmlab`).
+unexport PYTHONDONTWRITEBYTECODE
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
