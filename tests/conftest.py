@@ -8,6 +8,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs one pytest-xdist worker per core: each computes on one thread, and so do the processes it
+# starts (on a busy core every multi-threaded op waits for its preempted thread).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (paper_command, ...)
 
 import pytest
@@ -15,7 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The environment of subprocesses that must not inherit the caller's: they run this checkout's lmlab (not an
 # editable install's from another worktree), offline.
-CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+CLEAN_ENV = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1",
+             **{key: os.environ[key] for key in ("OMP_NUM_THREADS",) if key in os.environ}}
 
 
 def errors_in_triton_interpreter(script: str) -> dict[str, list[float]]:

@@ -74,6 +74,7 @@ PARAM_COUNTS = {
     "tiny_hqlt_delayed_stream": 3_494_784,
     "tiny_hqlt_delayed_chunk": 3_494_784,
     "tiny_hqlt_linear": 3_494_784,
+    "quickstart_gated_deltanet": 1_826_700,
     "delta_net_noconv_340M": 374_067_200,
     "delta_net_noconv_1B": 1_365_087_232,
     "gla_7B": 6_741_635_072,

@@ -17,7 +17,7 @@ def test_quickstart_help_shows_the_defaults(capsys):
         quickstart.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert done.value.code == 0
-    assert "(default: 300)" in out and "(default: configs/tiny_gated_deltanet.json)" in out
+    assert "(default: 250)" in out and "(default: configs/quickstart_gated_deltanet.json)" in out
 
 
 def test_harness_help_is_lm_evals_plus_lmlabs_data_dir(capsys):
@@ -144,3 +144,28 @@ def test_the_quickstart_tokenizer_pads(tmp_path):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (1, 2, "<pad>")
     batch = tokenizer(["The for", "The for statement is used"], padding=True)
     assert len(set(map(len, batch["input_ids"]))) == 1
+
+
+def test_the_quickstarts_batched_perplexity_is_the_per_document_one(tmp_path):
+    """Held-out documents scored in right-padded batches: the same token-level perplexity as one by one."""
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    docs = ["The for statement is used to iterate over the elements of a sequence.",
+            "Return a new list.", "x"] + [f"Document {i} says that {i} + 1 is {i + 1}." for i in range(5)]
+    quickstart.train_tokenizer(docs * 5, tmp_path, vocab_size=300)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gated_deltanet", hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=16, vocab_size=300)).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = tokenizer(doc, return_tensors="pt").input_ids[:, :12]
+            if ids.shape[1] >= 2:
+                total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+                tokens += ids.shape[1] - 1
+    batched = quickstart.heldout_perplexity(model, tokenizer, docs, seq_len=12, batch_size=3)
+    assert batched == pytest.approx(math.exp(total / tokens), rel=1e-5)
