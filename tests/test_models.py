@@ -832,6 +832,28 @@ def assert_bf16_close(name: str, loss: torch.Tensor, grads: dict[str, torch.Tens
     assert all(a < max(1e-2, 2 * t) for a, t in errors.values()), errors
 
 
+def check_compiled_blocks_match_eager(name: str, model, ids: torch.Tensor, varlen: dict, watched: list[str], *,
+                                      fullgraph: bool = False) -> None:
+    """Loss and the `watched` parameters' gradients of `model` (on CUDA) with its blocks compiled, bf16 autocast
+    and backend auto, against eager torch in bf16 and float32 (`assert_bf16_close`)."""
+    def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.set_kernel_backend(backend)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(ids, labels=ids, **varlen).loss
+        loss.backward()
+        params = dict(model.named_parameters())
+        return loss.float(), {k: params[k].grad.float() for k in watched}
+
+    _, grads_ref = run("torch", None)
+    loss_torch, grads_torch = run("torch", torch.bfloat16)
+    torch._dynamo.reset()
+    for block in model.model.layers:
+        block.compile(fullgraph=fullgraph)
+    loss, grads = run("auto", torch.bfloat16)
+    assert_bf16_close(name, loss, grads, loss_torch, grads_torch, grads_ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "hgrn2_340M", *HQLT_340M])
 def test_gpu_recurrent_block_compiles_to_one_graph(name):
@@ -871,22 +893,7 @@ def test_340m_compiled_blocks_match_eager(name, packed):
     watched = ["model.layers.0.attn.o_proj.weight", "model.layers.3.attn.o_proj.weight",
                "model.layers.3.mlp.down_proj.weight"]
 
-    def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.set_kernel_backend(backend)
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(ids, labels=ids, **varlen).loss
-        loss.backward()
-        params = dict(model.named_parameters())
-        return loss.float(), {k: params[k].grad.float() for k in watched}
-
-    _, grads_ref = run("torch", None)
-    loss_torch, grads_torch = run("torch", torch.bfloat16)
-    torch._dynamo.reset()
-    for block in model.model.layers:
-        block.compile()
-    loss, grads = run("auto", torch.bfloat16)
-    assert_bf16_close(name, loss, grads, loss_torch, grads_torch, grads_ref)
+    check_compiled_blocks_match_eager(name, model, ids, varlen, watched)
 
 
 @pytest.mark.gpu
@@ -906,22 +913,7 @@ def test_gpu_selective_scan_blocks_compiled_match_eager(name, packed):
                if key.startswith(("backbone.layers.0.", "backbone.layers.3."))
                and key.endswith(("out_proj.weight", "A_log", "dt_proj.weight", "conv1d.weight", "down_proj.weight"))]
 
-    def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.set_kernel_backend(backend)
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(ids, labels=ids, **varlen).loss
-        loss.backward()
-        params = dict(model.named_parameters())
-        return loss.float(), {k: params[k].grad.float() for k in watched}
-
-    _, grads_ref = run("torch", None)
-    loss_torch, grads_torch = run("torch", torch.bfloat16)
-    torch._dynamo.reset()
-    for block in model.model.layers:
-        block.compile(fullgraph=True)
-    loss, grads = run("auto", torch.bfloat16)
-    assert_bf16_close(name, loss, grads, loss_torch, grads_torch, grads_ref)
+    check_compiled_blocks_match_eager(name, model, ids, varlen, watched, fullgraph=True)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import lmlab  # noqa: F401  (registers the model types)
 from lmlab.models import Cache
-from test_models import MODELS, ROOT, assert_bf16_close, make_config, make_model, max_err, random_ids
+from test_models import (
+    MODELS,
+    ROOT,
+    assert_bf16_close,
+    check_compiled_blocks_match_eager,
+    make_config,
+    make_model,
+    max_err,
+    random_ids,
+)
 
 
 def seed_config(name: str = "mamba2_340M", **overrides):
@@ -247,22 +256,7 @@ def test_mamba2_340m_compiled_blocks_match_eager(packed):
     watched = ["backbone.layers.0.mixer.in_proj.weight", "backbone.layers.3.mixer.out_proj.weight",
                "backbone.layers.3.mixer.dt_bias"]
 
-    def run(backend: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.set_kernel_backend(backend)
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(ids, labels=ids, **varlen).loss
-        loss.backward()
-        params = dict(model.named_parameters())
-        return loss.float(), {k: params[k].grad.float() for k in watched}
-
-    _, grads_ref = run("torch", None)
-    loss_torch, grads_torch = run("torch", torch.bfloat16)
-    torch._dynamo.reset()
-    for block in model.backbone.layers:
-        block.compile()
-    loss, grads = run("auto", torch.bfloat16)
-    assert_bf16_close("mamba2_340M", loss, grads, loss_torch, grads_torch, grads_ref)
+    check_compiled_blocks_match_eager("mamba2_340M", model, ids, varlen, watched)
 
 
 @pytest.mark.gpu
