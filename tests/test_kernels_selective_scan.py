@@ -1,7 +1,8 @@
 """Mamba's selective scan (lmlab.kernels.selective_scan): chunkwise vs step-by-step, packed documents,
 padding, memory kept for backward, one compiled graph.
 
-CPU tests are fp32 on tiny shapes; the `gpu` tests run the chunkwise kernel on CUDA at a 340M layer's size.
+CPU tests are fp32 on tiny shapes (lmlab's Triton kernel under Triton's interpreter); the `gpu` tests run the
+chunkwise and Triton kernels on CUDA at a 340M layer's size.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import errors_in_triton_interpreter
 from lmlab.kernels import selective_scan as scan
 from test_kernels_recurrent import rel_err, saved_bytes
 from test_kernels_varlen_compile import LAYOUTS, T, assert_one_graph, weighted_sum
@@ -147,6 +149,36 @@ def test_bad_shapes_are_one_line_errors():
         scan.selective_scan(*positional(x), initial_state=torch.zeros(2, 6, 4))
 
 
+@pytest.mark.slow
+def test_triton_matches_recurrent_in_interpreter():
+    """lmlab's Triton selective scan (the CUDA training path) against the step-by-step kernel, run by Triton's
+    CPU interpreter through `selective_scan`: dense rows and packed documents (an empty one, documents ending
+    mid-chunk, several per backward program), with and without initial states, partial channel blocks,
+    N = 3, strong decays; y, final states and the gradients of u, Δ, A, B, C and the initial states."""
+    errors_by_case = errors_in_triton_interpreter("selective_scan_triton_interpreter.py")
+    assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_triton_op_traces_with_fake_tensors(varlen):
+    """What torch.compile sees of the Triton ops (traced with fake tensors, no kernel runs): the shapes and
+    dtypes of y, the final states and every gradient, bf16 inputs as in training."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lmlab.kernels.selective_scan_triton import selective_scan_triton
+
+    x = {name: t.to(torch.bfloat16) if name in ("u", "B", "C") else t for name, t in make_inputs(2, 10, 8, 4).items()}
+    with FakeTensorMode() as mode:
+        leaves = {name: mode.from_tensor(t).requires_grad_() for name, t in x.items()}
+        h0 = mode.from_tensor(torch.randn(3 if varlen else 2, 8, 4)).requires_grad_()
+        cu_seqlens = mode.from_tensor(torch.tensor([0, 7, 12, 20], dtype=torch.int32)) if varlen else None
+        y, state = selective_scan_triton(*positional(leaves), initial_state=h0, output_final_state=True,
+                                         cu_seqlens=cu_seqlens)
+        (y.float().sum() + state.sum()).backward()
+    assert (y.shape, y.dtype, state.shape, state.dtype) == ((2, 10, 8), torch.bfloat16, h0.shape, torch.float32)
+    assert all((t.grad.shape, t.grad.dtype) == (t.shape, t.dtype) for t in (*leaves.values(), h0))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_chunk_matches_recurrent(varlen):
@@ -159,18 +191,79 @@ def test_gpu_chunk_matches_recurrent(varlen):
     assert_close_all(run_with_grads(scan.selective_scan_chunk_torch, x, h0, cu_seqlens=cu_seqlens), ref, 1e-5)
 
 
+def layer_inputs(B: int, T: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A mamba_340M layer's scan inputs on CUDA (D = expand 2 x hidden 1024, N = state_size 16): u, B and C
+    in `dtype` (the conv's and x_proj's outputs under autocast), Δ and A in float32 (as the layer makes them)."""
+    return {name: t.to(dtype if name in ("u", "B", "C") else torch.float32)
+            for name, t in make_inputs(B, T, 2048, 16, device="cuda").items()}
+
+
 @pytest.mark.gpu
-def test_gpu_340m_layer_scan_memory_is_bounded():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_340m_layer_scan_memory_is_bounded(backend):
     """A mamba_340M layer's scan at 8 x 2048 tokens (D = 2048, N = 16), bf16 inputs, forward + backward: the
     peak stays below 1.5 [B, T, D, N] float32 tensors (2 GiB each; fla's PyTorch path keeps four per layer)."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    x = {name: t.to(torch.bfloat16 if name in ("u", "B", "C") else torch.float32).requires_grad_()
-         for name, t in make_inputs(8, 2048, 2048, 16, device="cuda").items()}
+    x = {name: t.requires_grad_() for name, t in layer_inputs(8, 2048, torch.bfloat16).items()}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    y, _ = scan.selective_scan(*positional(x))
+    y, _ = scan.selective_scan(*positional(x), backend=backend)
     y.float().square().mean().backward()
     peak = torch.cuda.max_memory_allocated() - base
-    print(f"peak above inputs: {peak / 2**30:.2f} GiB")
+    print(f"{backend}: peak above inputs: {peak / 2**30:.2f} GiB")
     assert peak < 3 * 2**30 and all(torch.isfinite(t.grad).all() for t in x.values())
+
+
+def triton_scan(*args, **kwargs):
+    return scan.selective_scan(*args, backend="triton", **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["rows", "varlen"])
+def test_gpu_triton_matches_chunk_torch(varlen, dtype, compiled):
+    """lmlab's Triton scan against the PyTorch chunk kernel at a 340M layer's size (2 x 2048 tokens), with
+    initial states: y, final states, every gradient; eager and under torch.compile(fullgraph=True)."""
+    from test_kernels_basic import gpu_cu_seqlens
+
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    x = layer_inputs(2, 2048, dtype)
+    cu_seqlens = gpu_cu_seqlens() if varlen else None
+    h0 = torch.randn(2 if cu_seqlens is None else len(cu_seqlens) - 1, 2048, 16, device="cuda")
+    fn = torch.compile(triton_scan, fullgraph=True) if compiled else triton_scan
+    ref = run_with_grads(lambda *a, **k: scan.selective_scan(*a, backend="torch", **k), x, h0, cu_seqlens=cu_seqlens)
+    assert_close_all(run_with_grads(fn, x, h0, cu_seqlens=cu_seqlens), ref, 1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_speed_and_memory_against_chunk_torch():
+    """Prints forward + backward time and peak memory of a mamba_340M layer's scan at 8 x 2048 tokens, bf16,
+    for the Triton kernel and the PyTorch chunk kernel (both compiled, as training runs them); the Triton
+    one must not need more memory."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    x = {name: t.requires_grad_() for name, t in layer_inputs(8, 2048, torch.bfloat16).items()}
+    dy = torch.randn_like(x["u"])
+    peaks = {}
+    for backend in ("torch", "triton"):
+        fn = torch.compile(lambda *a: scan.selective_scan(*a, backend=backend)[0], fullgraph=True)
+
+        def step():
+            fn(*positional(x)).backward(dy)
+
+        for _ in range(2):  # compile, warm up
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        peaks[backend] = torch.cuda.max_memory_allocated() - base
+        print(f"{backend}: {start.elapsed_time(end) / 5:.2f} ms forward + backward, "
+              f"peak {peaks[backend] / 2**30:.2f} GiB above inputs")
+    assert peaks["triton"] <= peaks["torch"], peaks

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lmlab.kernels import dispatch
 from lmlab.kernels.conv_triton import short_conv_triton
 from lmlab.kernels.documents import document_positions
-from lmlab.kernels.recurrent_common import recompute_in_backward
+from lmlab.kernels.recurrent_common import recompute_in_backward, triton_health_check
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -119,10 +119,6 @@ def _fla_conv_unavailable(x: torch.Tensor) -> str | None:
     return dispatch.fla_unavailable_reason()
 
 
-def _triton_conv_unavailable(x: torch.Tensor) -> str | None:
-    return None if x.is_cuda else "input is not on a CUDA device"
-
-
-dispatch.register_health_check("short_conv", _triton_conv_unavailable, backend="triton")
+dispatch.register_health_check("short_conv", triton_health_check, backend="triton")
 dispatch.register_health_check("short_conv", _fla_conv_unavailable, eager_only=True)
 dispatch.register_health_check("short_conv_from_state", _fla_conv_unavailable, eager_only=True)

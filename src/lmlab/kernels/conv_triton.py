@@ -12,18 +12,14 @@ document (its row without packed documents), so a tap reading `lag` tokens back 
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-# torch 2.11's compile caches key a graph by the names of the ops in it, not by the Triton source behind a
-# triton_op: on an H200 an edited kernel ran in its old version, restored from a carried Inductor cache.
-# Op names that carry a hash of this file make any edit a cache miss.
-_SOURCE_TAG = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+from lmlab.kernels.recurrent_common import triton_source_tag
+
+_SOURCE_TAG = triton_source_tag(__file__)
 # (tokens, channels) per program of each kernel, the fastest of 24 (tokens 32-256, channels 32-128, 4 or 8
 # warps) on an H200 at 16 x 2048 tokens, D 1024-3072 (bench/NOTES.md, step 11). The gradient pass writes one
 # weight-gradient partial sum per block of its tokens: taller blocks mean fewer column sums per token.

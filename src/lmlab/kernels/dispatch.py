@@ -9,7 +9,8 @@ request is the kernel call's `backend=` argument (a model passes its own: the co
   torch - always the PyTorch implementation
   fla   - fla's kernel; an error if it cannot run here
   flash - flash-attn (attention only); an error if it cannot run here
-  triton - lmlab's own Triton kernel (the short convolution from zeros only); an error if it cannot run here
+  triton - lmlab's own Triton kernel (the short convolution from zeros, the selective scan); an error if it
+           cannot run here
   flex  - torch's FlexAttention (local attention only); an error if it cannot run here
 An op may have several accelerated backends, registered in priority order. A request for a backend that
 an op does not have (e.g. "fla" for attention, "triton" for the convolution from a decoding state) means

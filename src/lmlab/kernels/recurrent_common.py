@@ -20,7 +20,9 @@ into the next chunk. Each document's final state is rebuilt from its last chunk.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -103,6 +105,18 @@ def fla_health_check(x: torch.Tensor) -> str | None:
     if not x.is_cuda:
         return "input is not on a CUDA device"
     return dispatch.fla_unavailable_reason()
+
+
+def triton_health_check(x: torch.Tensor) -> str | None:
+    """The reason lmlab's own Triton kernels cannot run on `x`, or None."""
+    return None if x.is_cuda else "input is not on a CUDA device"
+
+
+def triton_source_tag(path: str) -> str:
+    """A hash of a Triton kernel file, for its `triton_op` names. torch 2.11's compile caches key a graph by
+    the names of the ops in it, not by the Triton source behind a triton_op: on an H200 an edited kernel ran
+    in its old version, restored from a carried Inductor cache. Names carrying the hash make any edit a miss."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def triton_version() -> tuple[int, ...]:

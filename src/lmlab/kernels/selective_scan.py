@@ -11,8 +11,9 @@ and none for CPU); fla and transformers fall back to a PyTorch loop that keeps e
 state, [B, T, D, N] each, for backward (340M at 8 x 2048 tokens: 2.1 GB per tensor and layer, out of memory
 on an 80 GB card).
 
-Implementations: `selective_scan_recurrent_torch` (the specification, step by step; also decoding's path)
-and `selective_scan_chunk_torch`: the sequence in chunks, each a log-depth (Hillis-Steele) scan in which
+Implementations: `selective_scan_recurrent_torch` (the specification, step by step; also decoding's path),
+`selective_scan_triton` (CUDA's path for training and prompts: `selective_scan_triton.py`) and
+`selective_scan_chunk_torch`: the sequence in chunks, each a log-depth (Hillis-Steele) scan in which
 only ever-smaller decays are multiplied (never exp of a positive number: stable for any Δ), the state
 carried from chunk to chunk. Each chunk runs under activation checkpointing, so backward keeps only the
 chunk start states ([N_chunks, D, N] per sequence) and recomputes one chunk at a time: memory stays at a
@@ -34,8 +35,10 @@ from lmlab.kernels.recurrent_common import (
     document_starts,
     keep_initial_if_empty,
     recompute_in_backward,
+    triton_health_check,
     use_recurrent,
 )
+from lmlab.kernels.selective_scan_triton import selective_scan_triton
 
 OP = "selective_scan"
 CHUNK_SIZE = 64
@@ -60,9 +63,13 @@ def selective_scan(
     rows = u.shape[:2]
     if cu_seqlens is not None:
         u, delta, B, C = (x.flatten(0, 1)[None] for x in (u, delta, B, C))
-    dispatch.choose(OP, u, backend)  # only the PyTorch implementation so far (README, "Models and configs")
-    kernel = selective_scan_recurrent_torch if use_recurrent(u, delta, A, B, C, initial_state) \
-        else selective_scan_chunk_torch
+    name = dispatch.choose(OP, u, backend)
+    if use_recurrent(u, delta, A, B, C, initial_state):  # decoding, short prompts: the step-by-step twin
+        kernel = selective_scan_recurrent_torch
+    elif name == "triton":
+        kernel = selective_scan_triton
+    else:
+        kernel = selective_scan_chunk_torch
     y, final_state = kernel(u, delta, A, B, C, initial_state=initial_state, output_final_state=output_final_state,
                             cu_seqlens=cu_seqlens)
     return y.reshape(*rows, -1), final_state
@@ -200,3 +207,6 @@ def _check_inputs(u, delta, A, B, C, initial_state, cu_seqlens) -> None:
     if initial_state is not None and initial_state.shape != (sequences, *A.shape):
         raise ValueError(f"expected an initial state [{sequences},{A.shape[0]},{A.shape[1]}]; got "
                          f"{tuple(initial_state.shape)}")
+
+
+dispatch.register_health_check(OP, triton_health_check, backend="triton")
