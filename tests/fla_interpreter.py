@@ -1,7 +1,8 @@
 """Run by tests/test_kernels_recurrent.py in a subprocess with TRITON_INTERPRET=1 (set before triton and fla
 are imported, which the interpreter needs): fla's Triton `chunk_bwd_dqkwg` on CPU against lmlab's PyTorch
-twin `dqkwg_torch` and its Triton kernel `dqkwg_triton`. Prints one JSON line: case -> max relative error per output
-(dq, dk, dw, dg)."""
+twin `dqkwg_torch` and its Triton kernel `dqkwg_triton`, as the gated delta rule calls it (w, dv) and as simple GLA
+does (neither; float32 chunk states). Prints one JSON line: case -> max relative error per output (dq, dk, dw, dg;
+dq, dk, dg without w)."""
 import gc
 import json
 
@@ -17,10 +18,10 @@ for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
     tuner.configs = tuner.configs[:1]  # the interpreter cannot time configs: keep the first of each
 
 
-def case(B, T, H, HV, K, V, cu_seqlens=None, implementation=dqkwg_torch):
+def case(B, T, H, HV, K, V, cu_seqlens=None, implementation=dqkwg_torch, with_w=True):
     q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
-    w = torch.randn(B, T, HV, K)
     v, do, dv = (torch.randn(B, T, HV, V) for _ in range(3))
+    w, dv = (torch.randn(B, T, HV, K), dv) if with_w else (None, None)
     chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, 64)
     g = chunk_local_cumsum(-torch.rand(B, T, HV) * 0.3, chunk_size=64, cu_seqlens=cu_seqlens,
                            chunk_indices=chunk_indices)
@@ -29,7 +30,7 @@ def case(B, T, H, HV, K, V, cu_seqlens=None, implementation=dqkwg_torch):
     args = dict(q=q, k=k, v=v, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=0.3, cu_seqlens=cu_seqlens,
                 chunk_indices=chunk_indices)
     ref, got = chunk_bwd_dqkwg(**args), implementation(**args)
-    return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)]
+    return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref) if b is not None]
 
 
 torch.manual_seed(0)
@@ -44,4 +45,10 @@ print(json.dumps({
     "lmlab's Triton kernel, grouped value heads": case(1, 150, 2, 4, 16, 32, implementation=dqkwg_triton),
     "lmlab's Triton kernel, packed documents": case(1, 300, 2, 2, 32, 32, implementation=dqkwg_triton,
                                                     cu_seqlens=torch.tensor([0, 37, 64, 200, 300])),
+    "simple GLA (no w), twin": case(1, 200, 2, 2, 96, 80, with_w=False),
+    "simple GLA (no w), lmlab's Triton kernel, two key blocks": case(1, 200, 2, 2, 96, 80, with_w=False,
+                                                                     implementation=dqkwg_triton),
+    "simple GLA (no w), lmlab's Triton kernel, packed documents": case(
+        1, 300, 2, 2, 32, 32, with_w=False, implementation=dqkwg_triton,
+        cu_seqlens=torch.tensor([0, 37, 64, 200, 300])),
 }))

@@ -1,7 +1,8 @@
 """Run by tests/test_kernels_recurrent.py in a subprocess with TRITON_INTERPRET=1 (set before triton and fla
 are imported, which the interpreter needs): fla's Triton simple-GLA kernels, through lmlab's custom op
-(`fla_chunk.chunk_simple_gla`, Mamba2's fast path), on CPU against lmlab's torch chunk kernel. Prints one JSON
-line: case -> relative error per tensor (o, final state, dq, dk, dv, dg, dh0)."""
+(`fla_chunk.chunk_simple_gla`, Mamba2's fast path), on CPU against lmlab's torch chunk kernel, with the backward's
+dqkwg step both fla's and lmlab's (which replaces fla's on Hopper with triton < 3.7.1). Prints one JSON line:
+case -> relative error per tensor (o, final state, dq, dk, dv, dg, dh0)."""
 import builtins
 import gc
 import json
@@ -12,6 +13,7 @@ import triton.language as tl
 from fla.ops.common import chunk_h, chunk_o
 from triton.runtime.autotuner import Autotuner
 
+from lmlab.kernels import gated_delta_rule_fla
 from lmlab.kernels.fla_chunk import chunk_simple_gla
 from lmlab.kernels.simple_gla import simple_gla_chunk_torch
 
@@ -49,7 +51,11 @@ def case(B, T, H, K, V, cu_seqlens=None):
     return [((a - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
 
 
-print(json.dumps({
-    "dense, a partial last chunk": case(2, 100, 2, 16, 32),
-    "packed documents": case(1, 150, 2, 16, 32, cu_seqlens=torch.tensor([0, 37, 64, 140, 150], dtype=torch.int32)),
-}))
+errors = {}
+for lmlab_dqkwg in (False, True):
+    gated_delta_rule_fla.TRITON_BREAKS_HOPPER_BACKWARD = lmlab_dqkwg
+    which = "lmlab's dqkwg" if lmlab_dqkwg else "fla's dqkwg"
+    errors[f"dense, a partial last chunk, {which}"] = case(2, 100, 2, 16, 32)
+    errors[f"packed documents, {which}"] = case(1, 150, 2, 16, 32, cu_seqlens=torch.tensor([0, 37, 64, 140, 150],
+                                                                                          dtype=torch.int32))
+print(json.dumps(errors))

@@ -61,26 +61,28 @@ def dqkwg_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | None,
     g: torch.Tensor,
     h: torch.Tensor,
-    dv: torch.Tensor,
+    dv: torch.Tensor | None,
     do: torch.Tensor,
     dh: torch.Tensor,
     scale: float,
     cu_seqlens: torch.Tensor | None = None,
     chunk_indices: torch.Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """What fla's `chunk_bwd_dqkwg` returns with a gate (state layout [K, V]): dq, dk, dw, dg.
 
     Inputs as fla's backward has them: q, k [B,T,H,K] (H may divide v's heads HV), v = the corrected
-    values v_new, w, dv, do [B,T,HV,*], g the chunk-local cumulative log2-decay [B,T,HV], h and dh the
-    chunk states and their gradients [B,NT,HV,K,V]. Per chunk, with decays Γ_t = 2^{g_t}:
+    values v_new (the plain values for simple GLA), w, dv, do [B,T,HV,*] (w and dv None for simple GLA:
+    then dw is None), g the chunk-local cumulative log2-decay [B,T,HV], h and dh the chunk states and their
+    gradients [B,NT,HV,K,V] (bf16, or float32 for simple GLA). Per chunk, with decays Γ_t = 2^{g_t}:
         dq = scale Γ ⊙ (dO hᵀ) + dS K,          dS = scale ((dO Vᵀ) ⊙ Γ_t / Γ_s)_{s<=t}
         dk = (Γ_C / Γ) ⊙ (V dhᵀ) + dSᵀ Q,       dw = −dV hᵀ
         dg = Σ_k (dq ⊙ q − dk ⊙ k), plus Γ_C Σ(h ⊙ dh) + Σ(dk_state ⊙ k) at the chunk's last token.
-    Matmuls take the bf16 operands fla's kernel takes; sums and decays are float32, as in fla.
+    Matmuls take the bf16 operands fla's kernel takes (states cast to do's dtype); sums and decays are
+    float32, as in fla.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[-1]
@@ -92,16 +94,15 @@ def dqkwg_torch(
         x = x.flatten(0, 1)[positions]
         return (x * valid.view(*valid.shape, *(1,) * (x.ndim - 2)).to(x.dtype)).transpose(1, 2)
 
-    q_c, k_c, v_c, dv_c, do_c = (chunked(x) for x in (q, k, v, dv, do))
+    q_c, k_c, v_c, do_c = (chunked(x) for x in (q, k, v, do))
     g_c = chunked(g).float()  # [N,HV,C]
     g_last = g.flatten(0, 1)[last].float()  # [N,HV]
     h, dh = h.flatten(0, 1), dh.flatten(0, 1)  # [N,HV,K,V]
-    h_t = h.transpose(-1, -2)
+    h_t = h.transpose(-1, -2).to(do.dtype)
 
     dq = (do_c @ h_t).float() * (g_c.exp2() * scale)[..., None]
-    dk_state = (v_c @ dh.transpose(-1, -2)).float()
+    dk_state = (v_c @ dh.transpose(-1, -2).to(do.dtype)).float()
     dk_state = dk_state * torch.where(valid[:, None], (g_last[..., None] - g_c).exp2(), 0)[..., None]
-    dw = -(dv_c @ h_t)
     dg_last = (h.float() * dh.float()).sum((-2, -1)) * g_last.exp2() + (dk_state * k_c.float()).sum((-2, -1))
 
     pairs = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
@@ -126,13 +127,14 @@ def dqkwg_torch(
     dq, dk = unchunked(dq, q.dtype), unchunked(dk, k.dtype)
     if HV != H:
         dq, dk = (x.view(B, T, H, HV // H, K).sum(3) for x in (dq, dk))
-    return dq, dk, unchunked(dw, w.dtype), unchunked(dg, torch.float32)
+    dw = None if w is None else unchunked(-(chunked(dv) @ h_t), w.dtype)
+    return dq, dk, dw, unchunked(dg, torch.float32)
 
 
 @triton.jit
 def _dqkwg_kernel(q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, chunk_indices, scale, T,
                   n_tokens, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+                  BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DW: tl.constexpr):
     """One chunk of BT tokens, one value head, BK of the K key dims (`dqkwg_torch` says what it computes).
 
     Written for Triton 3.4-3.7.0 on Hopper, which miscompile a transpose of a matmul result (fla #640):
@@ -168,16 +170,18 @@ def _dqkwg_kernel(q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, 
         p_tv = (rows[:, None] * HV + i_hv) * V + o_v[None, :]
         b_v = tl.load(v + p_tv, mask=m_tv, other=0)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0)
-        b_dv = tl.load(dv + p_tv, mask=m_tv, other=0)
         p_kv = p_state + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(h + p_kv, mask=m_kv, other=0)
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0)
         b_h_dh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+        b_h, b_dh = b_h.to(b_do.dtype), b_dh.to(b_do.dtype)  # float32 states (simple GLA): bf16 operands, as fla
         b_ds += tl.dot(b_do, tl.trans(b_v))
         b_ds_t += tl.dot(b_v, tl.trans(b_do))
         b_dq += tl.dot(b_do, tl.trans(b_h))
         b_dk += tl.dot(b_v, tl.trans(b_dh))
-        b_dw += tl.dot(b_dv, tl.trans(b_h))
+        if HAS_DW:
+            b_dv = tl.load(dv + p_tv, mask=m_tv, other=0)
+            b_dw += tl.dot(b_dv, tl.trans(b_h))
 
     b_g = tl.load(g + rows * HV + i_hv, mask=m_t, other=0).to(tl.float32)
     last = tl.minimum(bos + i_c * BT + BT, eos) - 1
@@ -200,7 +204,8 @@ def _dqkwg_kernel(q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, 
     p_out = (rows[:, None] * HV + i_hv) * K + o_k[None, :]
     tl.store(dq + p_out, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_out, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(dw + p_out, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
+    if HAS_DW:
+        tl.store(dw + p_out, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
     tl.store(dg_blocks + (i_k * n_tokens + rows) * HV + i_hv, b_dg, mask=m_t)  # summed over i_k after
 
 
@@ -208,17 +213,17 @@ def dqkwg_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | None,
     g: torch.Tensor,
     h: torch.Tensor,
-    dv: torch.Tensor,
+    dv: torch.Tensor | None,
     do: torch.Tensor,
     dh: torch.Tensor,
     scale: float,
     cu_seqlens: torch.Tensor | None = None,
     chunk_indices: torch.Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`dqkwg_torch` as one Triton kernel: reads the chunk states h and dh once (the PyTorch version's
     gathers, products and scatters cost ≈ 210 ms of a gated_deltanet_340M step on an H200)."""
     B, T, H, K = q.shape
@@ -227,13 +232,13 @@ def dqkwg_triton(
     # grouped value heads: per value head first, then summed into the q/k heads they share
     grad_dtype = q.dtype if HV == H else torch.float32
     dq, dk = (q.new_empty(B, T, HV, K, dtype=grad_dtype) for _ in range(2))
-    dw = torch.empty_like(w)
+    dw = None if w is None else torch.empty_like(w)
     n_k = triton.cdiv(K, DQKWG_BLOCK_K)
     dg_blocks = g.new_empty(n_k, B * T, HV, dtype=torch.float32)
     _dqkwg_kernel[(n_k, n_chunks, B * HV)](
-        q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, chunk_indices, scale, T, B * T,
-        H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=DQKWG_BLOCK_K, BV=DQKWG_BLOCK_V, IS_VARLEN=cu_seqlens is not None,
-        num_warps=4)
+        q, k, v, g, h, dh, do if dv is None else dv, do, dq, dk, dq if dw is None else dw, dg_blocks, cu_seqlens,
+        chunk_indices, scale, T, B * T, H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=DQKWG_BLOCK_K, BV=DQKWG_BLOCK_V,
+        IS_VARLEN=cu_seqlens is not None, HAS_DW=w is not None, num_warps=4)
     if HV != H:
         dq, dk = (x.view(B, T, H, HV // H, K).sum(3).to(q.dtype) for x in (dq, dk))
     return dq, dk, dw, dg_blocks.sum(0).view(B, T, HV)
