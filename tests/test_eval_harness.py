@@ -274,3 +274,21 @@ def test_paper_commands_train_and_evaluate_hqlt(work, corpus, tmp_path):
                          env={**os.environ, "LMLAB_EVAL_DATA": work["data"]}, capture_output=True, text=True, timeout=300)
     assert fda.returncode == 0, fda.stderr[-3000:]
     assert results_and_samples(tmp_path / "out")[0]["n-samples"]["based_fda"]["effective"] == 2
+
+
+
+def test_templates_are_compiled_once_and_render_the_same(monkeypatch):
+    """lm-eval compiles a document's Jinja template on every render (74k times for the paper's suite); the
+    harness compiles each template once, for the command only, and renders the same text."""
+    from lm_eval import utils
+
+    template = "Question: {{question}}\nAnswer:{{ ' ' ~ choices[label] | regex_replace('x', 'y') }}"
+    docs = [{"question": f"q{i}?", "choices": ["ax", "bx"], "label": i % 2} for i in range(5)]
+    expected = [utils.apply_template(template, doc) for doc in docs]
+    original, compiles = utils.apply_template, []
+    from_string = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda source: compiles.append(source) or from_string(source))
+    with harness.templates_compiled_once():
+        assert [utils.apply_template(template, doc) for doc in docs] == expected
+    assert compiles == [template]
+    assert utils.apply_template is original

@@ -29,6 +29,7 @@ tasks would quietly come from the hub).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -305,12 +306,29 @@ def bars_throttled_in_logs() -> Iterator[None]:
         del os.environ["TQDM_MININTERVAL"]
 
 
+@contextlib.contextmanager
+def templates_compiled_once() -> Iterator[None]:
+    """lm-eval renders each document's prompt, target and choices with `env.from_string(template)`, which
+    compiles the Jinja template anew on every call: 74k compilations for the paper's 9-task suite, 81 s of
+    the 99 s lm-eval itself spends on it (a model answering instantly, 2-core CPU, cProfile). The suite has
+    a few dozen distinct templates, so each is compiled once here; the rendered text is the same."""
+    from lm_eval import utils
+
+    original = utils.apply_template
+    compiled = functools.lru_cache(maxsize=None)(utils.env.from_string)
+    utils.apply_template = lambda template, doc: compiled(template).render(**doc)
+    try:
+        yield
+    finally:
+        utils.apply_template = original
+
+
 @command("python -m evals.harness")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
     try:
-        with bars_throttled_in_logs():
+        with bars_throttled_in_logs(), templates_compiled_once():
             run(argv, data_dir)
     except SystemExit as done:  # lm-eval's own --help: then say what lmlab adds
         if done.code == 0 and any(arg in ("-h", "--help") for arg in argv):
