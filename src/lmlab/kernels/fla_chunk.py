@@ -153,6 +153,11 @@ def chunk_size_for(family: str, length: int) -> int:
     return min(64, max(16, triton.next_power_of_2(length))) if family == "gla" else 64
 
 
+def _chunk_indices(cu_seqlens: torch.Tensor | None, chunk_size: int) -> torch.Tensor | None:
+    """fla's (sequence, chunk) index of each chunk of packed documents; None for dense rows."""
+    return None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+
+
 def _absent(like: torch.Tensor) -> torch.Tensor:
     """The stand-in for an absent tensor result (a custom op returns tensors only)."""
     return like.new_empty(0, dtype=torch.float32)
@@ -161,6 +166,21 @@ def _absent(like: torch.Tensor) -> torch.Tensor:
 def _as(result: torch.Tensor | None, like: torch.Tensor | None, device_of: torch.Tensor) -> torch.Tensor:
     """A result in its input's dtype (fla returns some gradients in float32), or the empty stand-in."""
     return result.to(like.dtype) if result is not None else _absent(device_of)
+
+
+def _empty_grads(device_of: torch.Tensor, *inputs: torch.Tensor | None) -> Tensors:
+    """A backward op's fake results: one gradient like each input, or the empty stand-in where it is absent."""
+    return tuple(torch.empty_like(x) if x is not None else _absent(device_of) for x in inputs)
+
+
+def _given(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """An output's gradient, or None where autograd gave none or the output was the empty stand-in."""
+    return grad if grad is not None and grad.numel() else None
+
+
+def _present(grad: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | None:
+    """An input's gradient for autograd: None for an absent input (its gradient is the empty stand-in)."""
+    return grad if x is not None else None
 
 
 @torch.library.custom_op("lmlab::fla_chunk_forward", mutates_args=())
@@ -175,7 +195,7 @@ def _chunk_forward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 @input_guard  # contiguous inputs, and their GPU as the current device (as fla's own ops)
 def _run_forward(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
     chunk_size = chunk_size_for(family, q.shape[1])
-    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    chunk_indices = _chunk_indices(cu_seqlens, chunk_size)
     spec = FAMILIES[family]
     o, final_state, A = spec.forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                      chunk_indices, chunk_size)
@@ -208,7 +228,7 @@ def _chunk_backward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @input_guard
 def _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens):
     chunk_size = chunk_size_for(family, q.shape[1])
-    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    chunk_indices = _chunk_indices(cu_seqlens, chunk_size)
     grads = FAMILIES[family].backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens,
                                       chunk_indices, chunk_size)
     return tuple(_as(grad, x, q) for grad, x in zip(grads, (q, k, v, g, beta, initial_state)))
@@ -216,7 +236,7 @@ def _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu
 
 @_chunk_backward.register_fake
 def _(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens):
-    return tuple(torch.empty_like(x) if x is not None else _absent(q) for x in (q, k, v, g, beta, initial_state))
+    return _empty_grads(q, q, k, v, g, beta, initial_state)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -228,11 +248,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, do, dht, _):
     q, k, v, g, beta, A, initial_state, cu_seqlens = ctx.saved_tensors
-    dht = dht if dht is not None and dht.numel() else None
     dq, dk, dv, dg, dbeta, dh0 = torch.ops.lmlab.fla_chunk_backward(
-        ctx.family, q, k, v, g, beta, A, ctx.scale, initial_state, do, dht, cu_seqlens)
-    present = lambda grad, x: grad if x is not None else None  # noqa: E731
-    return (None, dq, dk, dv, present(dg, g), present(dbeta, beta), None, present(dh0, initial_state), None, None)
+        ctx.family, q, k, v, g, beta, A, ctx.scale, initial_state, do, _given(dht), cu_seqlens)
+    return (None, dq, dk, dv, _present(dg, g), _present(dbeta, beta), None, _present(dh0, initial_state), None, None)
 
 
 _chunk_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -288,3 +306,4 @@ def chunk_delta_rule_chunk_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     o_t = S_{b(t)}ᵀ (scale · q_t) with b(t) t's chunk start (`delta_rule_chunk_read`'s semantics)."""
     return chunk("delta_rule_chunk_read", q, k, v, None, beta, scale, initial_state, output_final_state,
                  cu_seqlens)
+
