@@ -1,6 +1,7 @@
 """The GSA kernel (lmlab.kernels.gsa): chunkwise vs step-by-step, fla's reference, varlen, padding, dispatch.
 
-CPU tests are fp32 on tiny shapes; the `gpu` test compares fla's Triton kernels with the torch chunk kernel.
+CPU tests are fp32 on tiny shapes (fla's Triton kernels, through lmlab's custom ops, under Triton's interpreter:
+`pytest -m slow`); the `gpu` test compares fla's Triton kernels with the torch chunk kernel.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from lmlab.errors import UserError
 from lmlab.kernels import gsa as gsa_mod
+from conftest import errors_in_triton_interpreter
 from test_kernels_recurrent import _fla_or_skip, _load_fla_naive, rel_err, saved_bytes
 
 IMPLS = {"recurrent": gsa_mod.gsa_recurrent_torch, "chunk": gsa_mod.gsa_chunk_torch,
@@ -190,6 +192,19 @@ def test_dispatch_on_cpu():
     assert torch.equal(o, gsa_mod.gsa_recurrent_torch(*positional(x))[0])
     with pytest.raises(UserError, match="cannot run here"):
         gsa_mod.gsa(*positional(x), backend="fla")
+
+
+@pytest.mark.slow  # about 50 s: the interpreter runs every Triton program in Python
+def test_fla_kernels_through_lmlab_ops_match_torch_chunk_in_triton_interpreter():
+    """fla's GSA Triton kernels, forward and backward through lmlab's custom ops (`fla_chunk.chunk_gsa`), run by
+    Triton's CPU interpreter: against the torch chunk kernel (outputs, final states, every gradient; dense rows
+    with a partial last chunk, packed documents), equal to fla's own chunk_gsa, compiled with fullgraph=True equal
+    to eager; the script also runs torch.library.opcheck on both ops."""
+    pytest.importorskip("fla")
+    errors_by_case = errors_in_triton_interpreter("fla_gsa_interpreter.py")
+    exact = {"packed documents, against fla's chunk_gsa", "compiled, packed documents"}
+    assert all(max(errs) == 0 if case in exact else max(errs) < 1e-5 for case, errs in errors_by_case.items()), \
+        errors_by_case
 
 
 @pytest.mark.gpu
