@@ -448,7 +448,10 @@ def test_compiled_blocks_equal_eager(name):
     assert max(max_err(p.grad, g) for p, g in zip(model.parameters(), eager_grads)) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["transformer", "delta_net", "gated_deltanet", "gla", "hgrn2", "gsa", "hybrid"])
+# hgrn2 and gsa: slow (about 40 CPU-seconds each), to keep the default suite's time; the paper's training
+# command trains their tiny configs in test_train_e2e.py (slow too)
+@pytest.mark.parametrize("name", ["transformer", "delta_net", "gated_deltanet", "gla", "hybrid",
+                                  *(pytest.param(name, marks=pytest.mark.slow) for name in ("hgrn2", "gsa"))])
 def test_tiny_config_loss_falls(name):
     """30 Adam steps on one repeated random batch: the model must start memorising it."""
     torch.manual_seed(0)
