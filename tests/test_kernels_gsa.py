@@ -207,6 +207,33 @@ def test_fla_kernels_through_lmlab_ops_match_torch_chunk_in_triton_interpreter()
         errors_by_case
 
 
+def test_fla_recurrent_kernel_is_adapted_to_lmlab_state_convention(monkeypatch):
+    """The fla backend's adapter around fla's fused_recurrent_gsa (replaced here by fla's own PyTorch
+    reference: it cannot run on CPU) passes every argument on and returns lmlab's states: a tuple, or None
+    without output_final_state. (The chunked kernel is lmlab's custom op: the interpreter test above.)"""
+    pytest.importorskip("fla")
+    import fla.ops.gsa
+
+    import lmlab.models
+
+    lmlab.models.register()  # importing fla made its classes the Auto classes' choice
+    naive = _load_fla_naive("gsa")
+
+    def stand_in(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        assert cu_seqlens is None
+        o, state = naive.naive_recurrent_gsa(q, k, v, s, g, scale, initial_state, output_final_state)
+        return o, (list(state) if output_final_state else [None, None])  # as fla's ops return them
+
+    monkeypatch.setattr(fla.ops.gsa, "fused_recurrent_gsa", stand_in)
+    x, h0 = make_inputs(1, 20, 2, 8, 8, 4), make_state(1, 2, 8, 8, 4)
+    o_ref, (hk_ref, hv_ref) = gsa_mod.gsa_recurrent_torch(*positional(x), scale=0.5, initial_state=h0,
+                                                          output_final_state=True)
+    kernel = gsa_mod._fla_kernels()[0]
+    o, (hk, hv) = kernel(*positional(x), scale=0.5, initial_state=h0, output_final_state=True, cu_seqlens=None)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(hk, hk_ref) < 1e-5 and rel_err(hv, hv_ref) < 1e-5
+    assert kernel(*positional(x), scale=0.5, initial_state=None, output_final_state=False, cu_seqlens=None)[1] is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_fla_matches_torch_chunk(varlen):
