@@ -81,16 +81,15 @@ def _simple_gla_forward(q, k, v, g, beta, scale, initial_state, output_final_sta
 
 
 # fla's `chunk_simple_gla_bwd`, step by step, because its `chunk_bwd_dqkwg` with a gate is the kernel that
-# Hopper miscompiles (fla #640; fla refuses it there): lmlab's `dqkwg_triton` takes its place then, as for
-# the gated delta rule. Float32 chunk states, as fla's backward keeps them.
+# Hopper miscompiles (fla #640; fla refuses it there): `gated_delta_rule_fla.dqkwg` puts lmlab's kernel in its
+# place then, as for the gated delta rule. Float32 chunk states, as fla's backward keeps them.
 def _simple_gla_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
     chunked = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
     g_cumsum = chunk_local_cumsum(g, scale=RCP_LN2, **chunked)
     states = dict(g=g_cumsum, cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
     h, _ = chunk_fwd_h(k=k, v=v, h0=initial_state, **states)
     dh, dh0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=initial_state, dht=dht, scale=scale, **states)
-    dqkwg = gated_delta_rule_fla.dqkwg_triton if gated_delta_rule_fla.TRITON_BREAKS_HOPPER_BACKWARD else chunk_bwd_dqkwg
-    dq, dk, _, dg = dqkwg(q=q, k=k, v=v, w=None, g=g_cumsum, h=h, dv=None, do=do, dh=dh, scale=scale, **chunked)
+    dq, dk, _, dg = gated_delta_rule_fla.dqkwg(q=q, k=k, v=v, w=None, g=g_cumsum, h=h, dv=None, do=do, dh=dh, scale=scale, **chunked)
     dv = chunk_bwd_dv(q=q, k=k, g=g_cumsum, do=do, dh=dh, scale=scale, **chunked)
     return dq, dk, dv, chunk_local_cumsum(dg, reverse=True, **chunked), None, dh0
 

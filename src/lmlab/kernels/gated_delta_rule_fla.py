@@ -85,7 +85,7 @@ def dqkwg_torch(
     float32, as in fla.
     """
     B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[-1]
+    HV = v.shape[2]
     if HV != H:  # grouped value heads: each q/k head serves HV // H consecutive value heads
         q, k = (x.repeat_interleave(HV // H, dim=2) for x in (q, k))
     positions, valid, last = chunk_positions(B, T, chunk_indices, cu_seqlens, chunk_size, q.device)
@@ -244,6 +244,12 @@ def dqkwg_triton(
     return dq, dk, dw, dg_blocks.sum(0).view(B, T, HV)
 
 
+def dqkwg(**kwargs: torch.Tensor | float | int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                 torch.Tensor]:
+    """fla's `chunk_bwd_dqkwg` (its keyword arguments), or `dqkwg_triton` where triton miscompiles fla's."""
+    return (dqkwg_triton if TRITON_BREAKS_HOPPER_BACKWARD else chunk_bwd_dqkwg)(**kwargs)
+
+
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
     """fla's gated delta rule forward: (o, final state or None, A) (a family of `fla_chunk`)."""
     _, o, A, final_state, _, _ = chunk_gated_delta_rule_fwd(
@@ -254,7 +260,7 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
 
 
 def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
-    """fla's `chunk_gated_delta_rule_bwd`, step by step, with lmlab's `dqkwg_triton` where fla's is broken:
+    """fla's `chunk_gated_delta_rule_bwd`, step by step, with `dqkwg` (lmlab's kernel where fla's is broken):
     (dq, dk, dv, dg, dbeta, dh0)."""
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)  # the WY steps read the size from A
     sized = dict(common, chunk_size=chunk_size)
@@ -265,7 +271,6 @@ def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chu
     dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, **sized)
     dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=initial_state, dht=dht, do=do, dv=dv,
                                                  scale=scale, **sized)
-    dqkwg = dqkwg_triton if TRITON_BREAKS_HOPPER_BACKWARD else chunk_bwd_dqkwg
     dq, dk, dw, dg = dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale, **sized)
     dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv, **common)
     dg = chunk_local_cumsum(dg + dg2, reverse=True, **sized)
