@@ -148,11 +148,11 @@ class HGRN2Model(HGRN2PreTrainedModel, LmlabModel):
         if bounds is not None and not getattr(bounds, "_is_hf_initialized", False):
             bounds.zero_()
 
-    def mixer_inputs(self) -> list[dict[str, torch.Tensor]]:
+    def mixer_inputs(self, positions: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Each HGRN2 layer's lower bound; none for the first layer (its bound is 0, and log 0 would give its
         gradient a 0 · ∞) and for hybrid attention layers."""
         if not self.config.use_lower_bound:
-            return super().mixer_inputs()
+            return super().mixer_inputs(positions)
         weights = self.lower_bounds.softmax(0, dtype=torch.float32)
         bounds = weights.cumsum(0) - weights[0]
         return [{"lower_bound": bounds[i]} if i > 0 and isinstance(layer.attn, HGRN2Attention) else {}
