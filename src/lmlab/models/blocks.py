@@ -18,7 +18,8 @@ Forward conventions (docs/CONTRACTS.md):
 - `cache` (lmlab.models.cache.Cache): per-layer decoding state, created by the forward when
   `use_cache` and none is given.
 - `positions` [B or 1, T]: the new tokens' positions (real tokens counted), computed from the above when
-  not given.
+  not given. A decoding step that passes them needs no attention_mask where every mixer is
+  `static_decoding` (lmlab.eval.decoding: one step, captured once as a CUDA graph, replayed per token).
 """
 from __future__ import annotations
 
@@ -362,6 +363,10 @@ class Attention(nn.Module, UsesKernels):
     """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
     optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""
 
+    # A decoding step reads its keys' padding from the attention mask, which grows every step (and a full
+    # KV cache grows too): it cannot be one fixed computation (`LmlabModel.static_decoding_refusal`).
+    static_decoding = False
+
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False,
                  qk_norm: bool = False, window_size: int | None = None, rope_theta: float = 10000.0,
                  layer_idx: int = 0):
@@ -547,6 +552,17 @@ class LmlabModel(LmlabPreTrainedModel):
         model's own parameters (HGRN2's forget-gate lower bounds) or the token `positions` [B or 1, T]
         (HQLT's windows); none by default."""
         return [{} for _ in self.layers]
+
+    def static_decoding_refusal(self) -> str | None:
+        """Why a one-token decoding step of this model, given its tokens, `positions` and the cache, is not
+        one fixed computation (a CUDA graph, lmlab.eval.decoding), or None when it is. Every module that
+        keeps decoding states (its `layer_idx` is its key in the Cache) must say `static_decoding`: its step
+        reads no attention_mask (new tokens are real) and no Python value that changes per step. Whether
+        the states keep their shapes (a sliding window once full) the caller checks (`Cache.layout`)."""
+        for module in self.modules():
+            if hasattr(module, "layer_idx") and not getattr(module, "static_decoding", False):
+                return f"its {type(module).__name__} layers read the growing attention mask"
+        return None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings

@@ -86,6 +86,8 @@ class HGRN2Attention(nn.Module, UsesKernels):
     """fla's HGRN2Attention layer (same parameter names and shapes). The output norm `g_norm` spans all
     heads (hidden_size), as in fla."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: HGRN2Config, layer_idx: int):
         super().__init__()
         hidden, H = config.hidden_size, config.num_heads

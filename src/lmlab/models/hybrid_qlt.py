@@ -152,6 +152,10 @@ def _config_problem(attn_mode, chunk_size, qk_norm, use_forgetting_gate, use_mem
 class HybridQLT(nn.Module, UsesKernels):
     """The fork's HybridQLT layer (same parameter names and shapes)."""
 
+    # A decoding step reads its states and the new token's position (the model's `positions`); its window
+    # keeps a fixed size once full, and its delay line always does.
+    static_decoding = True
+
     def __init__(self, config: HybridQLTConfig, layer_idx: int):
         super().__init__()
         # Checked here, not in the config: the config's own default is "silu" (the fork's), and transformers
