@@ -2,7 +2,6 @@
 that step, run eagerly with its states in place, against the eager step, for every configs/tiny_*.json.
 On a GPU (`-m gpu`): the CUDA graph's generations against eager ones (tiny families, gated_deltanet_340M)
 and the time per decoding step of both."""
-import json
 import time
 from pathlib import Path
 
@@ -42,8 +41,8 @@ def model_from(config: str, device: str = "cpu", dtype: torch.dtype = torch.floa
 def left_padded(lengths: list[int], vocab: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts of `lengths` tokens, left-padded: (input_ids, attention_mask)."""
     generator = torch.Generator().manual_seed(1)
-    ids, mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long), torch.zeros(len(lengths), max(lengths),
-                                                                                       dtype=torch.long)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         ids[row, -n:] = torch.randint(3, vocab, (n,), generator=generator)
         mask[row, -n:] = 1
@@ -51,18 +50,26 @@ def left_padded(lengths: list[int], vocab: int, device: str = "cpu") -> tuple[to
 
 
 @torch.no_grad()
-def prefilled(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Cache, Cache, torch.Tensor]:
-    """Two equal caches after the prompts, and the first generated tokens [R, 1]."""
+def prefilled(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+    """The cache after the prompts, and the first generated tokens [R, 1]."""
     cache = Cache()
     logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return cache, Cache.concatenate([cache]), logits[:, -1:].argmax(-1)
+    return cache, logits[:, -1:].argmax(-1)
+
+
+def eager_and_static(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Decoder, Decoder,
+                                                                                             torch.Tensor]:
+    """An eager Decoder and a static one from equal copies of the prefilled cache, and the first tokens."""
+    cache, tokens = prefilled(model, ids, mask)
+    return Decoder(model, cache, mask, static=False), Decoder(model, Cache.concatenate([cache]), mask), tokens
 
 
 def buffers(cache: Cache) -> list[int]:
     """The addresses of all the cache's state tensors."""
-    def flat(value):
-        return [value] if isinstance(value, torch.Tensor) else [t for v in value for t in flat(v)] \
-            if isinstance(value, tuple) else []
+    def flat(value) -> list[torch.Tensor]:
+        if isinstance(value, tuple):
+            return [t for v in value for t in flat(v)]
+        return [value] if isinstance(value, torch.Tensor) else []
 
     return [t.data_ptr() for states in cache.layers.values() for value in states.values() for t in flat(value)]
 
@@ -83,8 +90,8 @@ def test_static_step_in_place_equals_the_eager_step(name):
     tensors (a graph's buffers)."""
     model = model_from(name)
     ids, mask = left_padded(LENGTHS, model.config.vocab_size)
-    eager_cache, cache, tokens = prefilled(model, ids, mask)
-    eager, static = Decoder(model, eager_cache, mask, static=False), Decoder(model, cache, mask)
+    eager, static, tokens = eager_and_static(model, ids, mask)
+    cache = static.cache
     assert static.how == "eager: not on CUDA" and eager.how == "eager: static steps off"
     for step in range(40):
         expected = eager(tokens)
@@ -104,12 +111,11 @@ def test_hqlt_states_stay_in_place_once_its_window_is_full():
     first that keeps the states' shapes; the logits equal the eager step's all along."""
     model = model_from("tiny_hqlt_sync")
     ids, mask = left_padded([5, 2, 7], model.config.vocab_size)
-    eager_cache, cache, tokens = prefilled(model, ids, mask)
-    eager, static = Decoder(model, eager_cache, mask, static=False), Decoder(model, cache, mask)
+    eager, static, tokens = eager_and_static(model, ids, mask)
     for step in range(20):
         expected = eager(tokens)
         assert torch.equal(static(tokens), expected), step
-        assert cache.in_place == (step >= 8), step
+        assert static.cache.in_place == (step >= 8), step
         tokens = expected[:, -1:].argmax(-1)
 
 
@@ -138,8 +144,9 @@ def generations(model: torch.nn.Module, lengths: list[int], max_new_tokens: int,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name, lengths", [*((name, LENGTHS * 2) for name in TINY),
-                                           ("tiny_hqlt_sync", [5, 2, 7])])  # a window that fills while decoding
+@pytest.mark.parametrize("name, lengths", [
+    *(pytest.param(name, LENGTHS * 2, id=name) for name in TINY),
+    pytest.param("tiny_hqlt_sync", [5, 2, 7], id="tiny_hqlt_sync-window-filling")])
 def test_gpu_cuda_graph_generations_equal_eager(name, lengths):
     """bf16, 48 new tokens: the same tokens, and the same logits, from the CUDA graph as from eager steps."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -151,8 +158,7 @@ def test_gpu_cuda_graph_generations_equal_eager(name, lengths):
     assert graphed == eager
     with torch.no_grad():  # logits, step by step, from the eager steps' tokens
         ids, mask = left_padded(lengths, model.config.vocab_size, "cuda")
-        eager_cache, cache, tokens = prefilled(model, ids, mask)
-        eager_steps, graph_steps = Decoder(model, eager_cache, mask, static=False), Decoder(model, cache, mask)
+        eager_steps, graph_steps, tokens = eager_and_static(model, ids, mask)
         for step in range(24):
             expected = eager_steps(tokens)
             got = graph_steps(tokens)
@@ -182,7 +188,7 @@ def test_gpu_gated_deltanet_340m_time_per_decoding_step():
     ids, mask = left_padded([64] * 128, model.config.vocab_size, "cuda")
     times = {}
     for static in (False, True):
-        cache, _, tokens = prefilled(model, ids, mask)
+        cache, tokens = prefilled(model, ids, mask)
         decode = Decoder(model, cache, mask, static=static)
         torch.cuda.synchronize()
         start = time.perf_counter()
