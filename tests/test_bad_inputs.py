@@ -463,6 +463,16 @@ def test_every_model_config_key_refuses_each_kind_of_bad_value_in_one_line(key, 
     assert message.startswith(f"--model.config {path}: {key}: ") and f" is {problem} (expected " in message, message
 
 
+def test_hgrn2_may_leave_num_heads_to_expand_ratio(tmp_path):
+    """fla's HGRN2 schema: num_heads null means hidden_size // expand_ratio (elsewhere null is refused)."""
+    path = tmp_path / "hgrn2.json"
+    path.write_text(json.dumps({"model_type": "hgrn2", "hidden_size": 64, "num_heads": None, "expand_ratio": 16}))
+    assert load_model_config(str(path)).num_heads == 4
+    path.write_text(json.dumps({**SMALL_MODEL, "num_heads": None}))
+    with pytest.raises(UserError, match="num_heads: none is not set"):
+        load_model_config(str(path))
+
+
 def test_every_shipped_model_config_passes_the_key_checks():
     for path in sorted((REPO / "configs").glob("*.json")):
         values = json.loads(path.read_text())

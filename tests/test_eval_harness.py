@@ -85,6 +85,10 @@ HQLT = {"model_type": "hybrid_qlt", "attn_mode": "chunk", "num_heads": 2, "chunk
         "use_short_conv": False, "use_gate": False, "use_local_pos_encoding": True, "use_memory_gate": True}
 
 
+HGRN2 = {"model_type": "hgrn2", "num_heads": 2, "expand_ratio": None}
+GSA = {"model_type": "gsa", "num_heads": 2, "num_slots": 4}
+
+
 def write_model(path: Path, tokenizer: PreTrainedTokenizerFast, model_type: str, **spec) -> str:
     config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2, vocab_size=len(tokenizer),
                                   bos_token_id=0, eos_token_id=1, pad_token_id=2, **spec)
@@ -104,7 +108,9 @@ def work(tmp_path_factory):
     return {"root": root, "data": str(root / "data"),
             "recurrent": write_model(root / "gdn", tokenizer, **GATED_DELTANET),
             "hybrid": write_model(root / "hybrid", tokenizer, **GATED_DELTANET, attn={"layers": [1], "num_heads": 2}),
-            "hqlt": write_model(root / "hqlt", tokenizer, **HQLT)}
+            "hqlt": write_model(root / "hqlt", tokenizer, **HQLT),
+            "hgrn2": write_model(root / "hgrn2", tokenizer, **HGRN2),
+            "gsa": write_model(root / "gsa", tokenizer, **GSA)}
 
 
 def paper_args(command: str, model: str) -> list[str]:
@@ -187,7 +193,8 @@ def compare(single, batched, path=""):
         assert single == batched, path
 
 
-@pytest.mark.parametrize("model", ["recurrent", "hybrid", "hqlt"])
+@pytest.mark.parametrize("model", ["recurrent", "hybrid", "hqlt",
+                                   *(pytest.param(name, marks=pytest.mark.slow) for name in ("hgrn2", "gsa"))])
 def test_batch_4_equals_batch_1(work, model):
     """loglikelihood (lambada), multiple choice (piqa), rolling (wikitext), generation (squad, based_fda)."""
     runs = {}

@@ -192,6 +192,35 @@ def test_dispatch_on_cpu():
         gsa_mod.gsa(*positional(x), backend="fla")
 
 
+def test_fla_kernels_are_adapted_to_lmlab_state_convention(monkeypatch):
+    """The fla backend's adapters around fla's chunk_gsa / fused_recurrent_gsa (replaced here by fla's own
+    PyTorch reference: they cannot run on CPU) pass every argument on and return lmlab's states: a tuple,
+    or None without output_final_state."""
+    pytest.importorskip("fla")
+    import fla.ops.gsa
+
+    import lmlab.models
+
+    lmlab.models.register()  # importing fla made its classes the Auto classes' choice
+    naive = _load_fla_naive("gsa")
+
+    def stand_in(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        assert cu_seqlens is None
+        o, state = naive.naive_recurrent_gsa(q, k, v, s, g, scale, initial_state, output_final_state)
+        return o, (list(state) if output_final_state else [None, None])  # as fla's ops return them
+
+    for name in ("chunk_gsa", "fused_recurrent_gsa"):
+        monkeypatch.setattr(fla.ops.gsa, name, stand_in)
+    x, h0 = make_inputs(1, 20, 2, 8, 8, 4), make_state(1, 2, 8, 8, 4)
+    o_ref, (hk_ref, hv_ref) = gsa_mod.gsa_recurrent_torch(*positional(x), scale=0.5, initial_state=h0,
+                                                          output_final_state=True)
+    for kernel in gsa_mod._fla_kernels():
+        o, (hk, hv) = kernel(*positional(x), scale=0.5, initial_state=h0, output_final_state=True, cu_seqlens=None)
+        assert rel_err(o, o_ref) < 1e-5 and rel_err(hk, hk_ref) < 1e-5 and rel_err(hv, hv_ref) < 1e-5
+        assert kernel(*positional(x), scale=0.5, initial_state=None, output_final_state=False,
+                      cu_seqlens=None)[1] is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_fla_matches_torch_chunk(varlen):

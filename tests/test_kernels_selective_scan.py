@@ -239,31 +239,30 @@ def test_gpu_triton_matches_chunk_torch(varlen, dtype, compiled):
 
 @pytest.mark.gpu
 def test_gpu_triton_speed_and_memory_against_chunk_torch():
-    """Prints forward + backward time and peak memory of a mamba_340M layer's scan at 8 x 2048 tokens, bf16,
-    for the Triton kernel and the PyTorch chunk kernel (both compiled, as training runs them); the Triton
-    one must not need more memory."""
+    """Prints the forward and backward times and the peak memory of a mamba_340M layer's scan at 8 x 2048 tokens,
+    bf16, for the Triton kernel and the PyTorch chunk kernel, both eager (compiling the PyTorch one at this size
+    took over 100 s); the Triton one must be faster and need no more memory."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     x = {name: t.requires_grad_() for name, t in layer_inputs(8, 2048, torch.bfloat16).items()}
     dy = torch.randn_like(x["u"])
-    peaks = {}
-    for backend in ("torch", "triton"):
-        fn = torch.compile(lambda *a: scan.selective_scan(*a, backend=backend)[0], fullgraph=True)
-
-        def step():
-            fn(*positional(x)).backward(dy)
-
-        for _ in range(2):  # compile, warm up
-            step()
+    peaks, times = {}, {}
+    for backend, repeats in (("torch", 2), ("triton", 20)):
+        scan.selective_scan(*positional(x), backend=backend)[0].backward(dy)  # warm up (Triton: compile)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            step()
-        end.record()
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(repeats)]
+        for start, middle, end in events:
+            start.record()
+            y = scan.selective_scan(*positional(x), backend=backend)[0]
+            middle.record()
+            y.backward(dy)
+            end.record()
         torch.cuda.synchronize()
         peaks[backend] = torch.cuda.max_memory_allocated() - base
-        print(f"{backend}: {start.elapsed_time(end) / 5:.2f} ms forward + backward, "
+        forward = sorted(start.elapsed_time(middle) for start, middle, _ in events)[repeats // 2]  # medians
+        backward = sorted(middle.elapsed_time(end) for _, middle, end in events)[repeats // 2]
+        times[backend] = forward + backward
+        print(f"{backend}: forward {forward:.2f} ms, backward {backward:.2f} ms, "
               f"peak {peaks[backend] / 2**30:.2f} GiB above inputs")
-    assert peaks["triton"] <= peaks["torch"], peaks
+    assert peaks["triton"] <= peaks["torch"] and times["triton"] < times["torch"], (peaks, times)

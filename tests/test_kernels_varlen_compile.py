@@ -100,8 +100,8 @@ def test_recurrent_op_varlen_is_one_graph(op, impl):
     assert_one_graph(loss, [h0, *positional(op, x)])
 
 
-# the step-by-step kernel (decoding, references) is slow to trace: 2 passes x T steps
-@pytest.mark.parametrize("impl", ["chunk", pytest.param("recurrent", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 5-30 s: two passes to trace (the step-by-step kernel: 2 x T steps)
+@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
 def test_gsa_varlen_is_one_graph(impl):
     fn = gsa_recurrent_torch if impl == "recurrent" else gsa_chunk_torch
     x = test_kernels_gsa.make_inputs(1, T, 2, 4, 6, 3)

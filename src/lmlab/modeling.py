@@ -66,11 +66,16 @@ MODEL_KEYS: dict[str, Domain] = {
 
 
 CORE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+# (model_type, key) -> the key's valid values where one family's differ from MODEL_KEYS'
+FAMILY_KEYS: dict[tuple[str, str], Domain] = {
+    ("hgrn2", "num_heads"): Int(ge=1, none=True),  # null: hidden_size // expand_ratio
+}
 
 
 def check_model_keys(values: dict[str, Any], source: str, model_type: str) -> None:
     """UserError naming the first key of `values` (a config's keys) outside its valid values (MODEL_KEYS)."""
     for key, domain in MODEL_KEYS.items():
+        domain = FAMILY_KEYS.get((model_type, key), domain)
         if key in values and (key in CORE_KEYS or model_type in lmlab_model_types()):
             problem = domain.problem(values[key], None)
             if problem:

@@ -339,10 +339,9 @@ def project_qkv(mixer: nn.Module, x: torch.Tensor, conv_state: tuple | None, use
     if not mixer.use_short_conv:
         return (*projected, None)
     convs = [getattr(mixer, f"{name}_conv1d") for name in names]
-    outputs = [conv(y, state, use_cache, cu_seqlens)
-               for conv, y, state in zip(convs, projected, conv_state or (None,) * 3)]
-    (a, a_state), (b, b_state), (c, c_state) = outputs
-    return a, b, c, (a_state, b_state, c_state)
+    outputs, states = zip(*(conv(y, state, use_cache, cu_seqlens)
+                            for conv, y, state in zip(convs, projected, conv_state or (None,) * 3)))
+    return (*outputs, states)
 
 
 def delta_mixer_output(mixer: nn.Module, o: torch.Tensor, x: torch.Tensor, cache: Cache | None,
