@@ -140,6 +140,8 @@ def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tok
     monkeypatch.setattr(Cache, "concatenate", lambda caches: pieces.append(len(caches)) or concatenate(caches))
     assert ours.generate_until(requests) == expected
     assert max(pieces) > 1  # a batch's prompts ran in pieces
+    refusal = model.model.static_decoding_refusal()  # a static step on CPU runs eagerly, in place
+    assert list(ours.decoding) == [f"eager: {refusal or 'not on CUDA'}"]
 
 
 def test_non_lmlab_models_keep_lm_evals_own_path(tokenizer):

@@ -5,6 +5,11 @@ windows: all a later query can see besides itself), or a hybrid_qlt layer's mix 
 It is not a transformers `Cache` subclass on purpose: that class's API changes between the transformers
 versions lmlab supports (5.17 - 5.24). generate() only needs what is here: `get_seq_length` and the
 batch reordering used by beam search and `num_return_sequences`.
+
+`in_place`: the states are fixed buffers that every new state is copied into (same shape and dtype, else
+an error), so that a decoding step captured as a CUDA graph reads and writes the same memory at every
+replay (lmlab.eval.decoding). A step whose states change shape (a growing KV cache, a sliding window not
+yet full) cannot run so: `layout()` before and after a step tells.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class Cache:
     def __init__(self) -> None:
         self.layers: dict[int, dict[str, Any]] = {}
         self.seen_tokens = 0  # tokens processed so far, padding included
+        self.in_place = False
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -37,7 +43,8 @@ class Cache:
     def update(self, layer_idx: int, **states: Any) -> None:
         """Store a linear layer's states: recurrent_state [B, H, K, V] (GSA: a pair), conv_state (a tuple of
         [B, D, W])."""
-        self.layers.setdefault(layer_idx, {}).update(states)
+        for name, value in states.items():
+            self._store(layer_idx, name, value)
 
     def append(self, layer_idx: int, name: str, new: tuple[torch.Tensor, ...],
                keep: int | None) -> tuple[torch.Tensor, ...]:
@@ -49,8 +56,27 @@ class Cache:
             new = tuple(torch.cat([old, x], dim=1) for old, x in zip(past, new))
         length = new[0].shape[1]
         start = 0 if keep is None else length - min(keep, length)
-        self.layers.setdefault(layer_idx, {})[name] = tuple(x[:, start:] for x in new)
+        self._store(layer_idx, name, tuple(x[:, start:] for x in new))
         return new
+
+    def _store(self, layer_idx: int, name: str, value: Any) -> None:
+        states = self.layers.setdefault(layer_idx, {})
+        if self.in_place:
+            _copy_into(states.get(name), value, f"layer {layer_idx}'s {name}")
+        else:
+            states[name] = value
+
+    def layout(self) -> dict[tuple[int, str], Any]:
+        """Every state's shapes and dtypes, by (layer, name): unchanged by a decoding step whose states can
+        stay in place."""
+        def describe(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return tuple(value.shape), value.dtype
+            if isinstance(value, tuple):
+                return tuple(describe(v) for v in value)
+            return value
+
+        return {(i, name): describe(value) for i, states in self.layers.items() for name, value in states.items()}
 
     def nbytes(self) -> int:
         """Bytes held by all states (e.g. to size a batch's decoding states, lmlab.eval.scheduling)."""
@@ -107,3 +133,15 @@ class Cache:
         for states in self.layers.values():
             for name, value in states.items():
                 states[name] = apply(value)
+
+
+def _copy_into(buffer: Any, value: Any, what: str) -> None:
+    """Copy a new state (a tensor, a tuple of them, or None) into the buffer holding the old one."""
+    if isinstance(value, tuple) and isinstance(buffer, tuple) and len(value) == len(buffer):
+        for b, v in zip(buffer, value):
+            _copy_into(b, v, what)
+    elif isinstance(value, torch.Tensor) and isinstance(buffer, torch.Tensor) \
+            and (value.shape, value.dtype) == (buffer.shape, buffer.dtype):
+        buffer.copy_(value)
+    elif not (value is None and buffer is None):
+        raise ValueError(f"an in-place cache cannot take {what}: its shape or dtype changed")
