@@ -57,29 +57,32 @@ CHECK_EVERY = 16
 @dataclass(frozen=True)
 class StateMemory:
     """How many rows' decoding states fit the memory set aside for them: a row's Cache holds `fixed` bytes
-    (recurrent and short-conv states) plus `per_token` bytes per token it has seen (attention keys and
-    values; an overestimate for sliding windows once they are full)."""
+    (recurrent, short-conv and delay states) and, for each state that grows (attention keys and values),
+    its bytes per token for as many tokens as it keeps: all, or a sliding window's last W - 1 (`growing`:
+    (bytes per token, tokens kept or None) pairs)."""
 
     fixed: int
-    per_token: int
+    growing: tuple[tuple[int, int | None], ...]
     budget: int
+
+    def row_bytes(self, tokens: int) -> int:
+        """Bytes of one row's states after `tokens` tokens."""
+        return self.fixed + sum(per_token * (tokens if kept is None else min(tokens, kept))
+                                for per_token, kept in self.growing)
 
     def rows(self, tokens: int) -> int:
         """Rows whose states after `tokens` tokens fit the budget (at least 1)."""
-        return max(1, self.budget // max(1, self.fixed + self.per_token * tokens))
+        return max(1, self.budget // max(1, self.row_bytes(tokens)))
 
 
 @torch.no_grad()
 def measure_state_memory(model: torch.nn.Module, budget: int) -> StateMemory:
-    """`model`'s StateMemory, from the Cache it leaves after one row of one token and of two tokens."""
-    device = next(model.parameters()).device
-    sizes = []
-    for length in (1, 2):
-        cache = Cache()
-        model.model(input_ids=torch.ones(1, length, dtype=torch.long, device=device), past_key_values=cache,
-                    use_cache=True)
-        sizes.append(cache.nbytes())
-    return StateMemory(fixed=2 * sizes[0] - sizes[1], per_token=sizes[1] - sizes[0], budget=budget)
+    """`model`'s StateMemory, from the Cache it leaves after one row of one token."""
+    cache = Cache()
+    model.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device),
+                past_key_values=cache, use_cache=True)
+    fixed, growing = cache.footprint()
+    return StateMemory(fixed=fixed, growing=tuple(growing), budget=budget)
 
 
 def default_state_budget(device: torch.device) -> int:

@@ -25,6 +25,7 @@ class Cache:
         self.layers: dict[int, dict[str, Any]] = {}
         self.seen_tokens = 0  # tokens processed so far, padding included
         self.in_place = False
+        self.kept: dict[tuple[int, str], int | None] = {}  # appended states: the most steps each keeps
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -54,6 +55,7 @@ class Cache:
         past = self.layers.get(layer_idx, {}).get(name)
         if past is not None:
             new = tuple(torch.cat([old, x], dim=1) for old, x in zip(past, new))
+        self.kept[(layer_idx, name)] = keep
         length = new[0].shape[1]
         start = 0 if keep is None else length - min(keep, length)
         self._store(layer_idx, name, tuple(x[:, start:] for x in new))
@@ -90,6 +92,25 @@ class Cache:
         self._map(count)
         return total
 
+    def footprint(self) -> tuple[int, list[tuple[int, int | None]]]:
+        """Per row: the bytes of the fixed-size states (recurrent, conv, delay), and for each appended state
+        (time on dim 1) its bytes per step and the most steps it keeps (None: all). From a cache of one step,
+        a row's bytes after any number of tokens (lmlab.eval.scheduling.StateMemory)."""
+        fixed, growing = 0, []
+
+        def row_bytes(value: Any) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.nbytes // value.shape[0]
+            return sum(row_bytes(v) for v in value) if isinstance(value, tuple) else 0
+
+        for layer_idx, states in self.layers.items():
+            for name, value in states.items():
+                if (layer_idx, name) not in self.kept:
+                    fixed += row_bytes(value)
+                elif value[0].shape[1]:  # a window of 1 keeps no past step
+                    growing.append((row_bytes(value) // value[0].shape[1], self.kept[(layer_idx, name)]))
+        return fixed, growing
+
     @classmethod
     def concatenate(cls, caches: list[Cache]) -> Cache:
         """One cache holding the rows of `caches` in order (each after the same number of tokens)."""
@@ -104,7 +125,7 @@ class Cache:
             return values[0]  # None: an absent state
 
         merged = cls()
-        merged.seen_tokens = caches[0].seen_tokens
+        merged.seen_tokens, merged.kept = caches[0].seen_tokens, dict(caches[0].kept)
         for layer_idx, states in caches[0].layers.items():
             merged.layers[layer_idx] = {name: cat([cache.layers[layer_idx][name] for cache in caches])
                                         for name in states}
