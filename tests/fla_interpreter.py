@@ -1,8 +1,9 @@
 """Run by tests/test_kernels_recurrent.py in a subprocess with TRITON_INTERPRET=1 (set before triton and fla
 are imported, which the interpreter needs): fla's Triton `chunk_bwd_dqkwg` on CPU against lmlab's PyTorch
 twin `dqkwg_torch` and its Triton kernel `dqkwg_triton`, as the gated delta rule calls it (w, dv) and as simple GLA
-does (neither; float32 chunk states). Prints one JSON line: case -> max relative error per output (dq, dk, dw, dg;
-dq, dk, dg without w)."""
+does (neither; float32 chunk states), with mild decays and with decays past 2^-128 within a partial chunk (Mamba2's
+at init: a padding token's decay relative to such a token overflows float32). Prints one JSON line: case -> max
+relative error per output (dq, dk, dw, dg; dq, dk, dg without w)."""
 import gc
 import json
 
@@ -18,12 +19,12 @@ for tuner in (obj for obj in gc.get_objects() if isinstance(obj, Autotuner)):
     tuner.configs = tuner.configs[:1]  # the interpreter cannot time configs: keep the first of each
 
 
-def case(B, T, H, HV, K, V, cu_seqlens=None, implementation=dqkwg_torch, with_w=True):
+def case(B, T, H, HV, K, V, cu_seqlens=None, implementation=dqkwg_torch, with_w=True, decay=0.3):
     q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
     v, do, dv = (torch.randn(B, T, HV, V) for _ in range(3))
     w, dv = (torch.randn(B, T, HV, K), dv) if with_w else (None, None)
     chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, 64)
-    g = chunk_local_cumsum(-torch.rand(B, T, HV) * 0.3, chunk_size=64, cu_seqlens=cu_seqlens,
+    g = chunk_local_cumsum(-torch.rand(B, T, HV) * decay, chunk_size=64, cu_seqlens=cu_seqlens,
                            chunk_indices=chunk_indices)
     n_chunks = -(-T // 64) if cu_seqlens is None else len(chunk_indices)
     h, dh = torch.randn(B, n_chunks, HV, K, V), torch.randn(B, n_chunks, HV, K, V)
@@ -51,4 +52,11 @@ print(json.dumps({
     "simple GLA (no w), lmlab's Triton kernel, packed documents": case(
         1, 300, 2, 2, 32, 32, with_w=False, implementation=dqkwg_triton,
         cu_seqlens=torch.tensor([0, 37, 64, 200, 300])),
+    # log2-decays of -5 a token on average: the chunk-local sum passes -128 within partial chunks of 27-37 tokens
+    "strong decays, twin, packed documents": case(1, 300, 2, 2, 32, 32, cu_seqlens=torch.tensor([0, 37, 64, 200, 300]),
+                                                  decay=10),
+    "strong decays, lmlab's Triton kernel, packed documents": case(
+        1, 300, 2, 2, 32, 32, implementation=dqkwg_triton, cu_seqlens=torch.tensor([0, 37, 64, 200, 300]), decay=10),
+    "strong decays, simple GLA (no w), lmlab's Triton kernel, a partial last chunk": case(
+        1, 100, 2, 2, 32, 32, with_w=False, implementation=dqkwg_triton, decay=10),
 }))

@@ -153,6 +153,7 @@ def test_paper_command_runs_every_task_on_local_data(work):
     scheduling = results["config"]["lmlab_scheduling"]
     assert results["config"]["batch_size"] in (1, "1") and scheduling["token_budget"] == 65536
     assert {"wikitext/loglikelihood_rolling", "hellaswag/loglikelihood", "fda/generate_until"} <= set(scheduling["seconds"])
+    assert list(scheduling["decode"]) == ["eager: not on CUDA"]  # generation batches, by how they decoded
     assert "lmlab: time per task" in proc.stderr and "lmlab loglikelihood" in proc.stderr  # progress bar
 
 

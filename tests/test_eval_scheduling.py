@@ -87,8 +87,7 @@ def test_packed_and_shared_context_scoring_equal_lm_evals_hf_model_request_by_re
     hf, ours = both(model, tokenizer, token_budget=100)  # several forwards, several rows each
     assert ours.scheduled and not hasattr(hf, "scheduled")
     # room for the states of 7 rows of 40 tokens: a context and its continuations (padded to 6) per batch
-    ours.state_memory = dataclasses.replace(ours.state_memory, budget=7 * (ours.state_memory.fixed +
-                                                                           40 * ours.state_memory.per_token))
+    ours.state_memory = dataclasses.replace(ours.state_memory, budget=7 * ours.state_memory.row_bytes(40))
     shared_groups = []
 
     batch_sizes = []
@@ -140,6 +139,8 @@ def test_batched_greedy_generation_equals_lm_evals_hf_model_at_batch_1(name, tok
     monkeypatch.setattr(Cache, "concatenate", lambda caches: pieces.append(len(caches)) or concatenate(caches))
     assert ours.generate_until(requests) == expected
     assert max(pieces) > 1  # a batch's prompts ran in pieces
+    refusal = model.model.static_decoding_refusal()  # a static step on CPU runs eagerly, in place
+    assert list(ours.decoding) == [f"eager: {refusal or 'not on CUDA'}"]
 
 
 def test_non_lmlab_models_keep_lm_evals_own_path(tokenizer):
@@ -177,16 +178,20 @@ def test_batch_rows_are_powers_of_two_and_one_and_a_half_times_them():
                                                                           for n in range(1, 65)]
 
 
-@pytest.mark.parametrize("name", ["small_gdn_hybrid", "tiny_transformer"])
+@pytest.mark.parametrize("name", ["small_gdn_hybrid", "tiny_transformer", "tiny_hqlt_sync", "tiny_samba"])
 def test_state_memory_is_what_a_cache_holds(name, tokenizer):
-    """Recurrent and conv states are a fixed size per row; attention keys and values grow per token."""
+    """Recurrent and conv states are a fixed size per row; attention keys and values grow per token, a
+    sliding window's (HQLT's KV-memory, Samba's attention) only until it is full."""
     model = tiny_model(name, tokenizer)
     state = scheduling.measure_state_memory(model, budget=1 << 20)
-    cache = Cache()
-    model.model(input_ids=torch.ones(3, 5, dtype=torch.long), past_key_values=cache, use_cache=True)
-    assert 3 * (state.fixed + 5 * state.per_token) == cache.nbytes()
-    assert state.per_token > 0 and (state.fixed > 0) == (name == "small_gdn_hybrid")
-    assert state.rows(5) == (1 << 20) // (state.fixed + 5 * state.per_token)
+    windows = [kept for _, kept in state.growing if kept is not None]
+    for tokens in (5, 3 * max(windows, default=5)):  # within, and past, every window
+        cache = Cache()
+        model.model(input_ids=torch.ones(3, tokens, dtype=torch.long), past_key_values=cache, use_cache=True)
+        assert 3 * state.row_bytes(tokens) == cache.nbytes()
+    assert state.rows(5) == (1 << 20) // state.row_bytes(5)
+    assert state.growing and (state.fixed > 0) == (name != "tiny_transformer")
+    assert bool(windows) == (name in ("tiny_hqlt_sync", "tiny_samba"))
 
 
 def test_caches_after_different_numbers_of_tokens_are_not_concatenated():

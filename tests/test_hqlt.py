@@ -212,9 +212,10 @@ def test_layer_matches_the_step_by_step_reference(mode, mixing, extra):
         for proj in (layer.q_proj, layer.k_proj):
             proj.weight.data.abs_()
         x = x.abs()
-    rotary = model.model.rotary_tables(torch.arange(23)[None])
+    positions = torch.arange(23)[None]
     with torch.no_grad():
-        assert max_err(layer(x, rotary=rotary), reference_layer(layer, x)) < 1e-5
+        out = layer(x, rotary=model.model.rotary_tables(positions), positions=positions)
+        assert max_err(out, reference_layer(layer, x)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -209,3 +209,23 @@ def test_gpu_flex_matches_sdpa(window, chunked):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert err < 1e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_inference_attention_leaves_cudnn_out():
+    """Without gradients, local and full attention on CUDA run no cuDNN kernel (cuDNN plans each new shape
+    anew, and evaluation's shapes change at nearly every batch); the output is the one with gradients on."""
+    from lmlab.kernels.attention import attention
+
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 300, 8, 128, generator=g).cuda().bfloat16() for _ in range(3))
+    pos = torch.arange(300, device="cuda")[None]
+    calls = {"local": lambda: local_attention(q, k, v, pos, pos, window=64, backend="torch"),
+             "full": lambda: attention(q, k, v, backend="torch")}
+    for name, call in calls.items():
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            without_grad = call()
+        assert not [e.key for e in prof.key_averages() if "cudnn" in e.key.lower()], name
+        err = ((without_grad.float() - call().float()).norm() / call().float().norm()).item()
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"

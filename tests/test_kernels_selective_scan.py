@@ -152,9 +152,10 @@ def test_bad_shapes_are_one_line_errors():
 @pytest.mark.slow
 def test_triton_matches_recurrent_in_interpreter():
     """lmlab's Triton selective scan (the CUDA training path) against the step-by-step kernel, run by Triton's
-    CPU interpreter through `selective_scan`: dense rows and packed documents (an empty one, documents ending
-    mid-chunk, several per backward program), with and without initial states, partial channel blocks,
-    N = 3, strong decays; y, final states and the gradients of u, Δ, A, B, C and the initial states."""
+    CPU interpreter through `selective_scan`: dense rows and packed documents (empty ones, documents of 1 token,
+    one chunk -1, 0 and +1 tokens, ending mid-chunk, several chunks per backward program), with and without
+    initial states and final-state gradients, partial channel blocks, N = 3, strong decays; y, final states
+    and the gradients of u, Δ, A, B, C and the initial states."""
     errors_by_case = errors_in_triton_interpreter("selective_scan_triton_interpreter.py")
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
 

@@ -122,8 +122,9 @@ def blocks_loss(name: str):
     model = make_model(name).train()
 
     def loss(x, cu_seqlens):
-        rotary = model.model.rotary_tables(token_positions(*x.shape[:2], 0, None, cu_seqlens, x.device))
-        for block, mixer_inputs in zip(model.model.layers, model.model.mixer_inputs()):
+        positions = token_positions(*x.shape[:2], 0, None, cu_seqlens, x.device)
+        rotary = model.model.rotary_tables(positions)
+        for block, mixer_inputs in zip(model.model.layers, model.model.mixer_inputs(positions)):
             x = block(x, rotary, cu_seqlens=cu_seqlens, **mixer_inputs)
         return weighted_sum(x)
 

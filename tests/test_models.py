@@ -321,7 +321,7 @@ def test_hgrn2_lower_bounds_reach_the_hgrn2_layers_after_the_first():
     model = make_model("hgrn2", num_hidden_layers=3, attn={"layers": [1], "num_heads": 4}).train()
     with torch.no_grad():
         model.model.lower_bounds.normal_()
-    inputs = model.model.mixer_inputs()
+    inputs = model.model.mixer_inputs(token_positions(1, 1, 0, None, None, torch.device("cpu")))
     assert [sorted(x) for x in inputs] == [[], [], ["lower_bound"]]
     weights = model.model.lower_bounds.softmax(0)
     assert max_err(inputs[2]["lower_bound"], weights[1] + weights[2]) < 1e-6
@@ -589,8 +589,9 @@ def test_rotary_is_fla_non_interleaved():
 def test_block_compiles_without_graph_breaks(name):
     model = make_model(name).train()
     x = torch.randn(2, 16, TINY["hidden_size"], requires_grad=True)
-    rotary = model.model.rotary_tables(token_positions(2, 16, 0, None, None, x.device))
-    for block, mixer_inputs in zip(model.model.layers, model.model.mixer_inputs()):
+    positions = token_positions(2, 16, 0, None, None, x.device)
+    rotary = model.model.rotary_tables(positions)
+    for block, mixer_inputs in zip(model.model.layers, model.model.mixer_inputs(positions)):
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(block)(x, rotary, **mixer_inputs)
         assert explanation.graph_break_count == 0, explanation.break_reasons

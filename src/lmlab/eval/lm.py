@@ -10,7 +10,8 @@ truncation, stop strings and post-processing are HFLM's own. Any other model, a 
 non-greedy generation, and `think_end_token` take HFLM's own path unchanged.
 
 `--model_args ...,token_budget=N` sets the budget (default `DEFAULT_TOKEN_BUDGET`); the results JSON's
-`config.lmlab_scheduling` records how the requests were run, with the seconds per task and request type.
+`config.lmlab_scheduling` records how the requests were run (`decode`: generation batches per way their
+decoding steps ran, e.g. "cuda_graph"), with the seconds per task and request type.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class LmlabLM(HFLM):
                 self.state_memory = measure_state_memory(self.model, default_state_budget(self.device))
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)  # (request type, task) -> seconds
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.decoding: dict[str, int] = defaultdict(int)  # how a generation batch decoded -> batches
         self._bar: tqdm | None = None
 
     # -- request types: lmlab's scheduling for lmlab's models, HFLM's otherwise -------------------------
@@ -165,8 +167,9 @@ class LmlabLM(HFLM):
                 input_ids, mask = self.tok_batch_encode(contexts, left_truncate_len=max_context,
                                                         truncation=self.truncation)
                 with self._autocast():
-                    generated = greedy_generate(self.model, input_ids.to(self.device), mask.to(self.device),
-                                                max_new, eos_ids, stopped, max(1, self.token_budget // tokens))
+                    generated, how = greedy_generate(self.model, input_ids.to(self.device), mask.to(self.device),
+                                                     max_new, eos_ids, stopped, max(1, self.token_budget // tokens))
+                self.decoding[how] += 1
                 for i, tokens in zip(batch, generated):
                     results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
@@ -223,6 +226,7 @@ class LmlabLM(HFLM):
                 "token_budget": self.token_budget,
                 "batch_rows": "1, 2, 3, 4, 6, 8, 12, ... (shared contexts, generation)",
                 "decoding_state_bytes": dataclasses.asdict(self.state_memory),
+                "decode": dict(self.decoding),
                 "seconds": {f"{task}/{kind}": round(s, 3) for (kind, task), s in self.seconds.items()},
             }
             print(self.time_summary(), file=sys.stderr)

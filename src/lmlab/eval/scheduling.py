@@ -31,8 +31,10 @@ batch (`cu_seqlens`), whatever their number.
 
 Generation. Contexts sorted by length run in batches of as many rows as `StateMemory` allows, left-padded
 (`attention_mask`; padding never enters a state, see docs/CONTRACTS.md), their prompts in pieces of at
-most `token_budget` tokens, then one token per step for the whole batch from the models' decoding Cache. EOS and stop strings
-are checked on the host every `CHECK_EVERY` steps only (generating past a stop cannot change the text cut at the first stop).
+most `token_budget` tokens, then one token per step for the whole batch from the models' decoding Cache
+(`lmlab.eval.decoding`: on CUDA a step replayed from a CUDA graph wherever the model's step is one fixed
+computation). EOS and stop strings are checked on the host every `CHECK_EVERY` steps only (generating past
+a stop cannot change the text cut at the first stop).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmlab.eval.decoding import Decoder
 from lmlab.models.cache import Cache
 
 # Scored positions per output-layer call: bounds the [positions, vocab] logits (8192 x 32k fp32 = 1 GiB).
@@ -54,29 +57,32 @@ CHECK_EVERY = 16
 @dataclass(frozen=True)
 class StateMemory:
     """How many rows' decoding states fit the memory set aside for them: a row's Cache holds `fixed` bytes
-    (recurrent and short-conv states) plus `per_token` bytes per token it has seen (attention keys and
-    values; an overestimate for sliding windows once they are full)."""
+    (recurrent, short-conv and delay states) and, for each state that grows (attention keys and values),
+    its bytes per token for as many tokens as it keeps: all, or a sliding window's last W - 1 (`growing`:
+    (bytes per token, tokens kept or None) pairs)."""
 
     fixed: int
-    per_token: int
+    growing: tuple[tuple[int, int | None], ...]
     budget: int
+
+    def row_bytes(self, tokens: int) -> int:
+        """Bytes of one row's states after `tokens` tokens."""
+        return self.fixed + sum(per_token * (tokens if kept is None else min(tokens, kept))
+                                for per_token, kept in self.growing)
 
     def rows(self, tokens: int) -> int:
         """Rows whose states after `tokens` tokens fit the budget (at least 1)."""
-        return max(1, self.budget // max(1, self.fixed + self.per_token * tokens))
+        return max(1, self.budget // max(1, self.row_bytes(tokens)))
 
 
 @torch.no_grad()
 def measure_state_memory(model: torch.nn.Module, budget: int) -> StateMemory:
-    """`model`'s StateMemory, from the Cache it leaves after one row of one token and of two tokens."""
-    device = next(model.parameters()).device
-    sizes = []
-    for length in (1, 2):
-        cache = Cache()
-        model.model(input_ids=torch.ones(1, length, dtype=torch.long, device=device), past_key_values=cache,
-                    use_cache=True)
-        sizes.append(cache.nbytes())
-    return StateMemory(fixed=2 * sizes[0] - sizes[1], per_token=sizes[1] - sizes[0], budget=budget)
+    """`model`'s StateMemory, from the Cache it leaves after one row of one token."""
+    cache = Cache()
+    model.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device),
+                past_key_values=cache, use_cache=True)
+    fixed, growing = cache.footprint()
+    return StateMemory(fixed=fixed, growing=tuple(growing), budget=budget)
 
 
 def default_state_budget(device: torch.device) -> int:
@@ -292,11 +298,12 @@ def _results(order: list, sums: torch.Tensor, misses: torch.Tensor) -> tuple[lis
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     max_new_tokens: int, eos_ids: set[int], stopped: Callable[[list[int]], bool],
-                    prefill_rows: int) -> list[list[int]]:
-    """Greedy continuations of a left-padded batch, each cut after its first EOS; generation ends early
-    once every row has an EOS or `stopped(its tokens)` (checked every CHECK_EVERY steps). The prompts run
-    `prefill_rows` rows at a time (a forward's activations), the decoding steps all rows at once (a step
-    of a 340M model costs about the same at 32 rows as at 128: kernel launches, not arithmetic)."""
+                    prefill_rows: int, static_steps: bool = True) -> tuple[list[list[int]], str]:
+    """Greedy continuations of a left-padded batch, each cut after its first EOS, and how the decoding
+    steps ran (`Decoder.how`: "cuda_graph" or "eager: <why>"; `static_steps=False`: all eager); generation
+    ends early once every row has an EOS or `stopped(its tokens)` (checked every CHECK_EVERY steps). The
+    prompts run `prefill_rows` rows at a time (a forward's activations), the decoding steps all rows at once
+    (a step of a 340M model costs about the same at 32 rows as at 128: kernel launches, not arithmetic)."""
     def finished(row: list[int]) -> bool:
         return any(t in eos_ids for t in row) or stopped(row)
 
@@ -309,16 +316,15 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
                             past_key_values=parts[-1], use_cache=True, logits_to_keep=1).logits)
         at += rows
     cache, logits = Cache.concatenate(parts), torch.cat(logits)
+    decode = Decoder(model, cache, attention_mask, static_steps)
     steps = 0
     while steps < max_new_tokens:
         out[:, steps] = logits[:, -1].argmax(-1)
         steps += 1
         if steps == max_new_tokens or (steps % CHECK_EVERY == 0 and all(map(finished, out[:, :steps].tolist()))):
             break
-        attention_mask = F.pad(attention_mask, (0, 1), value=1)
-        logits = model(out[:, steps - 1:steps], attention_mask=attention_mask, past_key_values=cache,
-                       use_cache=True).logits
-    return [cut_at_eos(row, eos_ids) for row in out[:, :steps].tolist()]
+        logits = decode(out[:, steps - 1:steps])
+    return [cut_at_eos(row, eos_ids) for row in out[:, :steps].tolist()], decode.how
 
 
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:

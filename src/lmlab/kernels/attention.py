@@ -28,6 +28,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmlab.kernels import dispatch
 from lmlab.kernels.documents import document_index
@@ -193,9 +194,23 @@ def _sdpa(q, k, v, allowed, is_causal, scale):
     if groups > 1 and allowed is not None:
         # The memory-efficient kernel (the one taking a mask) has no GQA; enable_gqa would fall back to math.
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal, scale=scale,
-                                       enable_gqa=groups > 1 and allowed is None)
+    o = scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal, scale=scale,
+                                     enable_gqa=groups > 1 and allowed is None)
     return o.transpose(1, 2)
+
+
+# cuDNN's attention builds an execution plan for every new input shape (a few hundred ms each, as cuDNN's
+# users report), and evaluation's batches change shape at nearly every call: without gradients, lmlab's
+# SDPA calls on CUDA leave cuDNN out. Training's fixed shapes keep it.
+_BACKENDS_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on [B, H, T, D] tensors, without cuDNN's kernel in inference on CUDA."""
+    if torch.is_grad_enabled() or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(_BACKENDS_WITHOUT_CUDNN):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def _flash_attention(q, k, v, causal, window_size, cu_seqlens, scale):

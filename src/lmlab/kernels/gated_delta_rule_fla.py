@@ -105,7 +105,10 @@ def dqkwg_torch(
     dk_state = dk_state * torch.where(valid[:, None], (g_last[..., None] - g_c).exp2(), 0)[..., None]
     dg_last = (h.float() * dh.float()).sum((-2, -1)) * g_last.exp2() + (dk_state * k_c.float()).sum((-2, -1))
 
+    # causal pairs of the sequence's tokens only: a padding token's g (0) minus a valid token's overflows exp2
+    # once the chunk's decay passes 2^-128 (Mamba2's strong decays do), and that inf times the padding's 0 is NaN
     pairs = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    pairs = pairs & valid[:, None, :, None] & valid[:, None, None, :]  # [N,1,C,C]
     decay = torch.where(pairs, g_c[..., :, None] - g_c[..., None, :], float("-inf")).exp2()
     ds = ((do_c @ v_c.transpose(-1, -2)).float() * decay * scale).to(k.dtype)
     dq = dq + (ds @ k_c).float()
@@ -193,9 +196,10 @@ def _dqkwg_kernel(q, k, v, g, h, dh, dv, do, dq, dk, dw, dg_blocks, cu_seqlens, 
     b_dq = b_dq * (tl.exp2(b_g) * scale)[:, None]
     b_dk = b_dk * tl.where(m_t, tl.exp2(b_g_last - b_g), 0)[:, None]
     dg_last = tl.sum(b_h_dh, 0) * tl.exp2(b_g_last) + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), 1), 0)
-    causal = o_i[:, None] >= o_i[None, :]
-    b_ds = tl.where(causal, b_ds * tl.exp2(b_g[:, None] - b_g[None, :]), 0) * scale
-    b_ds_t = tl.where(causal.T, b_ds_t * tl.exp2(b_g[None, :] - b_g[:, None]), 0) * scale
+    # causal pairs of the sequence's tokens only, as in `dqkwg_torch` (else inf · 0 = NaN past a partial chunk's end)
+    pairs = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_ds = tl.where(pairs, b_ds * tl.exp2(b_g[:, None] - b_g[None, :]), 0) * scale
+    b_ds_t = tl.where(pairs.T, b_ds_t * tl.exp2(b_g[None, :] - b_g[:, None]), 0) * scale
     b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     b_dk += tl.dot(b_ds_t.to(b_q.dtype), b_q)
     b_dg = tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk * b_k.to(tl.float32), 1)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lmlab.kernels import dispatch
+from lmlab.kernels.attention import scaled_dot_product_attention
 
 OP = "local_attention"
 
@@ -104,7 +105,7 @@ def local_attention_sdpa(
 
     q = q.view(B, blocks, Q, H, D).permute(0, 1, 3, 2, 4).reshape(B * blocks, H, Q, D)
     k, v = (t.unfold(1, L, Q).permute(0, 1, 2, 4, 3).reshape(B * blocks, H, L, D) for t in (k, v))
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    o = scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     return o.view(B, blocks, H, Q, D).transpose(2, 3).reshape(B, blocks * Q, H, D)[:, :Tq]
 
 

@@ -17,6 +17,9 @@ Forward conventions (docs/CONTRACTS.md):
   recurrent or short-conv state; attention masks padded keys; rotary positions count real tokens only.
 - `cache` (lmlab.models.cache.Cache): per-layer decoding state, created by the forward when
   `use_cache` and none is given.
+- `positions` [B or 1, T]: the new tokens' positions (real tokens counted), computed from the above when
+  not given. A decoding step that passes them needs no attention_mask where every mixer is
+  `static_decoding` (lmlab.eval.decoding: one step, captured once as a CUDA graph, replayed per token).
 """
 from __future__ import annotations
 
@@ -359,6 +362,10 @@ class Attention(nn.Module, UsesKernels):
     """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
     optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""
 
+    # A decoding step reads its keys' padding from the attention mask, which grows every step (and a full
+    # KV cache grows too): it cannot be one fixed computation (`LmlabModel.static_decoding_refusal`).
+    static_decoding = False
+
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False,
                  qk_norm: bool = False, window_size: int | None = None, rope_theta: float = 10000.0,
                  layer_idx: int = 0):
@@ -539,10 +546,22 @@ class LmlabModel(LmlabPreTrainedModel):
         purely linear model), at `positions` [B or 1, T]."""
         return {key: rotary_tables(positions, *key) for key in self.rotary_keys}
 
-    def mixer_inputs(self) -> list[dict[str, torch.Tensor]]:
-        """Per layer, keyword inputs of its mixer computed once per forward from the model's own parameters
-        (HGRN2's forget-gate lower bounds), outside the blocks; none by default."""
+    def mixer_inputs(self, positions: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per layer, keyword inputs of its mixer computed once per forward, outside the blocks, from the
+        model's own parameters (HGRN2's forget-gate lower bounds) or the token `positions` [B or 1, T]
+        (HQLT's windows); none by default."""
         return [{} for _ in self.layers]
+
+    def static_decoding_refusal(self) -> str | None:
+        """Why a one-token decoding step of this model, given its tokens, `positions` and the cache, is not
+        one fixed computation (a CUDA graph, lmlab.eval.decoding), or None when it is. Every module that
+        keeps decoding states (its `layer_idx` is its key in the Cache) must say `static_decoding`: its step
+        reads no attention_mask (new tokens are real) and no Python value that changes per step. Whether
+        the states keep their shapes (a sliding window once full) the caller checks (`Cache.layout`)."""
+        for module in self.modules():
+            if hasattr(module, "layer_idx") and not getattr(module, "static_decoding", False):
+                return f"its {type(module).__name__} layers read the growing attention mask"
+        return None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
@@ -560,6 +579,7 @@ class LmlabModel(LmlabPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -581,9 +601,11 @@ class LmlabModel(LmlabPreTrainedModel):
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must cover the cached and new tokens: shape ({B}, {past + T}); "
                              f"got {tuple(attention_mask.shape)}")
-        rotary = self.rotary_tables(token_positions(B, T, past, attention_mask, cu_seqlens, hidden.device))
+        if positions is None:
+            positions = token_positions(B, T, past, attention_mask, cu_seqlens, hidden.device)
+        rotary = self.rotary_tables(positions)
         all_hidden = []
-        for layer, mixer_inputs in zip(self.layers, self.mixer_inputs()):
+        for layer, mixer_inputs in zip(self.layers, self.mixer_inputs(positions)):
             all_hidden.append(hidden)
             hidden = layer(hidden, rotary, attention_mask=attention_mask, cu_seqlens=cu_seqlens, cache=cache,
                            **mixer_inputs)
@@ -640,6 +662,7 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
         output_hidden_states: bool | None = None,
         cache: Cache | None = None,
         loss_only: bool = False,
+        positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """With `labels` (unshifted, -100 ignored): loss = token sum / num_items_in_batch when given, else the
@@ -647,7 +670,7 @@ class LmlabForCausalLM(LmlabPreTrainedModel, GenerationMixin, UsesKernels):
         convention). `loss_only` (the trainer's memory-saving path): the logits are not computed (None)."""
         outputs = self.model(input_ids, attention_mask, cache if cache is not None else past_key_values,
                              inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
-                             output_hidden_states=output_hidden_states)
+                             output_hidden_states=output_hidden_states, positions=positions)
         hidden = outputs.last_hidden_state
         loss = logits = None
         if labels is not None:

@@ -5,6 +5,11 @@ windows: all a later query can see besides itself), or a hybrid_qlt layer's mix 
 It is not a transformers `Cache` subclass on purpose: that class's API changes between the transformers
 versions lmlab supports (5.17 - 5.24). generate() only needs what is here: `get_seq_length` and the
 batch reordering used by beam search and `num_return_sequences`.
+
+`in_place`: the states are fixed buffers that every new state is copied into (same shape and dtype, else
+an error), so that a decoding step captured as a CUDA graph reads and writes the same memory at every
+replay (lmlab.eval.decoding). A step whose states change shape (a growing KV cache, a sliding window not
+yet full) cannot run so: `layout()` before and after a step tells.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ class Cache:
     def __init__(self) -> None:
         self.layers: dict[int, dict[str, Any]] = {}
         self.seen_tokens = 0  # tokens processed so far, padding included
+        self.in_place = False
+        self.kept: dict[tuple[int, str], int | None] = {}  # appended states: the most steps each keeps
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -37,7 +44,8 @@ class Cache:
     def update(self, layer_idx: int, **states: Any) -> None:
         """Store a linear layer's states: recurrent_state [B, H, K, V] (GSA: a pair), conv_state (a tuple of
         [B, D, W])."""
-        self.layers.setdefault(layer_idx, {}).update(states)
+        for name, value in states.items():
+            self._store(layer_idx, name, value)
 
     def append(self, layer_idx: int, name: str, new: tuple[torch.Tensor, ...],
                keep: int | None) -> tuple[torch.Tensor, ...]:
@@ -47,10 +55,30 @@ class Cache:
         past = self.layers.get(layer_idx, {}).get(name)
         if past is not None:
             new = tuple(torch.cat([old, x], dim=1) for old, x in zip(past, new))
+        self.kept[(layer_idx, name)] = keep
         length = new[0].shape[1]
         start = 0 if keep is None else length - min(keep, length)
-        self.layers.setdefault(layer_idx, {})[name] = tuple(x[:, start:] for x in new)
+        self._store(layer_idx, name, tuple(x[:, start:] for x in new))
         return new
+
+    def _store(self, layer_idx: int, name: str, value: Any) -> None:
+        states = self.layers.setdefault(layer_idx, {})
+        if self.in_place:
+            _copy_into(states.get(name), value, f"layer {layer_idx}'s {name}")
+        else:
+            states[name] = value
+
+    def layout(self) -> dict[tuple[int, str], Any]:
+        """Every state's shapes and dtypes, by (layer, name): unchanged by a decoding step whose states can
+        stay in place."""
+        def describe(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return tuple(value.shape), value.dtype
+            if isinstance(value, tuple):
+                return tuple(describe(v) for v in value)
+            return value
+
+        return {(i, name): describe(value) for i, states in self.layers.items() for name, value in states.items()}
 
     def nbytes(self) -> int:
         """Bytes held by all states (e.g. to size a batch's decoding states, lmlab.eval.scheduling)."""
@@ -63,6 +91,25 @@ class Cache:
 
         self._map(count)
         return total
+
+    def footprint(self) -> tuple[int, list[tuple[int, int | None]]]:
+        """Per row: the bytes of the fixed-size states (recurrent, conv, delay), and for each appended state
+        (time on dim 1) its bytes per step and the most steps it keeps (None: all). From a cache of one step,
+        a row's bytes after any number of tokens (lmlab.eval.scheduling.StateMemory)."""
+        fixed, growing = 0, []
+
+        def row_bytes(value: Any) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.nbytes // value.shape[0]
+            return sum(row_bytes(v) for v in value) if isinstance(value, tuple) else 0
+
+        for layer_idx, states in self.layers.items():
+            for name, value in states.items():
+                if (layer_idx, name) not in self.kept:
+                    fixed += row_bytes(value)
+                elif value[0].shape[1]:  # a window of 1 keeps no past step
+                    growing.append((row_bytes(value) // value[0].shape[1], self.kept[(layer_idx, name)]))
+        return fixed, growing
 
     @classmethod
     def concatenate(cls, caches: list[Cache]) -> Cache:
@@ -78,7 +125,7 @@ class Cache:
             return values[0]  # None: an absent state
 
         merged = cls()
-        merged.seen_tokens = caches[0].seen_tokens
+        merged.seen_tokens, merged.kept = caches[0].seen_tokens, dict(caches[0].kept)
         for layer_idx, states in caches[0].layers.items():
             merged.layers[layer_idx] = {name: cat([cache.layers[layer_idx][name] for cache in caches])
                                         for name in states}
@@ -107,3 +154,15 @@ class Cache:
         for states in self.layers.values():
             for name, value in states.items():
                 states[name] = apply(value)
+
+
+def _copy_into(buffer: Any, value: Any, what: str) -> None:
+    """Copy a new state (a tensor, a tuple of them, or None) into the buffer holding the old one."""
+    if isinstance(value, tuple) and isinstance(buffer, tuple) and len(value) == len(buffer):
+        for b, v in zip(buffer, value):
+            _copy_into(b, v, what)
+    elif isinstance(value, torch.Tensor) and isinstance(buffer, torch.Tensor) \
+            and (value.shape, value.dtype) == (buffer.shape, buffer.dtype):
+        buffer.copy_(value)
+    elif not (value is None and buffer is None):
+        raise ValueError(f"an in-place cache cannot take {what}: its shape or dtype changed")

@@ -73,6 +73,8 @@ class DeltaNetConfig(HybridConfig):
 class DeltaNet(nn.Module, UsesKernels):
     """fla's DeltaNet layer (same parameter names and shapes)."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: DeltaNetConfig, layer_idx: int):
         super().__init__()
         hidden, H = config.hidden_size, config.num_heads

@@ -73,6 +73,8 @@ class GatedDeltaNet(nn.Module, UsesKernels):
     """fla's GatedDeltaNet layer (same parameter names and shapes). With num_v_heads > num_heads (grouped
     value heads), each q/k head serves num_v_heads // num_heads consecutive value heads."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
         super().__init__()
         hidden, H, K = config.hidden_size, config.num_heads, config.head_dim

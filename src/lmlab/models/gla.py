@@ -88,6 +88,8 @@ class GatedLinearAttention(nn.Module, UsesKernels):
     """fla's GatedLinearAttention layer (same parameter names and shapes). With num_kv_heads < num_heads,
     k, v and the decay are shared by groups of consecutive query heads."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: GLAConfig, layer_idx: int):
         super().__init__()
         hidden, H = config.hidden_size, config.num_heads

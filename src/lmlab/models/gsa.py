@@ -102,6 +102,8 @@ class GatedSlotAttention(nn.Module, UsesKernels):
     """fla's GatedSlotAttention layer (same parameter names and shapes). With num_kv_heads < num_heads,
     k, v and the slot gates are shared by groups of consecutive query heads."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: GSAConfig, layer_idx: int):
         super().__init__()
         hidden, H = config.hidden_size, config.num_heads

@@ -86,6 +86,8 @@ class HGRN2Attention(nn.Module, UsesKernels):
     """fla's HGRN2Attention layer (same parameter names and shapes). The output norm `g_norm` spans all
     heads (hidden_size), as in fla."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: HGRN2Config, layer_idx: int):
         super().__init__()
         hidden, H = config.hidden_size, config.num_heads
@@ -148,11 +150,11 @@ class HGRN2Model(HGRN2PreTrainedModel, LmlabModel):
         if bounds is not None and not getattr(bounds, "_is_hf_initialized", False):
             bounds.zero_()
 
-    def mixer_inputs(self) -> list[dict[str, torch.Tensor]]:
+    def mixer_inputs(self, positions: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Each HGRN2 layer's lower bound; none for the first layer (its bound is 0, and log 0 would give its
         gradient a 0 · ∞) and for hybrid attention layers."""
         if not self.config.use_lower_bound:
-            return super().mixer_inputs()
+            return super().mixer_inputs(positions)
         weights = self.lower_bounds.softmax(0, dtype=torch.float32)
         bounds = weights.cumsum(0) - weights[0]
         return [{"lower_bound": bounds[i]} if i > 0 and isinstance(layer.attn, HGRN2Attention) else {}

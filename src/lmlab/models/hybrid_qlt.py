@@ -49,7 +49,6 @@ from lmlab.models.blocks import (
     l2_norm,
     padding_mask,
     project_qkv,
-    token_positions,
     zero_padding,
 )
 from lmlab.models.cache import Cache
@@ -153,6 +152,10 @@ def _config_problem(attn_mode, chunk_size, qk_norm, use_forgetting_gate, use_mem
 class HybridQLT(nn.Module, UsesKernels):
     """The fork's HybridQLT layer (same parameter names and shapes)."""
 
+    # A decoding step reads its states and the new token's position (the model's `positions`); its window
+    # keeps a fixed size once full, and its delay line always does.
+    static_decoding = True
+
     def __init__(self, config: HybridQLTConfig, layer_idx: int):
         super().__init__()
         # Checked here, not in the config: the config's own default is "silu" (the fork's), and transformers
@@ -203,14 +206,14 @@ class HybridQLT(nn.Module, UsesKernels):
             nn.init.ones_(self.fw_scale)
             nn.init.ones_(self.kv_scale)
 
-    def forward(self, x: torch.Tensor, *, rotary: Rotary, attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, rotary: Rotary, positions: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                cache: Cache | None = None) -> torch.Tensor:
+        """`positions` [B or 1, T]: the tokens' positions (HybridQLTModel.mixer_inputs)."""
         B, T, _ = x.shape
         mask = padding_mask(attention_mask, T)
         (x,) = zero_padding(mask, x)  # padding must not enter the short-conv states
         state = cache[self.layer_idx] if cache is not None else {}
-        past = cache.get_seq_length() if cache is not None else 0
-        positions = token_positions(B, T, past, attention_mask, cu_seqlens, x.device)
         q, k, v, conv_state = project_qkv(self, x, state.get("conv_state"), cache is not None, cu_seqlens)
         if not self.use_short_conv:
             v = F.silu(v)  # what the v convolution's activation would do
@@ -322,7 +325,10 @@ class HybridQLTPreTrainedModel(LmlabPreTrainedModel):
 
 
 class HybridQLTModel(HybridQLTPreTrainedModel, LmlabModel):
-    pass
+    def mixer_inputs(self, positions: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """The token positions, for every HQLT layer (its windows, delays and chunks); none for hybrid
+        attention layers."""
+        return [{"positions": positions} if isinstance(layer.attn, HybridQLT) else {} for layer in self.layers]
 
 
 class HybridQLTForCausalLM(HybridQLTPreTrainedModel, LmlabForCausalLM):

@@ -173,6 +173,8 @@ def residual_strategy(rescale_prenorm_residual: Any, kwargs: dict[str, Any]) -> 
 class MambaMixer(nn.Module, UsesKernels):
     """fla's Mamba layer (same parameter names and shapes; the module docstring's computation)."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, hidden_size: int, state_size: int, conv_kernel: int, intermediate_size: int, dt_rank: int,
                  *, dt_min: float, dt_max: float, dt_init_scheme: str, dt_scale: float, dt_init_floor: float,
                  use_bias: bool, use_conv_bias: bool, layer_idx: int):

@@ -213,6 +213,8 @@ class Mamba2Mixer(nn.Module, UsesKernels):
     """fla's Mamba2 layer (same parameter names and shapes). `conv1d` is lmlab's ShortConvolution, whose
     weight [conv_dim, 1, conv_kernel] and bias are nn.Conv1d's."""
 
+    static_decoding = True  # a decoding step reads its fixed-size states and the new token only
+
     def __init__(self, config: Mamba2Config, layer_idx: int):
         super().__init__()
         hidden, H, N, G = config.hidden_size, config.num_heads, config.state_size, config.n_groups

@@ -1,0 +1,207 @@
+"""Greedy generation's decoding steps (lmlab.eval.decoding): which families decode with a static step, and
+that step, run eagerly with its states in place, against the eager step, for every configs/tiny_*.json.
+On a GPU (`-m gpu`): the CUDA graph's generations against eager ones (tiny families, gated_deltanet_340M)
+and the time per decoding step of both."""
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import lmlab  # noqa: F401  (registers the model families)
+from lmlab.eval.decoding import Decoder
+from lmlab.eval.scheduling import greedy_generate
+from lmlab.models.cache import Cache
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = sorted(p.stem for p in (REPO / "configs").glob("tiny_*.json"))
+# every family whose decoding step can be a CUDA graph; the others (softmax attention layers) decode eagerly
+STATIC = ["tiny_delta_net", "tiny_gated_deltanet", "tiny_gla", "tiny_gsa", "tiny_hgrn2", "tiny_hqlt_delayed_chunk",
+          "tiny_hqlt_delayed_stream", "tiny_hqlt_linear", "tiny_hqlt_sync", "tiny_mamba", "tiny_mamba2"]
+# left-padded prompts of 3 to 24 tokens: the tiny HQLT windows (15 keys) are full once the prompts have run
+LENGTHS = [20, 3, 17, 24]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: a second thread costs more (contention) than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_from(config: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(REPO / f"configs/{config}.json")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
+
+
+def left_padded(lengths: list[int], vocab: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of `lengths` tokens, left-padded: (input_ids, attention_mask)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, vocab, (n,), generator=generator)
+        mask[row, -n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def prefilled(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+    """The cache after the prompts, and the first generated tokens [R, 1]."""
+    cache = Cache()
+    logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return cache, logits[:, -1:].argmax(-1)
+
+
+def eager_and_static(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Decoder, Decoder,
+                                                                                             torch.Tensor]:
+    """An eager Decoder and a static one from equal copies of the prefilled cache, and the first tokens."""
+    cache, tokens = prefilled(model, ids, mask)
+    return Decoder(model, cache, mask, static=False), Decoder(model, Cache.concatenate([cache]), mask), tokens
+
+
+def buffers(cache: Cache) -> list[int]:
+    """The addresses of all the cache's state tensors."""
+    def flat(value) -> list[torch.Tensor]:
+        if isinstance(value, tuple):
+            return [t for v in value for t in flat(v)]
+        return [value] if isinstance(value, torch.Tensor) else []
+
+    return [t.data_ptr() for states in cache.layers.values() for value in states.values() for t in flat(value)]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_families_with_softmax_attention_decode_eagerly(name):
+    refusal = model_from(name).model.static_decoding_refusal()
+    assert (refusal is None) == (name in STATIC)
+    assert refusal is None or refusal == "its Attention layers read the growing attention mask"
+
+
+@pytest.mark.parametrize("name", STATIC)
+@torch.no_grad()
+def test_static_step_in_place_equals_the_eager_step(name):
+    """40 steps from left-padded prompts: the static step (no attention mask, positions from its own buffer,
+    states copied into the cache's tensors after the first step) gives the eager step's logits exactly. It
+    reads no token count (a graph would freeze it: here it is wrong on purpose) and the cache keeps its
+    tensors (a graph's buffers)."""
+    model = model_from(name)
+    ids, mask = left_padded(LENGTHS, model.config.vocab_size)
+    eager, static, tokens = eager_and_static(model, ids, mask)
+    cache = static.cache
+    assert static.how == "eager: not on CUDA" and eager.how == "eager: static steps off"
+    for step in range(40):
+        expected = eager(tokens)
+        if step:
+            cache.seen_tokens = 0
+        assert torch.equal(static(tokens), expected), step
+        if step == 0:
+            assert cache.in_place  # the states kept their shapes: from now on they stay in place
+            addresses = buffers(cache)
+        tokens = expected[:, -1:].argmax(-1)
+    assert buffers(cache) == addresses
+
+
+@torch.no_grad()
+def test_hqlt_states_stay_in_place_once_its_window_is_full():
+    """Prompts of at most 7 tokens: the window of 15 keys grows for 8 steps, and the step after them is the
+    first that keeps the states' shapes; the logits equal the eager step's all along."""
+    model = model_from("tiny_hqlt_sync")
+    ids, mask = left_padded([5, 2, 7], model.config.vocab_size)
+    eager, static, tokens = eager_and_static(model, ids, mask)
+    for step in range(20):
+        expected = eager(tokens)
+        assert torch.equal(static(tokens), expected), step
+        assert static.cache.in_place == (step >= 8), step
+        tokens = expected[:, -1:].argmax(-1)
+
+
+def test_in_place_cache_refuses_a_state_of_another_shape():
+    cache = Cache()
+    cache.update(0, recurrent_state=torch.zeros(2, 3), conv_state=(torch.zeros(2, 4),))
+    cache.in_place = True
+    state = cache[0]["recurrent_state"]
+    cache.update(0, recurrent_state=torch.ones(2, 3))
+    assert cache[0]["recurrent_state"] is state and state.sum() == 6  # copied into the same tensor
+    with pytest.raises(ValueError, match="layer 0's conv_state: its shape or dtype changed"):
+        cache.update(0, conv_state=(torch.zeros(2, 5),))
+    with pytest.raises(ValueError, match="layer 0's attention"):
+        cache.append(0, "attention", (torch.zeros(2, 1),), keep=4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: CUDA graphs against eager steps
+
+
+def generations(model: torch.nn.Module, lengths: list[int], max_new_tokens: int,
+                static_steps: bool) -> tuple[list[list[int]], str]:
+    ids, mask = left_padded(lengths, model.config.vocab_size, "cuda")
+    return greedy_generate(model, ids, mask, max_new_tokens, set(), lambda row: False, len(lengths),
+                           static_steps=static_steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, lengths", [
+    *(pytest.param(name, LENGTHS * 2, id=name) for name in TINY),
+    pytest.param("tiny_hqlt_sync", [5, 2, 7], id="tiny_hqlt_sync-window-filling")])
+def test_gpu_cuda_graph_generations_equal_eager(name, lengths):
+    """bf16, 48 new tokens: the same tokens, and the same logits, from the CUDA graph as from eager steps."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    model = model_from(name, "cuda", torch.bfloat16)
+    eager, how_eager = generations(model, lengths, 48, static_steps=False)
+    graphed, how = generations(model, lengths, 48, static_steps=True)
+    assert how_eager == "eager: static steps off"
+    assert how == ("cuda_graph" if name in STATIC else "eager: its Attention layers read the growing attention mask")
+    assert graphed == eager
+    with torch.no_grad():  # logits, step by step, from the eager steps' tokens
+        ids, mask = left_padded(lengths, model.config.vocab_size, "cuda")
+        eager_steps, graph_steps, tokens = eager_and_static(model, ids, mask)
+        for step in range(24):
+            expected = eager_steps(tokens)
+            got = graph_steps(tokens)
+            assert torch.equal(got, expected), (step, (got.float() - expected.float()).abs().max().item())
+            tokens = expected[:, -1:].argmax(-1)
+
+
+@pytest.mark.gpu
+def test_gpu_gated_deltanet_340m_cuda_graph_generations_equal_eager():
+    """Random weights in bf16, 32 rows of 40 to 226 prompt tokens, 48 new tokens."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    model = model_from("gated_deltanet_340M", "cuda", torch.bfloat16)
+    lengths = [40 + 6 * i for i in range(32)]
+    eager, _ = generations(model, lengths, 48, static_steps=False)
+    graphed, how = generations(model, lengths, 48, static_steps=True)
+    assert how == "cuda_graph"
+    assert graphed == eager
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_gated_deltanet_340m_time_per_decoding_step():
+    """Prints ms per decoding step at 128 rows (64-token prompts), eager and replayed from the CUDA graph, and
+    the first step's time with the capture."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    model = model_from("gated_deltanet_340M", "cuda", torch.bfloat16)
+    ids, mask = left_padded([64] * 128, model.config.vocab_size, "cuda")
+    times = {}
+    for static in (False, True):
+        cache, tokens = prefilled(model, ids, mask)
+        decode = Decoder(model, cache, mask, static=static)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = decode(tokens)[:, -1:].argmax(-1)  # the graph's: its warm-up step and the capture
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(32):
+            tokens = decode(tokens)[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        times[decode.how] = (first, (time.perf_counter() - start) / 32)
+        del cache, decode
+    for how, (first, step) in times.items():
+        print(f"gated_deltanet_340M, 128 rows, bf16, {how}: {1e3 * step:.1f} ms per step "
+              f"(first step {1e3 * first:.0f} ms)")
+    assert list(times) == ["eager: static steps off", "cuda_graph"]
