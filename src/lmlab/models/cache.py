@@ -13,7 +13,7 @@ yet full) cannot run so: `layout()` before and after a step tells.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -82,33 +82,20 @@ class Cache:
 
     def nbytes(self) -> int:
         """Bytes held by all states (e.g. to size a batch's decoding states, lmlab.eval.scheduling)."""
-        total = 0
-
-        def count(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            total += t.nbytes
-            return t
-
-        self._map(count)
-        return total
+        return sum(t.nbytes for states in self.layers.values() for value in states.values() for t in _tensors(value))
 
     def footprint(self) -> tuple[int, list[tuple[int, int | None]]]:
         """Per row: the bytes of the fixed-size states (recurrent, conv, delay), and for each appended state
         (time on dim 1) its bytes per step and the most steps it keeps (None: all). From a cache of one step,
         a row's bytes after any number of tokens (lmlab.eval.scheduling.StateMemory)."""
         fixed, growing = 0, []
-
-        def row_bytes(value: Any) -> int:
-            if isinstance(value, torch.Tensor):
-                return value.nbytes // value.shape[0]
-            return sum(row_bytes(v) for v in value) if isinstance(value, tuple) else 0
-
         for layer_idx, states in self.layers.items():
             for name, value in states.items():
+                row_bytes = sum(t.nbytes // t.shape[0] for t in _tensors(value))
                 if (layer_idx, name) not in self.kept:
-                    fixed += row_bytes(value)
+                    fixed += row_bytes
                 elif value[0].shape[1]:  # a window of 1 keeps no past step
-                    growing.append((row_bytes(value) // value[0].shape[1], self.kept[(layer_idx, name)]))
+                    growing.append((row_bytes // value[0].shape[1], self.kept[(layer_idx, name)]))
         return fixed, growing
 
     @classmethod
@@ -154,6 +141,15 @@ class Cache:
         for states in self.layers.values():
             for name, value in states.items():
                 states[name] = apply(value)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a state: a tensor, a tuple of them (nested), or None."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, tuple):
+        for part in value:
+            yield from _tensors(part)
 
 
 def _copy_into(buffer: Any, value: Any, what: str) -> None:
