@@ -369,8 +369,10 @@ def fit_micro_batch(model: torch.nn.Module, batch: dict, optimizer: torch.optim.
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dist.device)
-    free, _ = torch.cuda.mem_get_info(dist.device)
-    budget = MEMORY_HEADROOM * (free + torch.cuda.memory_reserved(dist.device))
+    free, total = torch.cuda.mem_get_info(dist.device)
+    usable = min(free + torch.cuda.memory_reserved(dist.device),  # what other processes leave, and a set cap
+                 torch.cuda.get_per_process_memory_fraction(dist.device) * total)
+    budget = MEMORY_HEADROOM * usable
     per_row = max(peaks[1] - peaks[0], 0)
     fixed = peaks[0] - per_row + pending_state_bytes(optimizer)
     chosen = int(dist.all_reduce(torch.tensor(float(rows_that_fit(rows, fixed, per_row, budget)),
