@@ -104,7 +104,7 @@ def test_pending_state_bytes_counts_adams_moments_until_the_first_step():
 def test_gpu_fit_micro_batch_measures_rows_and_leaves_no_gradients(monkeypatch):
     """--training.micro_batch_size 0 on a GPU: all rows when they fit; with a budget for fewer, the most rows
     (a divisor) that fit; the probe leaves no gradients behind and the batch untouched."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())  # as the trainer's: with its index
     model = tiny_llama().to(device)
     optimizer = torch.optim.AdamW(model.parameters())
     dist = Dist(0, 1, 0, device, None)

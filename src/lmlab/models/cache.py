@@ -58,7 +58,10 @@ class Cache:
         self.kept[(layer_idx, name)] = keep
         length = new[0].shape[1]
         start = 0 if keep is None else length - min(keep, length)
-        self._store(layer_idx, name, tuple(x[:, start:] for x in new))
+        kept = tuple(x[:, start:] for x in new)
+        if start and not self.in_place:  # a view would keep all `length` steps' memory alive (a whole prompt's)
+            kept = tuple(x.clone() for x in kept)
+        self._store(layer_idx, name, kept)
         return new
 
     def _store(self, layer_idx: int, name: str, value: Any) -> None:
