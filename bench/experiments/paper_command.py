@@ -38,7 +38,8 @@ code = train.main(
     f"--training.steps {args.steps} --training.max_norm 1.0 --training.skip_nan_inf "
     f"--training.dataset {work / 'train.jsonl'} --training.dataset_split train --training.num_workers 12 "
     "--training.prefetch_factor 2 --training.seed 42 --training.compile --checkpoint.interval 2048 "
-    "--checkpoint.load_step -1 --checkpoint.keep_latest_k 2 --metrics.log_freq 1 --checkpoint.enable_checkpoint false".split())
+    "--checkpoint.load_step -1 --checkpoint.keep_latest_k 2 --metrics.log_freq 1 "
+    "--checkpoint.enable_checkpoint false".split())
 for line in (dump / "metrics.jsonl").read_text().splitlines() if (dump / "metrics.jsonl").is_file() else []:
     record = json.loads(line)
     print("paper_command: step", record["step"], {k: round(record[k], 3) for k in
