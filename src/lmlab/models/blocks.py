@@ -398,11 +398,13 @@ class Attention(nn.Module, UsesKernels):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rotary[self.rotary_key]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        is_token = padding_mask(attention_mask, T)
+        if cache is not None:  # the keys' padding mask is cached with them: a step needs no growing mask
+            is_token = is_token if is_token is not None else x.new_ones(B, T, dtype=torch.bool)
             keep = None if self.window_size is None else self.window_size - 1
-            k, v = cache.append(self.layer_idx, "attention", (k, v), keep)
+            k, v, is_token = cache.append(self.layer_idx, "attention", (k, v, is_token), keep)
         o = attention(q, k, v, causal=True, window_size=self.window_size, cu_seqlens=cu_seqlens,
-                      attention_mask=padding_mask(attention_mask, k.shape[1]), backend=self.backend)
+                      attention_mask=is_token, backend=self.backend)
         return self.o_proj(o.reshape(B, T, -1))
 
 

@@ -1,6 +1,7 @@
 """Decoding cache of lmlab's models: per layer, a dict of named states: a linear mixer's recurrent state
-and short-conv states, an attention layer's keys and values (only the last window_size - 1 for sliding
-windows: all a later query can see besides itself), or a hybrid_qlt layer's mix of both.
+and short-conv states, an attention layer's keys, values and their padding mask (only the last
+window_size - 1 for sliding windows: all a later query can see besides itself), or a hybrid_qlt layer's mix
+of both.
 
 It is not a transformers `Cache` subclass on purpose: that class's API changes between the transformers
 versions lmlab supports (5.17 - 5.24). generate() only needs what is here: `get_seq_length` and the
