@@ -362,9 +362,10 @@ class Attention(nn.Module, UsesKernels):
     """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
     optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""
 
-    # A decoding step reads its keys' padding from the attention mask, which grows every step (and a full
-    # KV cache grows too): it cannot be one fixed computation (`LmlabModel.static_decoding_refusal`).
-    static_decoding = False
+    # A decoding step reads its cached keys, values and their padding mask, and the new token (real). A KV
+    # cache keeps its shape once it is a buffer (`Cache.reserve`). A sliding window is not reserved: like
+    # HQLT's, it keeps its shape once full (one never full, longer than prompt + new tokens, stays eager).
+    static_decoding = True
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False,
                  qk_norm: bool = False, window_size: int | None = None, rope_theta: float = 10000.0,
