@@ -309,7 +309,7 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
     out = torch.empty(input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device)
     cache, logits = prefill(model, input_ids, attention_mask, prefill_rows)
-    decode = Decoder(model, cache, attention_mask, static_steps)
+    decode = Decoder(model, cache, attention_mask, max_new_tokens - 1, static_steps)
     steps = 0
     while steps < max_new_tokens:
         out[:, steps] = logits[:, -1].argmax(-1)
