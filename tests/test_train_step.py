@@ -118,3 +118,11 @@ def test_gpu_fit_micro_batch_measures_rows_and_leaves_no_gradients(monkeypatch):
     assert fit_micro_batch(model, batch, optimizer, dist, contextlib.nullcontext()) == 4
     fixed, per_row = peaks[0]
     assert per_row > 0 and fixed >= pending_state_bytes(optimizer) > 0
+
+    def two_rows_run_out(model, batch, device, autocast):
+        if len(batch["input_ids"]) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return 0
+
+    monkeypatch.setattr(train, "peak_memory", two_rows_run_out)
+    assert fit_micro_batch(model, batch, optimizer, dist, contextlib.nullcontext()) == 1

@@ -354,18 +354,16 @@ def fit_micro_batch(model: torch.nn.Module, batch: dict, optimizer: torch.optim.
     Peak memory is linear in the rows: two eager passes of 1 and 2 rows give its slope and intercept (eager
     keeps at least the activations the compiled blocks keep, so the estimate errs towards fewer rows), plus
     the optimizer state a fresh run has yet to allocate. The passes' gradients are dropped and no data is
-    consumed; every rank measures and all take the smallest choice."""
+    consumed; every rank measures and all take the smallest choice. Where two eager rows do not fit, one row
+    runs (and the step says what to do if that does not fit either)."""
     rows, seq_len = batch["input_ids"].shape
     if rows == 1:
         return 0
-    peaks = []
-    with torch.compiler.set_stance("force_eager"):
-        for probe_rows in (1, 2):
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dist.device)
-            forward_backward(model, split_rows(batch, probe_rows)[:1], dist.device, probe_rows * seq_len, autocast)
-            peaks.append(torch.cuda.max_memory_allocated(dist.device))
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            one, two = [peak_memory(model, split_rows(batch, n)[0], dist.device, autocast) for n in (1, 2)]
+    except torch.OutOfMemoryError:
+        one = two = None
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dist.device)
@@ -373,16 +371,28 @@ def fit_micro_batch(model: torch.nn.Module, batch: dict, optimizer: torch.optim.
     usable = min(free + torch.cuda.memory_reserved(dist.device),  # what other processes leave, and a set cap
                  torch.cuda.get_per_process_memory_fraction(dist.device) * total)
     budget = MEMORY_HEADROOM * usable
-    per_row = max(peaks[1] - peaks[0], 0)
-    fixed = peaks[0] - per_row + pending_state_bytes(optimizer)
-    chosen = int(dist.all_reduce(torch.tensor(float(rows_that_fit(rows, fixed, per_row, budget)),
-                                              device=dist.device), "min"))
+    if one is None:
+        fitting, need = 1, f"2 x {seq_len} tokens ran out of memory when measured eagerly"
+    else:
+        per_row = max(two - one, 0)
+        fixed = one - per_row + pending_state_bytes(optimizer)
+        fitting = rows_that_fit(rows, fixed, per_row, budget)
+        need = (f"{rows} x {seq_len} tokens at once would need about {(fixed + rows * per_row) / 2**30:.0f} GiB "
+                f"({per_row / 2**30:.2f} GiB a row, measured)")
+    chosen = int(dist.all_reduce(torch.tensor(float(fitting), device=dist.device), "min"))
     if chosen < rows and dist.is_main:
         print(f"lmlab: micro-batches of {chosen} rows (--training.micro_batch_size 0 on a GPU: the most that fit): "
-              f"{rows} x {seq_len} tokens at once would need about {(fixed + rows * per_row) / 2**30:.0f} GiB "
-              f"({per_row / 2**30:.2f} GiB a row, measured) of {budget / 2**30:.0f} GiB; the step is the same",
-              flush=True)
+              f"{need} of {budget / 2**30:.0f} GiB; the step is the same", flush=True)
     return 0 if chosen == rows else chosen
+
+
+def peak_memory(model: torch.nn.Module, batch: dict, device: torch.device, autocast) -> int:
+    """Peak device bytes of one forward and backward of `batch` (gradients dropped first)."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    forward_backward(model, [batch], device, batch["input_ids"].numel(), autocast)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def rows_that_fit(rows: int, fixed: float, per_row: float, budget: float) -> int:
