@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lmlab  # noqa: F401  (registers the model families)
-from lmlab.eval.decoding import Decoder
+from lmlab.eval.decoding import Decoder, StaticStep
 from lmlab.eval.scheduling import cut_at_eos, greedy_generate, measure_state_memory
 from lmlab.models.blocks import Attention
 from lmlab.models.cache import Cache
@@ -249,11 +249,12 @@ def generations(model: torch.nn.Module, lengths: list[int], max_new_tokens: int,
     *(pytest.param(name, LENGTHS * 2, id=name) for name in TINY),
     pytest.param("tiny_hqlt_sync", [5, 2, 7], id="tiny_hqlt_sync-window-filling")])
 def test_gpu_cuda_graph_generations_equal_eager(name, lengths):
-    """bf16, 48 new tokens: the same tokens, and the same logits, from the CUDA graph as from eager steps
-    (tiny_transformer's within bf16's rounding: its step over reserved KV buffers sums over more keys, the
-    unwritten ones masked)."""
+    """bf16, 48 new tokens: the same tokens, and the same logits, from the CUDA graph as from eager steps.
+    tiny_transformer's in fp32 and within its rounding: its step over reserved KV buffers sums over more keys
+    (the unwritten ones masked), and bf16's rounding of such sums can flip near-tied tokens of a random model
+    (the bf16 graph against the same step run eagerly: the test below)."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    model = model_from(name, "cuda", torch.bfloat16)
+    model = model_from(name, "cuda", torch.float32 if name == "tiny_transformer" else torch.bfloat16)
     eager, how_eager = generations(model, lengths, 48, static_steps=False)
     graphed, how = generations(model, lengths, 48, static_steps=True)
     assert how_eager == "eager: static steps off"
@@ -266,27 +267,34 @@ def test_gpu_cuda_graph_generations_equal_eager(name, lengths):
             expected = eager_steps(tokens)
             got = graph_steps(tokens)
             error = (got.float() - expected.float()).abs().max().item()
-            assert error <= (0.05 if name == "tiny_transformer" else 0), (step, error)
+            assert error <= (1e-4 if name == "tiny_transformer" else 0), (step, error)
             tokens = expected[:, -1:].argmax(-1)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("lengths", [[7], [20, 3, 17], LENGTHS * 2], ids=["1_row", "3_rows", "8_rows"])
 @pytest.mark.parametrize("name, overrides", KV_CACHES)
-def test_gpu_reserved_kv_cache_cuda_graph_generations_equal_eager(name, overrides, lengths):
-    """bf16, 48 new tokens from left-padded prompts: softmax attention over reserved KV buffers is captured
-    after the first step and generates the eager steps' tokens."""
+def test_gpu_reserved_kv_cache_cuda_graph_replays_the_static_step(name, overrides, lengths):
+    """Left-padded prompts, softmax attention over reserved KV buffers: in bf16 the CUDA graph (captured after
+    the first step) gives the logits of the same static step run eagerly, to the bit; in fp32, 48 new tokens
+    equal the growing cache's eager steps'."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     model = model_from(name, "cuda", torch.bfloat16, **overrides)
-    eager, _ = generations(model, lengths, 48, static_steps=False)
-    graphed, how = generations(model, lengths, 48, static_steps=True)
-    assert how == "cuda_graph"
-    assert graphed == eager
     with torch.no_grad():
         ids, mask = left_padded(lengths, model.config.vocab_size, "cuda")
-        _, graph_steps, tokens = eager_and_static(model, ids, mask, 2)
-        graph_steps(tokens)
-        assert graph_steps.how == "cuda_graph"
+        cache, tokens = prefilled(model, ids, mask)
+        static = StaticStep(model, Cache.concatenate([cache]), mask, 24)
+        graph = Decoder(model, cache, mask, 24)
+        for step in range(24):
+            static.tokens.copy_(tokens)
+            expected = static()
+            assert torch.equal(graph(tokens), expected), step
+            tokens = expected[:, -1:].argmax(-1)
+        assert graph.how == "cuda_graph"
+    model = model_from(name, "cuda", torch.float32, **overrides)
+    eager, _ = generations(model, lengths, 48, static_steps=False)
+    graphed, how = generations(model, lengths, 48, static_steps=True)
+    assert how == "cuda_graph" and graphed == eager
 
 
 @pytest.mark.gpu
