@@ -165,7 +165,8 @@ def differences(stock: Path, ours: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=REPO / "configs" / "gated_deltanet_340M.json")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="lmlab rows (1: the paper's)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                   help="lmlab rows (1: the paper's); a size given twice runs twice (the second on warm caches)")
     p.add_argument("--stock-limit", type=int, default=20,
                    help="docs per task for lm-eval's stock HF model at batch 1 (0: no stock rows)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -204,18 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     def fda_argv(batch: int, out: Path, limit: int) -> list[str]:
         return shlex.split(FDA.format(batch=batch, model=model, out=out, limit=limit, device=args.device)) + data
 
-    for batch in args.batch_sizes:
+    for run, batch in enumerate(args.batch_sizes):
         if not args.fda_only:
-            out = work / f"suite_{batch}"
+            out = work / f"suite_{run}"
             report({"path": "lmlab", "run": "9-task suite", "batch": batch, "seconds": suite("hf", batch, out, []),
                     "full_size": True, "seconds_per_task": lmlab_seconds(out)})
         for parallel in (False, True) if args.parallel else (False,):
-            out = work / f"fda_{batch}{'_p' if parallel else ''}"
+            out = work / f"fda_{run}{'_p' if parallel else ''}"
             seconds = timed(fda.main, fda_argv(batch, out, -1) + (["-p"] if parallel else []))
             row = {"path": "lmlab", "run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
                    "seconds": seconds, "full_size": True, "seconds_per_task": lmlab_seconds(out)}
             if parallel:
-                single, split = (fda_generations(work / f"fda_{batch}{s}") for s in ("", "_p"))
+                single, split = (fda_generations(work / f"fda_{run}{s}") for s in ("", "_p"))
                 row["same_generations_as_single"] = single == split
             report(row)
     if args.stock_limit > 0:
@@ -224,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             seconds = suite("hf-stock", 1, work / "stock_suite", limit)
             report({"path": "stock", "run": "9-task suite", "batch": 1, "seconds": seconds, "full_size": False,
                     "full_estimate_s": seconds * suite_scale,
-                    "lmlab_vs_stock": differences(work / "stock_suite", work / f"suite_{args.batch_sizes[0]}")})
+                    "lmlab_vs_stock": differences(work / "stock_suite", work / "suite_0")})
         # launch_hf.py's lm-eval arguments, on the stock model
         hargs = fda.harness_args(fda.parse_args(fda_argv(1, work / "stock_fda", args.stock_limit)), str(model))
         hargs[hargs.index("hf")] = "hf-stock"
         seconds = timed(harness.main, hargs)
         report({"path": "stock", "run": "FDA (launch_hf.py)", "batch": 1, "seconds": seconds, "full_size": False,
                 "full_estimate_s": seconds * fda_scale,
-                "lmlab_vs_stock": differences(work / "stock_fda", work / f"fda_{args.batch_sizes[0]}")})
+                "lmlab_vs_stock": differences(work / "stock_fda", work / "fda_0")})
 
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data of the real sizes) on {device}")
     print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")

@@ -16,17 +16,18 @@ _spec.loader.exec_module(eval_bench)
 
 @pytest.mark.slow
 def test_eval_bench_times_lmlab_at_full_size_and_the_stock_model(tmp_path, capsys, monkeypatch):
-    """Sizes cut to 3 documents per task (the real ones take minutes on CPU); the stock model on 1."""
+    """Sizes cut to 3 documents per task (the real ones take minutes on CPU); the stock model on 1; batch 1
+    twice (a size given twice runs twice)."""
     monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 3, min(words, 60))
                                               for t, (split, _, words) in eval_bench.SIZES.items()})
     out = tmp_path / "eval.json"
-    argv = ["--config", str(REPO / "configs" / "tiny_gla.json"), "--batch-sizes", "1", "2", "--stock-limit", "1",
+    argv = ["--config", str(REPO / "configs" / "tiny_gla.json"), "--batch-sizes", "1", "1", "--stock-limit", "1",
             "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     assert eval_bench.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["run"], r["batch"]) for r in rows] == [
-        ("lmlab", "9-task suite", 1), ("lmlab", "FDA (launch_hf.py)", 1), ("lmlab", "9-task suite", 2),
-        ("lmlab", "FDA (launch_hf.py)", 2), ("stock", "9-task suite", 1), ("stock", "FDA (launch_hf.py)", 1)]
+        ("lmlab", "9-task suite", 1), ("lmlab", "FDA (launch_hf.py)", 1), ("lmlab", "9-task suite", 1),
+        ("lmlab", "FDA (launch_hf.py)", 1), ("stock", "9-task suite", 1), ("stock", "FDA (launch_hf.py)", 1)]
     assert all(r["seconds"] > 0 for r in rows)
     assert {"hellaswag/loglikelihood", "wikitext/loglikelihood_rolling", "swde/generate_until"} <= set(rows[0]["seconds_per_task"])
     assert rows[-1]["full_estimate_s"] == pytest.approx(rows[-1]["seconds"] * 3)

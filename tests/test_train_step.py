@@ -2,10 +2,14 @@
 import lmlab  # noqa: F401  (registers lmlab's model types)
 import contextlib
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lmlab.train import forward_backward, split_rows
+from lmlab import train
+from lmlab.distributed import Dist
+from lmlab.optim import pending_state_bytes
+from lmlab.train import fit_micro_batch, forward_backward, rows_that_fit, split_rows
 
 
 def tiny_llama(seed=0):
@@ -77,3 +81,48 @@ def test_micro_batch_size_gives_the_same_loss_and_gradients():
     assert abs(float(loss_sum) / tokens - loss_whole) < 1e-6
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads_whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_rows_that_fit_takes_the_largest_divisor_within_the_budget():
+    assert rows_that_fit(16, fixed=20, per_row=7.5, budget=150) == 16  # 140 fits
+    assert rows_that_fit(16, fixed=20, per_row=7.5, budget=72) == 4    # 8 rows need 80; 6 fit but divide not
+    assert rows_that_fit(12, fixed=20, per_row=7.5, budget=72) == 6    # divisors of 12: 6 fits
+    assert rows_that_fit(16, fixed=20, per_row=7.5, budget=10) == 1    # none fits: one row, the step advises
+
+
+def test_pending_state_bytes_counts_adams_moments_until_the_first_step():
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert pending_state_bytes(optimizer) == 2 * sum(p.nbytes for p in model.parameters())
+    model(input_ids=torch.randint(0, 64, (1, 8)), labels=torch.randint(0, 64, (1, 8))).loss.backward()
+    optimizer.step()
+    assert pending_state_bytes(optimizer) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fit_micro_batch_measures_rows_and_leaves_no_gradients(monkeypatch):
+    """--training.micro_batch_size 0 on a GPU: all rows when they fit; with a budget for fewer, the most rows
+    (a divisor) that fit; the probe leaves no gradients behind and the batch untouched."""
+    device = torch.device("cuda", torch.cuda.current_device())  # as the trainer's: with its index
+    model = tiny_llama().to(device)
+    optimizer = torch.optim.AdamW(model.parameters())
+    dist = Dist(0, 1, 0, device, None)
+    ids = torch.randint(0, 64, (8, 64))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    assert fit_micro_batch(model, batch, optimizer, dist, contextlib.nullcontext()) == 0
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(batch["input_ids"], ids)
+    peaks = []
+    monkeypatch.setattr(train, "rows_that_fit", lambda rows, fixed, per_row, budget: peaks.append(
+        (fixed, per_row)) or rows_that_fit(rows, fixed, per_row, fixed + 4.5 * per_row))
+    assert fit_micro_batch(model, batch, optimizer, dist, contextlib.nullcontext()) == 4
+    fixed, per_row = peaks[0]
+    assert per_row > 0 and fixed >= pending_state_bytes(optimizer) > 0
+
+    def two_rows_run_out(model, batch, device, autocast):
+        if len(batch["input_ids"]) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return 0
+
+    monkeypatch.setattr(train, "peak_memory", two_rows_run_out)
+    assert fit_micro_batch(model, batch, optimizer, dist, contextlib.nullcontext()) == 1

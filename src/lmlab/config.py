@@ -405,7 +405,8 @@ class Training:
     micro_batch_size: int = option(0, Int(ge=0, relation=Relation("divides batch_size", _divides_batch_size),
                                           text="0 or a divisor of batch_size"),
                                    "lmlab: run each loaded batch as forward/backward passes of this many rows (0: "
-                                   "all): the same step loss in less activation memory")
+                                   "all; on a GPU, the most that fit, measured at the first step): the same step "
+                                   "loss in less activation memory")
     steps: int = option(10000, Int(ge=1), "optimizer steps of the run (a resume with another value reshapes the "
                                           "LR schedule, and says so)")
     max_norm: float = option(1.0, Float(ge=0), "gradient clipping norm (0: measure only)")

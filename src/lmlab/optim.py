@@ -39,6 +39,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Optimizer) -> torch.optim.Optim
     return optimizer_cls(params, **kwargs)
 
 
+def pending_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Device bytes Adam's two moments will take at the first step, while not yet allocated (a fresh run;
+    0 once they exist). Under FSDP2 each rank holds the moments of its shards."""
+    if optimizer.state:
+        return 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return sum(2 * (p.to_local() if hasattr(p, "to_local") else p).nbytes for p in params)
+
+
 def lr_multiplier(step: int, cfg: LRScheduler, total_steps: int) -> float:
     """The LR multiplier at 0-based optimizer step `step` of `total_steps`."""
     warmup = cfg.warmup_steps

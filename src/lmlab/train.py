@@ -38,7 +38,7 @@ from lmlab.metrics import MetricLogger, start_wandb
 from lmlab.errors import UserError, run_command
 from lmlab.modeling import build_model, import_custom_models, kernel_backend, load_tokenizer
 from lmlab.models.blocks import LmlabForCausalLM
-from lmlab.optim import build_lr_scheduler, build_optimizer, schedule_change
+from lmlab.optim import build_lr_scheduler, build_optimizer, pending_state_bytes, schedule_change
 
 
 @dataclasses.dataclass
@@ -187,14 +187,19 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     consecutive_skips = 0
     profiler = start_profiler(cfg, dump, dist)
     model.train()
+    micro_rows = t.micro_batch_size
+    measure_micro_rows = micro_rows == 0 and dist.device.type == "cuda"  # 0 on a GPU: the most rows that fit
     while train_state.step < t.steps:
         step = train_state.step + 1
         if profiler is not None:
             profiler.step()
         if step % t.gc_freq == 0:
             gc.collect()
-        micro_batches = [piece for _ in range(t.gradient_accumulation_steps)
-                         for piece in split_rows(next(data_iter), t.micro_batch_size)]
+        loaded = [next(data_iter) for _ in range(t.gradient_accumulation_steps)]
+        if measure_micro_rows:
+            micro_rows = fit_micro_batch(model, loaded[0], optimizer, dist, autocast)
+            measure_micro_rows = False
+        micro_batches = [piece for batch in loaded for piece in split_rows(batch, micro_rows)]
         # FSDP averages gradients over ranks, so each rank divides its token sum by global_tokens / world.
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         global_tokens = int(dist.all_reduce(torch.tensor(float(local_tokens), device=dist.device), "sum"))
@@ -333,6 +338,68 @@ def forward_backward(
         out.loss.backward()
         loss_sum += out.loss.detach() * denominator
     return loss_sum
+
+
+# The share of the card's memory the measured estimate may fill: the caching allocator's fragmentation and
+# the compiled step's workspaces live in the rest.
+MEMORY_HEADROOM = 0.9
+
+
+def fit_micro_batch(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, dist: Dist,
+                    autocast) -> int:
+    """For --training.micro_batch_size 0 on CUDA: the most rows of `batch` (a divisor of its rows; 0 when all
+    fit) whose forward and backward fit the card, so that the paper's 16-row batches of a 1.3B model run
+    where 16 rows at once would not.
+
+    Peak memory is linear in the rows: two eager passes of 1 and 2 rows give its slope and intercept (eager
+    keeps at least the activations the compiled blocks keep, so the estimate errs towards fewer rows), plus
+    the optimizer state a fresh run has yet to allocate. The passes' gradients are dropped and no data is
+    consumed; every rank measures and all take the smallest choice. Where two eager rows do not fit, one row
+    runs (and the step says what to do if that does not fit either)."""
+    rows, seq_len = batch["input_ids"].shape
+    if rows == 1:
+        return 0
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            one, two = [peak_memory(model, split_rows(batch, n)[0], dist.device, autocast) for n in (1, 2)]
+    except torch.OutOfMemoryError:
+        one = two = None
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dist.device)
+    free, total = torch.cuda.mem_get_info(dist.device)
+    usable = min(free + torch.cuda.memory_reserved(dist.device),  # what other processes leave, and a set cap
+                 torch.cuda.get_per_process_memory_fraction(dist.device) * total)
+    budget = MEMORY_HEADROOM * usable
+    if one is None:
+        fitting, need = 1, f"2 x {seq_len} tokens ran out of memory when measured eagerly"
+    else:
+        per_row = max(two - one, 0)
+        fixed = one - per_row + pending_state_bytes(optimizer)
+        fitting = rows_that_fit(rows, fixed, per_row, budget)
+        need = (f"{rows} x {seq_len} tokens at once would need about {(fixed + rows * per_row) / 2**30:.0f} GiB "
+                f"({per_row / 2**30:.2f} GiB a row, measured)")
+    chosen = int(dist.all_reduce(torch.tensor(float(fitting), device=dist.device), "min"))
+    if chosen < rows and dist.is_main:
+        print(f"lmlab: micro-batches of {chosen} rows (--training.micro_batch_size 0 on a GPU: the most that fit): "
+              f"{need} of {budget / 2**30:.0f} GiB; the step is the same", flush=True)
+    return 0 if chosen == rows else chosen
+
+
+def peak_memory(model: torch.nn.Module, batch: dict, device: torch.device, autocast) -> int:
+    """Peak device bytes of one forward and backward of `batch` (gradients dropped first)."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    forward_backward(model, [batch], device, batch["input_ids"].numel(), autocast)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def rows_that_fit(rows: int, fixed: float, per_row: float, budget: float) -> int:
+    """The largest divisor d of `rows` with fixed + d * per_row <= budget (1 when none: the step then says
+    what to do if it runs out of memory)."""
+    fitting = [d for d in range(rows, 0, -1) if rows % d == 0 and fixed + d * per_row <= budget]
+    return fitting[0] if fitting else 1
 
 
 def out_of_memory_advice(step: int, micro_batch: torch.Size, device: torch.device) -> str:

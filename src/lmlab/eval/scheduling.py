@@ -308,15 +308,8 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         return any(t in eos_ids for t in row) or stopped(row)
 
     out = torch.empty(input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device)
-    parts, logits, at = [], [], 0
-    while at < len(input_ids):
-        rows = batch_rows_at_most(min(prefill_rows, len(input_ids) - at))
-        parts.append(Cache())
-        logits.append(model(input_ids[at:at + rows], attention_mask=attention_mask[at:at + rows],
-                            past_key_values=parts[-1], use_cache=True, logits_to_keep=1).logits)
-        at += rows
-    cache, logits = Cache.concatenate(parts), torch.cat(logits)
-    decode = Decoder(model, cache, attention_mask, static_steps)
+    cache, logits = prefill(model, input_ids, attention_mask, prefill_rows)
+    decode = Decoder(model, cache, attention_mask, max_new_tokens - 1, static_steps)
     steps = 0
     while steps < max_new_tokens:
         out[:, steps] = logits[:, -1].argmax(-1)
@@ -325,6 +318,21 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
             break
         logits = decode(out[:, steps - 1:steps])
     return [cut_at_eos(row, eos_ids) for row in out[:, :steps].tolist()], decode.how
+
+
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            rows_per_forward: int) -> tuple[Cache, torch.Tensor]:
+    """The decoding Cache and last logits [R, 1, vocab] of a left-padded batch of prompts, run
+    `rows_per_forward` rows at a time; the pieces' caches are gone when it returns (one copy of the states
+    while decoding)."""
+    parts, logits, at = [], [], 0
+    while at < len(input_ids):
+        rows = batch_rows_at_most(min(rows_per_forward, len(input_ids) - at))
+        parts.append(Cache())
+        logits.append(model(input_ids[at:at + rows], attention_mask=attention_mask[at:at + rows],
+                            past_key_values=parts[-1], use_cache=True, logits_to_keep=1).logits)
+        at += rows
+    return Cache.concatenate(parts), torch.cat(logits)
 
 
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:

@@ -89,7 +89,8 @@ def _simple_gla_backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_
     states = dict(g=g_cumsum, cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
     h, _ = chunk_fwd_h(k=k, v=v, h0=initial_state, **states)
     dh, dh0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=initial_state, dht=dht, scale=scale, **states)
-    dq, dk, _, dg = gated_delta_rule_fla.dqkwg(q=q, k=k, v=v, w=None, g=g_cumsum, h=h, dv=None, do=do, dh=dh, scale=scale, **chunked)
+    dq, dk, _, dg = gated_delta_rule_fla.dqkwg(q=q, k=k, v=v, w=None, g=g_cumsum, h=h, dv=None, do=do, dh=dh,
+                                               scale=scale, **chunked)
     dv = chunk_bwd_dv(q=q, k=k, g=g_cumsum, do=do, dh=dh, scale=scale, **chunked)
     return dq, dk, dv, chunk_local_cumsum(dg, reverse=True, **chunked), None, dh0
 

@@ -362,9 +362,10 @@ class Attention(nn.Module, UsesKernels):
     """fla's softmax Attention (the transformer's mixer and hybrids' `attn` layers): GQA, rotary,
     optional qkv bias, per-head q/k RMSNorm and sliding window; head_dim = hidden_size // num_heads."""
 
-    # A decoding step reads its keys' padding from the attention mask, which grows every step (and a full
-    # KV cache grows too): it cannot be one fixed computation (`LmlabModel.static_decoding_refusal`).
-    static_decoding = False
+    # A decoding step reads its cached keys, values and their padding mask, and the new token (real). A KV
+    # cache keeps its shape once it is a buffer (`Cache.reserve`). A sliding window is not reserved: like
+    # HQLT's, it keeps its shape once full (one never full, longer than prompt + new tokens, stays eager).
+    static_decoding = True
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False,
                  qk_norm: bool = False, window_size: int | None = None, rope_theta: float = 10000.0,
@@ -398,11 +399,13 @@ class Attention(nn.Module, UsesKernels):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rotary[self.rotary_key]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        is_token = padding_mask(attention_mask, T)
+        if cache is not None:  # the keys' padding mask is cached with them: a step needs no growing mask
+            is_token = is_token if is_token is not None else x.new_ones(B, T, dtype=torch.bool)
             keep = None if self.window_size is None else self.window_size - 1
-            k, v = cache.append(self.layer_idx, "attention", (k, v), keep)
+            k, v, is_token = cache.append(self.layer_idx, "attention", (k, v, is_token), keep)
         o = attention(q, k, v, causal=True, window_size=self.window_size, cu_seqlens=cu_seqlens,
-                      attention_mask=padding_mask(attention_mask, k.shape[1]), backend=self.backend)
+                      attention_mask=is_token, backend=self.backend)
         return self.o_proj(o.reshape(B, T, -1))
 
 

@@ -1,6 +1,7 @@
 """Decoding cache of lmlab's models: per layer, a dict of named states: a linear mixer's recurrent state
-and short-conv states, an attention layer's keys and values (only the last window_size - 1 for sliding
-windows: all a later query can see besides itself), or a hybrid_qlt layer's mix of both.
+and short-conv states, an attention layer's keys, values and their padding mask (only the last
+window_size - 1 for sliding windows: all a later query can see besides itself), or a hybrid_qlt layer's mix
+of both.
 
 It is not a transformers `Cache` subclass on purpose: that class's API changes between the transformers
 versions lmlab supports (5.17 - 5.24). generate() only needs what is here: `get_seq_length` and the
@@ -8,12 +9,13 @@ batch reordering used by beam search and `num_return_sequences`.
 
 `in_place`: the states are fixed buffers that every new state is copied into (same shape and dtype, else
 an error), so that a decoding step captured as a CUDA graph reads and writes the same memory at every
-replay (lmlab.eval.decoding). A step whose states change shape (a growing KV cache, a sliding window not
-yet full) cannot run so: `layout()` before and after a step tells.
+replay (lmlab.eval.decoding). A step whose states change shape (a sliding window not yet full) cannot run
+so: `layout()` before and after a step tells. A KV cache without a window grows at every step until
+`reserve` turns it into a buffer with room for the steps to come.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -26,6 +28,7 @@ class Cache:
         self.seen_tokens = 0  # tokens processed so far, padding included
         self.in_place = False
         self.kept: dict[tuple[int, str], int | None] = {}  # appended states: the most steps each keeps
+        self.next_slot: torch.Tensor | None = None  # after `reserve`: where the next step goes, on the device
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -40,6 +43,8 @@ class Cache:
     def advance(self, num_tokens: int) -> None:
         """Called by the model once all layers have consumed `num_tokens` new tokens."""
         self.seen_tokens += num_tokens
+        if self.next_slot is not None:
+            self.next_slot += num_tokens
 
     def update(self, layer_idx: int, **states: Any) -> None:
         """Store a linear layer's states: recurrent_state [B, H, K, V] (GSA: a pair), conv_state (a tuple of
@@ -51,15 +56,35 @@ class Cache:
                keep: int | None) -> tuple[torch.Tensor, ...]:
         """Append [B, T, ...] tensors (time on dim 1) to the ones stored under `name`; store only the last
         `keep` steps (all with None) and return old + new: e.g. an attention layer's keys and values, of
-        which a sliding window of W needs W - 1 for the next query."""
+        which a sliding window of W needs W - 1 for the next query. A state that `reserve` made a buffer
+        takes the new step at `next_slot` and is returned whole."""
         past = self.layers.get(layer_idx, {}).get(name)
+        if self.next_slot is not None and keep is None:
+            for buffer, x in zip(past, new):
+                buffer.index_copy_(1, self.next_slot, x)
+            return past
         if past is not None:
             new = tuple(torch.cat([old, x], dim=1) for old, x in zip(past, new))
         self.kept[(layer_idx, name)] = keep
         length = new[0].shape[1]
         start = 0 if keep is None else length - min(keep, length)
-        self._store(layer_idx, name, tuple(x[:, start:] for x in new))
+        kept = tuple(x[:, start:] for x in new)
+        if start and not self.in_place:  # a view would keep all `length` steps' memory alive (a whole prompt's)
+            kept = tuple(x.clone() for x in kept)
+        self._store(layer_idx, name, kept)
         return new
+
+    def reserve(self, steps: int) -> None:
+        """Make room for `steps` more decoding steps of one token in every state that keeps all its steps (an
+        attention layer's keys, values and their padding mask, without a window): each becomes a buffer of
+        its past steps and `steps` zeros (padding: masked until written), and every later step writes into
+        it at the device-side `next_slot`. The states then keep their shapes and no Python value in them
+        changes per step: a decoding step can be a CUDA graph (lmlab.eval.decoding)."""
+        for layer_idx, name in [key for key, keep in self.kept.items() if keep is None]:
+            past = self.layers[layer_idx][name]
+            self.layers[layer_idx][name] = tuple(torch.cat([x, x.new_zeros(x.shape[0], steps, *x.shape[2:])], 1)
+                                                 for x in past)
+            self.next_slot = torch.tensor([self.seen_tokens], device=past[0].device)
 
     def _store(self, layer_idx: int, name: str, value: Any) -> None:
         states = self.layers.setdefault(layer_idx, {})
@@ -82,33 +107,20 @@ class Cache:
 
     def nbytes(self) -> int:
         """Bytes held by all states (e.g. to size a batch's decoding states, lmlab.eval.scheduling)."""
-        total = 0
-
-        def count(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            total += t.nbytes
-            return t
-
-        self._map(count)
-        return total
+        return sum(t.nbytes for states in self.layers.values() for value in states.values() for t in _tensors(value))
 
     def footprint(self) -> tuple[int, list[tuple[int, int | None]]]:
         """Per row: the bytes of the fixed-size states (recurrent, conv, delay), and for each appended state
         (time on dim 1) its bytes per step and the most steps it keeps (None: all). From a cache of one step,
         a row's bytes after any number of tokens (lmlab.eval.scheduling.StateMemory)."""
         fixed, growing = 0, []
-
-        def row_bytes(value: Any) -> int:
-            if isinstance(value, torch.Tensor):
-                return value.nbytes // value.shape[0]
-            return sum(row_bytes(v) for v in value) if isinstance(value, tuple) else 0
-
         for layer_idx, states in self.layers.items():
             for name, value in states.items():
+                row_bytes = sum(t.nbytes // t.shape[0] for t in _tensors(value))
                 if (layer_idx, name) not in self.kept:
-                    fixed += row_bytes(value)
+                    fixed += row_bytes
                 elif value[0].shape[1]:  # a window of 1 keeps no past step
-                    growing.append((row_bytes(value) // value[0].shape[1], self.kept[(layer_idx, name)]))
+                    growing.append((row_bytes // value[0].shape[1], self.kept[(layer_idx, name)]))
         return fixed, growing
 
     @classmethod
@@ -154,6 +166,15 @@ class Cache:
         for states in self.layers.values():
             for name, value in states.items():
                 states[name] = apply(value)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a state: a tensor, a tuple of them (nested), or None."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, tuple):
+        for part in value:
+            yield from _tensors(part)
 
 
 def _copy_into(buffer: Any, value: Any, what: str) -> None:
