@@ -14,7 +14,7 @@ import lmlab  # noqa: F401  (registers the model families)
 from lmlab.eval.decoding import Decoder, StaticStep
 from lmlab.eval.scheduling import cut_at_eos, greedy_generate, measure_state_memory
 from lmlab.models.blocks import Attention
-from lmlab.models.cache import Cache
+from lmlab.models.cache import Cache, _tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = sorted(p.stem for p in (REPO / "configs").glob("tiny_*.json"))
@@ -77,12 +77,7 @@ def eager_and_static(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
 
 def buffers(cache: Cache) -> list[int]:
     """The addresses of all the cache's state tensors."""
-    def flat(value) -> list[torch.Tensor]:
-        if isinstance(value, tuple):
-            return [t for v in value for t in flat(v)]
-        return [value] if isinstance(value, torch.Tensor) else []
-
-    return [t.data_ptr() for states in cache.layers.values() for value in states.values() for t in flat(value)]
+    return [t.data_ptr() for states in cache.layers.values() for value in states.values() for t in _tensors(value)]
 
 
 @pytest.mark.parametrize("name", TINY)

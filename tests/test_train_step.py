@@ -1,4 +1,5 @@
-"""The training step's arithmetic: gradient accumulation equivalence (on a tiny Llama)."""
+"""The training step's arithmetic: gradient accumulation equivalence (on a tiny Llama), and the micro-batch
+size that fits a GPU (--training.micro_batch_size 0)."""
 import lmlab  # noqa: F401  (registers lmlab's model types)
 import contextlib
 

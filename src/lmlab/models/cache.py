@@ -80,10 +80,12 @@ class Cache:
         its past steps and `steps` zeros (padding: masked until written), and every later step writes into
         it at the device-side `next_slot`. The states then keep their shapes and no Python value in them
         changes per step: a decoding step can be a CUDA graph (lmlab.eval.decoding)."""
-        for layer_idx, name in [key for key, keep in self.kept.items() if keep is None]:
+        growing = [key for key, keep in self.kept.items() if keep is None]
+        for layer_idx, name in growing:
             past = self.layers[layer_idx][name]
             self.layers[layer_idx][name] = tuple(torch.cat([x, x.new_zeros(x.shape[0], steps, *x.shape[2:])], 1)
                                                  for x in past)
+        if growing:
             self.next_slot = torch.tensor([self.seen_tokens], device=past[0].device)
 
     def _store(self, layer_idx: int, name: str, value: Any) -> None:
