@@ -410,16 +410,17 @@ def test_fla_chunk_ops_route_gradients_and_compile_in_one_graph(op, varlen, monk
 
 def test_fla_backend_runs_lmlab_ops_around_fla_kernels():
     """The fla backend's chunked kernels are lmlab's custom ops (one compiled graph per block), for all four
-    recurrences."""
+    recurrences and GSA."""
     pytest.importorskip("fla")
     import lmlab.models
-    from lmlab.kernels import fla_chunk
+    from lmlab.kernels import fla_chunk, gsa
 
     lmlab.models.register()  # importing fla made its classes the Auto classes' choice for these model types
     assert gdr._fla_kernels()[1] is fla_chunk.chunk_gated_delta_rule
     assert gla_mod._fla_kernels()[1] is fla_chunk.chunk_gla
     assert dr._fla_kernels()[1] is fla_chunk.chunk_delta_rule
     assert sgla._fla_kernels()[1] is fla_chunk.chunk_simple_gla
+    assert gsa._fla_kernels()[1] is fla_chunk.chunk_gsa
 
 
 def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():

@@ -856,11 +856,11 @@ def check_compiled_blocks_match_eager(name: str, model, ids: torch.Tensor, varle
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "hgrn2_340M", *HQLT_340M])
+@pytest.mark.parametrize("name", ["delta_net_340M", "gated_deltanet_340M", "gla_340M", "hgrn2_340M", "gsa_340M",
+                                  *HQLT_340M])
 def test_gpu_recurrent_block_compiles_to_one_graph(name):
     """A recurrent block as training compiles it (bf16 autocast, backend auto: fla's chunk kernels through
-    lmlab's custom ops, lmlab's Triton conv), with fullgraph=True: a graph break fails, forward or backward.
-    (Not gsa: fla's chunk_gsa is torch.compiler.disable'd, a graph break by design.)"""
+    lmlab's custom ops, lmlab's Triton conv), with fullgraph=True: a graph break fails, forward or backward."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     config = AutoConfig.from_pretrained(ROOT / f"configs/{name}.json", num_hidden_layers=1)
     model = AutoModelForCausalLM.from_config(config).cuda().train()

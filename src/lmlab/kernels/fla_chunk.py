@@ -1,5 +1,5 @@
 """fla's chunked recurrence kernels (GLA, simple GLA, delta rule, gated delta rule, the chunk-read delta rule)
-as two `torch.library` custom ops.
+as two `torch.library` custom ops, and GSA's (gated slot attention) as a pair of its own.
 
 fla exposes each chunk op as a `torch.compiler.disable`d autograd function. Inside a compiled block that
 is a graph break, after which dynamo resumes every enclosing frame as its own compiled piece: 4 compiled
@@ -9,7 +9,8 @@ As custom ops with a registered backward the block stays one graph, and its comp
 kernels through the dispatcher. The ops run the same fla forward / backward functions, step for step,
 as fla's autograd functions do; the PyTorch twins of the recurrences are lmlab's chunk kernels
 (`gla.gla_chunk_torch`, `simple_gla.simple_gla_chunk_torch`, `delta_rule.delta_rule_chunk_torch`,
-`gated_delta_rule.gated_delta_rule_chunk_torch`, `delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`).
+`gated_delta_rule.gated_delta_rule_chunk_torch`, `delta_rule_chunk_read.delta_rule_chunk_read_chunk_torch`,
+`gsa.gsa_chunk_torch`).
 
 Imported only when fla's kernels are used (each op's `_fla_kernels`); fla is required here.
 """
@@ -26,6 +27,8 @@ from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv, chunk_fwd_o
 from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_fwd
 from fla.ops.delta_rule.wy_fast import prepare_wy_repr_bwd, prepare_wy_repr_fwd, recompute_w_u_fwd
 from fla.ops.gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from fla.ops.gsa.chunk_bwd import chunk_gsa_bwd
+from fla.ops.gsa.chunk_fwd import chunk_gsa_fwd
 from fla.ops.simple_gla.chunk import chunk_simple_gla_fwd
 from fla.ops.utils import chunk_local_cumsum
 from fla.ops.utils.constant import RCP_LN2
@@ -153,6 +156,11 @@ def chunk_size_for(family: str, length: int) -> int:
     return min(64, max(16, triton.next_power_of_2(length))) if family == "gla" else 64
 
 
+def _chunk_indices(cu_seqlens: torch.Tensor | None, chunk_size: int) -> torch.Tensor | None:
+    """fla's (sequence, chunk) index of each chunk of packed documents; None for dense rows."""
+    return None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+
+
 def _absent(like: torch.Tensor) -> torch.Tensor:
     """The stand-in for an absent tensor result (a custom op returns tensors only)."""
     return like.new_empty(0, dtype=torch.float32)
@@ -161,6 +169,21 @@ def _absent(like: torch.Tensor) -> torch.Tensor:
 def _as(result: torch.Tensor | None, like: torch.Tensor | None, device_of: torch.Tensor) -> torch.Tensor:
     """A result in its input's dtype (fla returns some gradients in float32), or the empty stand-in."""
     return result.to(like.dtype) if result is not None else _absent(device_of)
+
+
+def _empty_grads(device_of: torch.Tensor, *inputs: torch.Tensor | None) -> Tensors:
+    """A backward op's fake results: one gradient like each input, or the empty stand-in where it is absent."""
+    return tuple(torch.empty_like(x) if x is not None else _absent(device_of) for x in inputs)
+
+
+def _given(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """An output's gradient, or None where autograd gave none or the output was the empty stand-in."""
+    return grad if grad is not None and grad.numel() else None
+
+
+def _present(grad: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | None:
+    """An input's gradient for autograd: None for an absent input (its gradient is the empty stand-in)."""
+    return grad if x is not None else None
 
 
 @torch.library.custom_op("lmlab::fla_chunk_forward", mutates_args=())
@@ -175,7 +198,7 @@ def _chunk_forward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 @input_guard  # contiguous inputs, and their GPU as the current device (as fla's own ops)
 def _run_forward(family, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
     chunk_size = chunk_size_for(family, q.shape[1])
-    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    chunk_indices = _chunk_indices(cu_seqlens, chunk_size)
     spec = FAMILIES[family]
     o, final_state, A = spec.forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                      chunk_indices, chunk_size)
@@ -208,7 +231,7 @@ def _chunk_backward(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @input_guard
 def _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens):
     chunk_size = chunk_size_for(family, q.shape[1])
-    chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+    chunk_indices = _chunk_indices(cu_seqlens, chunk_size)
     grads = FAMILIES[family].backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens,
                                       chunk_indices, chunk_size)
     return tuple(_as(grad, x, q) for grad, x in zip(grads, (q, k, v, g, beta, initial_state)))
@@ -216,7 +239,7 @@ def _run_backward(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu
 
 @_chunk_backward.register_fake
 def _(family, q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens):
-    return tuple(torch.empty_like(x) if x is not None else _absent(q) for x in (q, k, v, g, beta, initial_state))
+    return _empty_grads(q, q, k, v, g, beta, initial_state)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -228,11 +251,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, do, dht, _):
     q, k, v, g, beta, A, initial_state, cu_seqlens = ctx.saved_tensors
-    dht = dht if dht is not None and dht.numel() else None
     dq, dk, dv, dg, dbeta, dh0 = torch.ops.lmlab.fla_chunk_backward(
-        ctx.family, q, k, v, g, beta, A, ctx.scale, initial_state, do, dht, cu_seqlens)
-    present = lambda grad, x: grad if x is not None else None  # noqa: E731
-    return (None, dq, dk, dv, present(dg, g), present(dbeta, beta), None, present(dh0, initial_state), None, None)
+        ctx.family, q, k, v, g, beta, A, ctx.scale, initial_state, do, _given(dht), cu_seqlens)
+    return (None, dq, dk, dv, _present(dg, g), _present(dbeta, beta), None, _present(dh0, initial_state), None, None)
 
 
 _chunk_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -288,3 +309,109 @@ def chunk_delta_rule_chunk_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     o_t = S_{b(t)}ᵀ (scale · q_t) with b(t) t's chunk start (`delta_rule_chunk_read`'s semantics)."""
     return chunk("delta_rule_chunk_read", q, k, v, None, beta, scale, initial_state, output_final_state,
                  cu_seqlens)
+
+
+# GSA (gated slot attention, `gsa.py`): two passes over M slots with a softmax between. Its own pair of ops,
+# because it fits neither `_Family`'s inputs (slot writes s, a pair of states) nor its results (three
+# forward tensors for the backward, seven gradients). As fla's `chunk_gsa` at its default checkpoint level 2:
+# the forward keeps only the key pass's slot scores ok, their softmax p (float32) and the value pass's
+# intra-chunk matrix Av (float32); the backward recomputes the gate's cumulative sum and both passes' chunk
+# states. Neither step runs fla's Hopper-refused gated `chunk_bwd_dqkwg` (fla #640): the value pass's
+# backward is GLA's own kernels, the key pass's GSA's.
+GSA_CHUNK_SIZE = 64  # fla's chunk_gsa default
+
+
+def _gsa_gate_cumsum(g: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                     chunk_indices: torch.Tensor | None) -> torch.Tensor:
+    """g's chunk-local cumulative sum in base 2 (the kernels use exp2), as fla's autograd function makes it."""
+    return chunk_local_cumsum(g, chunk_size=GSA_CHUNK_SIZE, scale=RCP_LN2, cu_seqlens=cu_seqlens,
+                              chunk_indices=chunk_indices)
+
+
+@torch.library.custom_op("lmlab::fla_gsa_forward", mutates_args=())
+def _gsa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor, scale: float,
+                 hk0: torch.Tensor | None, hv0: torch.Tensor | None, output_final_state: bool,
+                 cu_seqlens: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, final Hk and Hv or empty tensors, ok, p, Av)."""
+    return _run_gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens)
+
+
+@input_guard
+def _run_gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens):
+    chunk_indices = _chunk_indices(cu_seqlens, GSA_CHUNK_SIZE)
+    _, hk, ok, p, Av, _, hv, o = chunk_gsa_fwd(
+        q=q, k=k, v=v, s=s, g=_gsa_gate_cumsum(g, cu_seqlens, chunk_indices), initial_state=(hk0, hv0),
+        output_final_state=output_final_state, scale=scale, cu_seqlens=cu_seqlens, chunk_size=GSA_CHUNK_SIZE,
+        chunk_indices=chunk_indices)
+    hk, hv = (state if state is not None else _absent(q) for state in (hk, hv))
+    return o, hk, hv, ok, p, Av
+
+
+@_gsa_forward.register_fake
+def _(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens):
+    B, T, H, M = s.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+    def final_state(*shape: int) -> torch.Tensor:
+        return q.new_empty(N, H, *shape, dtype=torch.float32) if output_final_state else _absent(q)
+
+    # o in v's dtype and ok in s's, as fla allocates them
+    return (v.new_empty(v.shape), final_state(k.shape[-1], M), final_state(M, v.shape[-1]), s.new_empty(s.shape),
+            s.new_empty(s.shape, dtype=torch.float32), q.new_empty(B, T, H, GSA_CHUNK_SIZE, dtype=torch.float32))
+
+
+@torch.library.custom_op("lmlab::fla_gsa_backward", mutates_args=())
+def _gsa_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor,
+                  ok: torch.Tensor, p: torch.Tensor, Av: torch.Tensor, scale: float, hk0: torch.Tensor | None,
+                  hv0: torch.Tensor | None, do: torch.Tensor, dhk: torch.Tensor | None, dhv: torch.Tensor | None,
+                  cu_seqlens: torch.Tensor | None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor]:
+    """(dq, dk, dv, ds, dg, dhk0, dhv0), each in its input's dtype (fla rounds dg to s's dtype first, as its
+    autograd function returns it) or an empty tensor where that initial state is absent."""
+    return _run_gsa_backward(q, k, v, s, g, ok, p, Av, scale, hk0, hv0, do, dhk, dhv, cu_seqlens)
+
+
+@input_guard
+def _run_gsa_backward(q, k, v, s, g, ok, p, Av, scale, hk0, hv0, do, dhk, dhv, cu_seqlens):
+    chunk_indices = _chunk_indices(cu_seqlens, GSA_CHUNK_SIZE)
+    grads = chunk_gsa_bwd(
+        q=q, k=k, v=v, s=s, g=_gsa_gate_cumsum(g, cu_seqlens, chunk_indices), ok=ok, p=p, A=Av, h=(None, None),
+        initial_state=(hk0, hv0), scale=scale, do=do, dht=(dhk, dhv), cu_seqlens=cu_seqlens,
+        chunk_size=GSA_CHUNK_SIZE, chunk_indices=chunk_indices)
+    return tuple(_as(grad, x, q) for grad, x in zip(grads, (q, k, v, s, g, hk0, hv0)))
+
+
+@_gsa_backward.register_fake
+def _(q, k, v, s, g, ok, p, Av, scale, hk0, hv0, do, dhk, dhv, cu_seqlens):
+    return _empty_grads(q, q, k, v, s, g, hk0, hv0)
+
+
+def _gsa_setup_context(ctx, inputs, output) -> None:
+    q, k, v, s, g, scale, hk0, hv0, _, cu_seqlens = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, s, g, *output[3:], hk0, hv0, cu_seqlens)
+    ctx.set_materialize_grads(False)  # no zero tensors for unused final states, ok, p and Av
+
+
+def _gsa_backward_rule(ctx, do, dhk, dhv, *_):
+    q, k, v, s, g, ok, p, Av, hk0, hv0, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, ds, dg, dhk0, dhv0 = torch.ops.lmlab.fla_gsa_backward(
+        q, k, v, s, g, ok, p, Av, ctx.scale, hk0, hv0, do, _given(dhk), _given(dhv), cu_seqlens)
+    return dq, dk, dv, ds, dg, None, _present(dhk0, hk0), _present(dhv0, hv0), None, None
+
+
+_gsa_forward.register_autograd(_gsa_backward_rule, setup_context=_gsa_setup_context)
+
+
+def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, g: torch.Tensor, *,
+              scale: float | None = None, initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+              output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """fla's `chunk_gsa` on q, k [B,T,H,K], v [B,T,H,V], s, g [B,T,H,M] (one head count: GSA's layer repeats
+    shared heads itself): (o, final states (Hk [N,H,K,M], Hv [N,H,M,V]) float32 or None)."""
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    hk0, hv0 = (None, None) if initial_state is None else initial_state
+    o, hk, hv, *_ = torch.ops.lmlab.fla_gsa_forward(q, k, v, s, g, scale, hk0, hv0, output_final_state, cu_seqlens)
+    return o, ((hk, hv) if output_final_state else None)

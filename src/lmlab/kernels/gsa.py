@@ -11,7 +11,8 @@ decays the state's value side (the slots), which GLA's chunk form does not cover
 is written here (fla has a kernel of its own for this pass too). States are fla's pair
 (Hk [N,H,K,M], Hv [N,H,M,V]), float32.
 Implementations: `gsa_recurrent_torch` (the specification, step by step), `gsa_chunk_torch` (chunkwise,
-below), fla's Triton `fused_recurrent_gsa` / `chunk_gsa`; `gsa` dispatches.
+below), fla's Triton `fused_recurrent_gsa` and `chunk_gsa` (the latter through lmlab's custom ops,
+`fla_chunk.chunk_gsa`); `gsa` dispatches.
 
 Chunkwise key pass. On the transposed state R = Hkᵀ [M, K] the update is GLA's (R_t = diag(exp(g_t))
 R_{t-1} + s_t k_tᵀ, decay on R's rows), so the chunk carry, packed documents and final states are
@@ -210,19 +211,21 @@ def gsa(
 
 
 def _fla_kernels() -> tuple[Kernel, Kernel]:
-    """fla's kernels with lmlab's state convention (a tuple, or None without output_final_state). fla's
-    `chunk_gsa` is torch.compiler.disable'd: a graph break in a compiled block (README, "Models and configs")."""
-    from fla.ops.gsa import chunk_gsa, fused_recurrent_gsa
+    """fla's kernels with lmlab's state convention (a tuple, or None without output_final_state): the chunked
+    one through lmlab's custom ops (`fla_chunk.chunk_gsa`: one compiled graph per block, where fla's own
+    `chunk_gsa` is torch.compiler.disable'd), fla's `fused_recurrent_gsa` as it is: `dispatch_op` calls it only
+    for a few tokens without gradients (decoding), so it needs no backward."""
+    from fla.ops.gsa import fused_recurrent_gsa
 
-    def adapt(kernel: Kernel) -> Kernel:
-        def run(q, k, v, s, g, *, scale, initial_state, output_final_state,
-                cu_seqlens) -> tuple[torch.Tensor, AnyState]:
-            o, final_state = kernel(q, k, v, s, g, scale=scale, initial_state=initial_state,
-                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-            return o, (tuple(final_state) if output_final_state else None)
-        return run
+    from lmlab.kernels.fla_chunk import chunk_gsa
 
-    return adapt(fused_recurrent_gsa), adapt(chunk_gsa)
+    def recurrent(q, k, v, s, g, *, scale, initial_state, output_final_state,
+                  cu_seqlens) -> tuple[torch.Tensor, AnyState]:
+        o, final_state = fused_recurrent_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return o, (tuple(final_state) if output_final_state else None)
+
+    return recurrent, chunk_gsa
 
 
 dispatch.register_health_check(OP, fla_health_check)
