@@ -112,9 +112,15 @@ stage_experiment() {  # EXPERIMENT="script.py [args]" from bench/experiments/; i
 }
 
 stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes): lmlab vs stock
-  timeout "${EVAL_TIMEOUT:-540}" "$PY" bench/eval_bench.py --config "$CONFIG" --out "$OUT/eval${EVAL_TAG:-}.json" \
-    ${EVAL_ARGS:---stock-limit 5} > "$OUT/eval${EVAL_TAG:-}.log" 2>&1
-  grep "^eval_bench:" "$OUT/eval${EVAL_TAG:-}.log"
+  # CONFIG may name several configs (one after another, EVAL_TIMEOUT each): one call then covers several families
+  local config name
+  for config in $CONFIG; do
+    name=$(basename "$config" .json)
+    echo "gpu_session: eval $name"
+    timeout "${EVAL_TIMEOUT:-540}" "$PY" bench/eval_bench.py --config "$config" \
+      --out "$OUT/eval_$name${EVAL_TAG:-}.json" ${EVAL_ARGS:---stock-limit 5} > "$OUT/eval_$name${EVAL_TAG:-}.log" 2>&1
+    grep "^eval_bench:" "$OUT/eval_$name${EVAL_TAG:-}.log"
+  done
 }
 
 stage_fda-parallel() {  # launch_hf.py -p over all visible GPUs vs one job: wall time, same generations
