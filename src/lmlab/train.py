@@ -364,9 +364,7 @@ def fit_micro_batch(model: torch.nn.Module, batch: dict, optimizer: torch.optim.
             one, two = [peak_memory(model, split_rows(batch, n)[0], dist.device, autocast) for n in (1, 2)]
     except torch.OutOfMemoryError:
         one = two = None
-    model.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(dist.device)
+    release_memory(model, dist.device)  # the step starts as if unmeasured
     free, total = torch.cuda.mem_get_info(dist.device)
     usable = min(free + torch.cuda.memory_reserved(dist.device),  # what other processes leave, and a set cap
                  torch.cuda.get_per_process_memory_fraction(dist.device) * total)
@@ -388,11 +386,16 @@ def fit_micro_batch(model: torch.nn.Module, batch: dict, optimizer: torch.optim.
 
 def peak_memory(model: torch.nn.Module, batch: dict, device: torch.device, autocast) -> int:
     """Peak device bytes of one forward and backward of `batch` (gradients dropped first)."""
+    release_memory(model, device)
+    forward_backward(model, [batch], device, batch["input_ids"].numel(), autocast)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def release_memory(model: torch.nn.Module, device: torch.device) -> None:
+    """Drop the gradients, return cached blocks to the card and restart the peak-memory count."""
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    forward_backward(model, [batch], device, batch["input_ids"].numel(), autocast)
-    return torch.cuda.max_memory_allocated(device)
 
 
 def rows_that_fit(rows: int, fixed: float, per_row: float, budget: float) -> int:
