@@ -115,6 +115,9 @@ def local_attention_sdpa(
 # 128-token blocks (bench/RESULTS.md, fifteenth GPU session). fla 0.6.0's own sliding-window kernel
 # (`parallel_attn(window_size=...)`, the same semantics for whole documents) is not a backend here: at the
 # 340M layer's size it took 1.34 ms forward + backward against FlexAttention's 0.89 (sixteenth session).
+# Nor is lmlab's own one-tile Triton kernel for W <= 65 (branch window-attention-triton): correct on an H100,
+# but in training's compiled blocks 0.33 ms forward + 0.52 backward a layer, FlexAttention's 0.19 + 0.47
+# (seventeenth and fourteenth sessions' profiles).
 _FLEX_TILE = 128
 _compiled_flex_attention = torch.compile(flex_attention)
 
