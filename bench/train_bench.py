@@ -323,8 +323,9 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
             add(row)
         if args.no_baseline:
             continue
-        if baseline_reason is not None:
-            add(Row(path.stem, "fla", note=baseline_reason))
+        model_type = json.loads(path.read_text())["model_type"]
+        if baseline_reason is not None or model_type not in FLA_CLASSES:
+            add(Row(path.stem, "fla", note=baseline_reason or f"fla has no {model_type} model"))
             continue
         base = run_row(Row(path.stem, "fla"), fla_builder(path, args), args, flops, peak)
         for row in ours:

@@ -45,6 +45,16 @@ def test_cpu_run_writes_json_and_markdown_and_prints_the_table_last(tmp_path, ca
     assert lines[-1].endswith("fla has no CPU path (its kernels are Triton, CUDA only) |")
 
 
+def test_fla_row_of_a_family_fla_lacks_says_so_without_building(tmp_path, monkeypatch):
+    """HQLT is lmlab's alone: where fla could run, its row names the missing model instead of a KeyError."""
+    monkeypatch.setattr(bench, "fla_unavailable", lambda device: None)
+    monkeypatch.setattr(bench, "fla_builder", lambda *a: pytest.fail("fla's model must not be built"))
+    out = tmp_path / "r.json"
+    assert bench.main([*TINY, "--configs", "tiny_hqlt_sync", "--batch-sizes", "1", "--no-compile", "--out",
+                       str(out), "--results-md", str(tmp_path / "RESULTS.md")]) == 0
+    fla_row = json.loads(out.read_text())["rows"][1]
+    assert fla_row["impl"] == "fla" and fla_row["note"] == "fla has no hybrid_qlt model"
+
 
 def test_a_run_cut_short_leaves_its_finished_rows_in_both_logs(tmp_path, monkeypatch):
     """A device call's time limit kills the benchmark mid-run: what it measured must already be written."""
