@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
 
     for name in args.configs:
         path = config_path(name)
-        flops = flops_per_token(load_model_config(str(path)), args.seq_len)
+        model_config = load_model_config(str(path))
+        flops = flops_per_token(model_config, args.seq_len)
         ours = []
         for backend in args.backends:
             impl = "lmlab" if backend == "auto" else f"lmlab (backend {backend})"
@@ -323,9 +324,8 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Row]]:
             add(row)
         if args.no_baseline:
             continue
-        model_type = json.loads(path.read_text())["model_type"]
-        if baseline_reason is not None or model_type not in FLA_CLASSES:
-            add(Row(path.stem, "fla", note=baseline_reason or f"fla has no {model_type} model"))
+        if baseline_reason is not None or model_config.model_type not in FLA_CLASSES:
+            add(Row(path.stem, "fla", note=baseline_reason or f"fla has no {model_config.model_type} model"))
             continue
         base = run_row(Row(path.stem, "fla"), fla_builder(path, args), args, flops, peak)
         for row in ours:
