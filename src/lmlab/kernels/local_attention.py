@@ -117,7 +117,8 @@ def local_attention_sdpa(
 # 340M layer's size it took 1.34 ms forward + backward against FlexAttention's 0.89 (sixteenth session).
 # Nor is lmlab's own one-tile Triton kernel for W <= 65 (branch window-attention-triton): correct on an H100,
 # but in training's compiled blocks 0.33 ms forward + 0.52 backward a layer, FlexAttention's 0.19 + 0.47
-# (seventeenth and fourteenth sessions' profiles).
+# (seventeenth and fourteenth sessions' profiles). Eager, its kernels took about half that: the compiled
+# launch passed the softmax scale as fp64 (eighteenth session); the branch's fix is not yet measured.
 _FLEX_TILE = 128
 _compiled_flex_attention = torch.compile(flex_attention)
 
