@@ -221,7 +221,9 @@ def test_a_second_run_is_refused_and_kill_9_of_the_launcher_stops_the_first_whic
 
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    deadline = time.monotonic() + 30  # the current step, a save, torchrun's exit: a few seconds here
+    # the current step, a save, torchrun's exit: a few seconds on an idle machine, over 30 on a loaded one
+    # (a CI run beside other test processes); the guarantee is that they end, not how fast
+    deadline = time.monotonic() + 120
     try:
         while any(alive(pid) for pid in processes):
             assert time.monotonic() < deadline, "torchrun or the trainer outlived the launcher"
