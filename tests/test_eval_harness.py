@@ -5,6 +5,7 @@ Fixtures: a byte-level BPE tokenizer that adds BOS, a tiny Gated DeltaNet (recur
 """
 import json
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -300,3 +301,48 @@ def test_templates_are_compiled_once_and_render_the_same(monkeypatch):
         assert [utils.apply_template(template, doc) for doc in docs] == expected
     assert compiles == [template]
     assert utils.apply_template is original
+
+
+def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, caplog):
+    """lm-eval indexes its ~14k task files on every command; the harness keeps that index in lmlab's cache
+    folder: the same entries as lm-eval's own index (with a later folder overriding, and lm-eval's warning),
+    read without parsing a file the second time, built anew from a damaged file and after a task file changes
+    (the stale file removed), and only within the command."""
+    from lm_eval.tasks import _index
+
+    from lmlab.eval.task_index import lm_eval_tasks_cached
+
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    root, other = tmp_path / "tasks", tmp_path / "user_tasks"
+    files = {root / "common.yaml": "output_type: loglikelihood\n",
+             root / "a" / "alpha.yaml": "include: ../common.yaml\ntask: alpha\ntag: [letters]\n",
+             root / "a" / "beta.yaml": "include: ../common.yaml\ntask: beta\ntag: [letters]\n",
+             root / "b" / "greek.yaml": "group: greek\ntask: [alpha, beta]\n",
+             other / "alpha.yaml": "task: alpha\noutput_type: generate_until\n"}
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def entries(paths):
+        index = _index.TaskIndex.build(paths)
+        return {name: (e.kind, e.yaml_path, e.cfg, sorted(e.tags)) for name, e in index.items()}
+
+    expected = entries([root, other])
+    original = _index.TaskIndex.__dict__["build"]
+    with lm_eval_tasks_cached(root), caplog.at_level("WARNING", logger="lm_eval.tasks._index"):
+        assert entries([root, other]) == expected
+        entries([other])  # a list not led by `root`: lm-eval's own index, nothing kept
+        (kept,) = (tmp_path / "cache" / "lm_eval_task_index").iterdir()
+        with monkeypatch.context() as patch:
+            patch.setattr(_index, "load_yaml", lambda *a, **k: pytest.fail("parsed a task file"))
+            assert entries([root]) == entries([root])
+        assert entries([root, other]) == expected
+        kept.write_bytes(b"damaged")
+        assert entries([root, other]) == expected
+        assert pickle.loads(kept.read_bytes()).keys() == entries([root]).keys()  # written anew
+        (root / "a" / "beta.yaml").write_text("include: ../common.yaml\ntask: beta2\n")
+        changed = entries([root])
+        assert "beta2" in changed and "beta" not in changed
+        assert [p.name for p in kept.parent.iterdir()] != [kept.name] and len(list(kept.parent.iterdir())) == 1
+    assert any("overrides existing task" in r.getMessage() and "alpha" in r.getMessage() for r in caplog.records)
+    assert _index.TaskIndex.__dict__["build"] is original

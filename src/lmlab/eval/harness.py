@@ -48,6 +48,7 @@ import yaml
 
 import lmlab.models
 from lmlab.errors import UserError, command
+from lmlab.eval.task_index import lm_eval_tasks_cached
 from lmlab.modeling import check_model_folder, is_local_path
 from lmlab.network import unreachable_reason
 
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
     try:
-        with bars_throttled_in_logs(), templates_compiled_once():
+        with bars_throttled_in_logs(), templates_compiled_once(), lm_eval_tasks_cached():
             run(argv, data_dir)
     except SystemExit as done:  # lm-eval's own --help: then say what lmlab adds
         if done.code == 0 and any(arg in ("-h", "--help") for arg in argv):
