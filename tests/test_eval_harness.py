@@ -307,7 +307,7 @@ def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, capl
     """lm-eval indexes its ~14k task files on every command; the harness keeps that index in lmlab's cache
     folder: the same entries as lm-eval's own index (with a later folder overriding, and lm-eval's warning),
     read without parsing a file the second time, built anew from a damaged file and after a task file changes
-    (the stale file removed), and only within the command."""
+    (replacing its earlier state's file, not another installation's), and only within the command."""
     from lm_eval.tasks import _index
 
     from lmlab.eval.task_index import lm_eval_tasks_cached
@@ -340,9 +340,12 @@ def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, capl
         kept.write_bytes(b"damaged")
         assert entries([root, other]) == expected
         assert pickle.loads(kept.read_bytes()).keys() == entries([root]).keys()  # written anew
+        another_installation = kept.parent / "0123abcd_0.4.13_0123456789abcdef.pickle"
+        another_installation.write_bytes(b"kept")
         (root / "a" / "beta.yaml").write_text("include: ../common.yaml\ntask: beta2\n")
         changed = entries([root])
         assert "beta2" in changed and "beta" not in changed
-        assert [p.name for p in kept.parent.iterdir()] != [kept.name] and len(list(kept.parent.iterdir())) == 1
+        assert not kept.exists() and len(list(kept.parent.iterdir())) == 2  # its earlier state replaced
+        assert another_installation.read_bytes() == b"kept"
     assert any("overrides existing task" in r.getMessage() and "alpha" in r.getMessage() for r in caplog.records)
     assert _index.TaskIndex.__dict__["build"] is original

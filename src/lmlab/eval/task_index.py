@@ -3,11 +3,11 @@
 On every run lm-eval 0.4.13 indexes every task, group and tag it ships by parsing all ~14k YAML files under
 `lm_eval/tasks`: 11 s of each evaluation command on this project's 2-core CPU, where reading the kept index
 takes 1.4 s. The index depends only on those files, so lmlab keeps it in its cache folder (`LMLAB_CACHE`,
-else $XDG_CACHE_HOME/lmlab or ~/.cache/lmlab), named by lm-eval's version and a digest of the folder's place
-and its files' paths, sizes and modification times: another installation, an upgrade or an edited task file
-builds it anew, the same way lm-eval does. Other
-task folders (lmlab's, a user's `--include_path`) are indexed by lm-eval as before, after it, as lm-eval
-merges them (a later folder's task overrides an earlier one's, with lm-eval's warning).
+else $XDG_CACHE_HOME/lmlab or ~/.cache/lmlab), one file per installation of lm-eval, named by its version
+and a digest of its task files' paths, sizes and modification times: an upgrade or an edited task file
+builds it anew, the same way lm-eval does. Other task folders (lmlab's, a user's `--include_path`) are
+indexed by lm-eval as before, after it, as lm-eval merges them (a later folder's task overrides an earlier
+one's, with lm-eval's warning).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ def cache_dir() -> Path:
 
 
 def digest(root: Path) -> str:
-    """What the index of the YAML files below `root` depends on: the folder (its entries name the files by
-    absolute path) and the files' paths, sizes and modification times."""
-    entries = [str(root.resolve())]
+    """What the index of the YAML files below `root` depends on besides the folder: their paths, sizes and
+    modification times."""
+    entries = []
     for folder, _, files in os.walk(root):
         for name in files:
             if name.endswith(".yaml"):
@@ -48,26 +48,38 @@ def cached_index(root: Path, build: Callable[..., dict[str, Any]]) -> dict[str, 
     The file is lmlab's own pickle of lm-eval's entries; a damaged one is built and written anew."""
     import lm_eval
 
-    name = f"lm_eval_{lm_eval.__version__}_tasks_{digest(root)}.pickle"
-    path = cache_dir() / "lm_eval_task_index" / name
-    with contextlib.suppress(FileNotFoundError):
-        try:
-            with path.open("rb") as file:
-                return pickle.load(file)
-        except Exception as exc:  # any unreadable file (truncated, foreign, damaged) is only a cache miss
-            log.info("lmlab: rebuilding lm-eval's task index (%s: %s)", path, exc)
+    # one file per installation (its entries name the task files by absolute path), for its files' state
+    folder = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    path = cache_dir() / "lm_eval_task_index" / f"{folder}_{lm_eval.__version__}_{digest(root)}.pickle"
+    try:
+        with path.open("rb") as file:
+            return pickle.load(file)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # any unreadable file (truncated, damaged) is only a cache miss
+        log.info("lmlab: rebuilding lm-eval's task index (%s: %s)", path, exc)
     index = build([root], resolve_includes=True)
-    try:  # written whole, then renamed: a concurrent command reads the old file or the new one
+    _write(path, index)
+    for stale in path.parent.glob(f"{folder}_*.pickle"):  # this installation's earlier states
+        if stale != path:
+            with contextlib.suppress(OSError):
+                stale.unlink(missing_ok=True)
+    return index
+
+
+def _write(path: Path, index: dict[str, Any]) -> None:
+    """Written whole, then renamed: a concurrent command reads the old file or the new one, never a part."""
+    temporary = None
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
+            temporary = file.name
             pickle.dump(index, file, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(file.name, path)
-        for stale in path.parent.glob("lm_eval_*_tasks_*.pickle"):  # earlier versions' or files' indexes
-            if stale != path:
-                stale.unlink(missing_ok=True)
-    except OSError as exc:  # a read-only home: each command indexes the files itself, as lm-eval does
+        os.replace(temporary, path)
+    except OSError as exc:  # a read-only or full disk: each command indexes the files itself, as lm-eval does
         log.info("lmlab: lm-eval's task index not cached (%s)", exc)
-    return index
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
