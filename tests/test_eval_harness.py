@@ -303,10 +303,18 @@ def test_templates_are_compiled_once_and_render_the_same(monkeypatch):
     assert utils.apply_template is original
 
 
+class Foreign:
+    """Unpickled, it would touch a file: what lmlab's reader of the kept task index must refuse."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["LMLAB_CACHE"]).parent / "ran",))
+
+
 def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, caplog):
     """lm-eval indexes its ~14k task files on every command; the harness keeps that index in lmlab's cache
     folder: the same entries as lm-eval's own index (with a later folder overriding, and lm-eval's warning),
-    read without parsing a file the second time, built anew from a damaged file and after a task file changes
+    read without parsing a file the second time, built anew from a damaged or foreign file (never run) and
+    after a task file changes
     (replacing its earlier state's file, not another installation's), and only within the command."""
     from lm_eval.tasks import _index
 
@@ -339,6 +347,8 @@ def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, capl
         assert entries([root, other]) == expected
         kept.write_bytes(b"damaged")
         assert entries([root, other]) == expected
+        kept.write_bytes(pickle.dumps(Foreign()))  # a file that would run code: refused, then written anew
+        assert entries([root, other]) == expected and not (tmp_path / "ran").exists()
         assert pickle.loads(kept.read_bytes()).keys() == entries([root]).keys()  # written anew
         another_installation = kept.parent / "0123abcd_0.4.13_0123456789abcdef.pickle"
         another_installation.write_bytes(b"kept")

@@ -60,7 +60,6 @@ import copy
 import io
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -87,6 +86,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lmlab import allowlist_pickle
 from lmlab.config import Checkpoint as CheckpointConfig
 from lmlab.distributed import DTYPES, Dist
 from lmlab.errors import UserError
@@ -123,20 +123,15 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only the classes DCP's `.metadata` file is made of."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
-            or (module == "collections" and name == "OrderedDict")
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in checkpoint metadata")
-        return super().find_class(module, name)
+def _metadata_class(module: str, name: str) -> bool:
+    """The classes DCP's `.metadata` file is made of."""
+    return (
+        module.startswith("torch.distributed.checkpoint.")
+        or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+        or (module == "torch.serialization" and name == "_get_layout")
+        or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+        or (module == "collections" and name == "OrderedDict")
+    )
 
 
 def read_metadata(path: Path) -> Metadata:
@@ -146,7 +141,7 @@ def read_metadata(path: Path) -> Metadata:
         raise UserError(f"{path} is not a DCP checkpoint (no .metadata file)")
     try:
         with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = allowlist_pickle.load(f, _metadata_class, "checkpoint metadata")
     except Exception as exc:  # any unpickling failure means a corrupt or foreign file
         raise UserError(f"{file} is corrupt or not DCP metadata: {_one_line(exc)}") from None
     if not isinstance(metadata, Metadata):

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lmlab import allowlist_pickle
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,9 @@ def digest(root: Path) -> str:
 
 def cached_index(root: Path, build: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """`build([root])` (lm-eval's `TaskIndex.build`), from the cache when it holds this state of `root`'s files.
-    The file is lmlab's own pickle of lm-eval's entries; a damaged one is built and written anew."""
+    The file is a pickle of lm-eval's entries (an exact copy, which JSON would not be of YAML's dates or
+    integer keys), read back building those classes only (`allowlist_pickle`); a damaged or foreign file is
+    built and written anew."""
     import lm_eval
 
     # one file per installation (its entries name the task files by absolute path), for its files' state
@@ -53,10 +57,10 @@ def cached_index(root: Path, build: Callable[..., dict[str, Any]]) -> dict[str, 
     path = cache_dir() / "lm_eval_task_index" / f"{folder}_{lm_eval.__version__}_{digest(root)}.pickle"
     try:
         with path.open("rb") as file:
-            return pickle.load(file)
+            return allowlist_pickle.load(file, lambda *name: name in _INDEX_CLASSES, "lm-eval's task index")
     except FileNotFoundError:
         pass
-    except Exception as exc:  # any unreadable file (truncated, damaged) is only a cache miss
+    except Exception as exc:  # any unreadable file (truncated, damaged, foreign) is only a cache miss
         log.info("lmlab: rebuilding lm-eval's task index (%s: %s)", path, exc)
     index = build([root], resolve_includes=True)
     _write(path, index)
@@ -65,6 +69,14 @@ def cached_index(root: Path, build: Callable[..., dict[str, Any]]) -> dict[str, 
             with contextlib.suppress(OSError):
                 stale.unlink(missing_ok=True)
     return index
+
+
+# what lm-eval's index entries are made of (YAML's own types besides plain data)
+_INDEX_CLASSES = {("lm_eval.tasks._index", "Entry"), ("lm_eval.tasks._index", "Kind"),
+                  *((module, name) for module in ("pathlib", "pathlib._local")
+                    for name in ("PosixPath", "WindowsPath")),
+                  ("builtins", "set"), ("builtins", "frozenset"), ("datetime", "date"), ("datetime", "datetime"),
+                  ("datetime", "timedelta"), ("datetime", "timezone")}
 
 
 def _write(path: Path, index: dict[str, Any]) -> None:
