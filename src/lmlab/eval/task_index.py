@@ -35,13 +35,12 @@ def cache_dir() -> Path:
 def digest(root: Path) -> str:
     """What the index of the YAML files below `root` depends on besides the folder: their paths, sizes and
     modification times."""
-    entries = []
+    entries, prefix = [], len(os.fspath(root))
     for folder, _, files in os.walk(root):
         for name in files:
             if name.endswith(".yaml"):
                 stat = os.stat(os.path.join(folder, name))
-                entries.append(f"{os.path.relpath(os.path.join(folder, name), root)}\0{stat.st_size}\0"
-                               f"{stat.st_mtime_ns}")
+                entries.append(f"{folder[prefix:]}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 
