@@ -314,8 +314,8 @@ def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, capl
     """lm-eval indexes its ~14k task files on every command; the harness keeps that index in lmlab's cache
     folder: the same entries as lm-eval's own index (with a later folder overriding, and lm-eval's warning),
     read without parsing a file the second time, built anew from a damaged or foreign file (never run) and
-    after a task file changes
-    (replacing its earlier state's file, not another installation's), and only within the command."""
+    after a task file changes (replacing its earlier state's file, not another installation's), and only
+    within the command."""
     from lm_eval.tasks import _index
 
     from lmlab.eval.task_index import lm_eval_tasks_cached
