@@ -420,7 +420,7 @@ def test_dispatch_backend_preferred_in_one_kind_of_code(monkeypatch, preference)
     choices = []
 
     def run(x, requested=None):
-        choices.append(dispatch._choose("op", x, requested))
+        choices.append(dispatch._choose("op", x, requested, {}))
         return x + 1
 
     with warnings.catch_warnings():

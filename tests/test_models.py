@@ -729,8 +729,8 @@ def test_each_model_runs_its_own_kernel_backend(name, monkeypatch):
     and every kernel call of each (loss, logits, decoding) carries its own model's backend."""
     requests = []
     choose = dispatch.choose
-    monkeypatch.setattr(dispatch, "choose", lambda op, x, requested=None: requests.append(requested) or
-                        choose(op, x, requested))
+    monkeypatch.setattr(dispatch, "choose", lambda op, x, requested=None, **kw: requests.append(requested) or
+                        choose(op, x, requested, **kw))
 
     def build(backend: str) -> torch.nn.Module:
         if name in MODELS:

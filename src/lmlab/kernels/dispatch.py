@@ -9,8 +9,8 @@ request is the kernel call's `backend=` argument (a model passes its own: the co
   torch - always the PyTorch implementation
   fla   - fla's kernel; an error if it cannot run here
   flash - flash-attn (attention only); an error if it cannot run here
-  triton - lmlab's own Triton kernel (the short convolution from zeros, the selective scan); an error if it
-           cannot run here
+  triton - lmlab's own Triton kernel (the short convolution from zeros, the selective scan, local attention
+           over short windows); an error if it cannot run here
   flex  - torch's FlexAttention (local attention only); an error if it cannot run here
 An op may have several accelerated backends, registered in priority order. A request for a backend that
 an op does not have (e.g. "fla" for attention, "triton" for the convolution from a decoding state) means
@@ -115,9 +115,14 @@ def clear_choices() -> None:
     _last_choice.clear()
 
 
-def choose(op: str, x: torch.Tensor, requested: str | None = None) -> str:
-    """Return "torch" or the name of the accelerated backend for running `op` on input `x`."""
-    name = _choose(op, x, requested)
+def choose(op: str, x: torch.Tensor, requested: str | None = None, unfit: dict[str, str] | None = None) -> str:
+    """Return "torch" or the name of the accelerated backend for running `op` on input `x`.
+
+    `unfit`: backends that do not cover this call's sizes or settings (backend -> why), e.g. a kernel for
+    short windows only, or without decoding steps. For this call they are as a backend the op does not have:
+    "auto" passes over them silently (the call, not the machine, rules them out) and a request for one means
+    "auto", as a model's request covers all its calls."""
+    name = _choose(op, x, requested, unfit or {})
     _record(op, name)
     return name
 
@@ -130,12 +135,14 @@ def _record(op: str, name: str) -> bool:
     return True
 
 
-def _choose(op: str, x: torch.Tensor, requested: str | None) -> str:
+def _choose(op: str, x: torch.Tensor, requested: str | None, unfit: dict[str, str]) -> str:
     checks = _health_checks.get(op, {})
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown kernel backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "torch":
         return "torch"
+    if requested in unfit:
+        requested = None
     if requested in checks:
         reason = checks[requested](x)
         if reason is not None:
@@ -144,8 +151,8 @@ def _choose(op: str, x: torch.Tensor, requested: str | None) -> str:
         return requested
     reasons = []
     for name, check in checks.items():
-        if (op, name) in (_eager_only if torch.compiler.is_compiling() else _compiled_only):
-            continue  # a preference, not a failure: no warning
+        if name in unfit or (op, name) in (_eager_only if torch.compiler.is_compiling() else _compiled_only):
+            continue  # a preference or the call's sizes, not a failure: no warning
         reason = check(x)
         if reason is None:
             return name

@@ -13,14 +13,16 @@ Semantics (the reference, `local_attention_reference`, is the specification):
   query's aligned chunk of `window` positions.
 Every query sees at least itself.
 
-Two implementations, neither building [Tq, Tk] scores or masks:
+Three implementations, none building [Tq, Tk] scores or masks:
 - the PyTorch one, `local_attention_sdpa`: queries go in blocks of Q, each block against the Q + window - 1
   keys it can see at most (an unfold of the left-padded keys), all blocks in one SDPA call with a
   [Q, Q + window - 1] mask per block built from the positions. The work is T * (Q + window - 1) instead of
   T * Tk, the unfolded keys take (Q + window - 1) / Q times the keys' memory (saved for backward);
-- on CUDA inside torch.compile'd code (training's blocks), the "flex" backend: torch's FlexAttention over
-  the 128 x 128 tiles a query tile can reach (a block mask from the sizes alone), the positions test
-  evaluated inside the kernel; nothing copied or saved but q, k, v and the output.
+- on CUDA for windows <= 64 with as many queries as keys (training, prompts, scoring), the "triton"
+  backend: lmlab's kernel over 64-token blocks (`local_attention_triton.py`);
+- on CUDA inside torch.compile'd code (training's blocks) for longer windows, the "flex" backend: torch's
+  FlexAttention over the 128 x 128 tiles a query tile can reach (a block mask from the sizes alone), the
+  positions test evaluated inside the kernel; nothing copied or saved but q, k, v and the output.
 Shapes depend only on the input's sizes (no host sync: torch.compile captures one graph for every
 document layout).
 """
@@ -34,6 +36,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lmlab.kernels import dispatch
 from lmlab.kernels.attention import scaled_dot_product_attention
+from lmlab.kernels.local_attention_triton import local_attention_triton, triton_unfit_reason
+from lmlab.kernels.recurrent_common import triton_health_check
 
 OP = "local_attention"
 
@@ -62,7 +66,12 @@ def local_attention(
 ) -> torch.Tensor:
     """Local attention output `[B, Tq, H, D]` in q's dtype; see the module docstring for the semantics."""
     _check_inputs(q, k, v, q_positions, k_positions, window)
-    if dispatch.choose(OP, q, backend) == "flex":
+    triton_unfit = triton_unfit_reason(q, k, window)
+    name = dispatch.choose(OP, q, backend, unfit={} if triton_unfit is None else {"triton": triton_unfit})
+    if name == "triton":
+        return local_attention_triton(q, k, v, q_positions, k_positions, window=window, chunked=chunked,
+                                      scale=scale)
+    if name == "flex":
         # inside compiled code dynamo lowers flex_attention itself; called eagerly it needs its compiled form
         attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention
         return local_attention_flex(q, k, v, q_positions, k_positions, window=window, chunked=chunked,
@@ -217,3 +226,7 @@ def _flex_health_check(x: torch.Tensor) -> str | None:
 # auto takes FlexAttention only inside compiled code: eager calls (evaluation, generation) would compile it
 # anew for every input size, where the SDPA path needs no compilation
 dispatch.register_health_check(OP, _flex_health_check, backend="flex", compiled_only=True)
+# lmlab's kernel (windows <= 64, as many queries as keys) runs where asked for by name (`--model.backend
+# triton`); auto does not choose it yet: it has run only in Triton's CPU interpreter, not against
+# FlexAttention on a GPU
+dispatch.register_health_check(OP, triton_health_check, backend="triton", compiled_only=True)
