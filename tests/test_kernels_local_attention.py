@@ -208,9 +208,9 @@ def test_triton_op_traces_with_fake_tensors(chunked):
 
 @pytest.mark.parametrize("backend", ["triton", None])
 def test_triton_runs_only_where_it_fits(monkeypatch, backend):
-    """With the kernel available (health check lifted, the kernel recorded instead of run) and asked for, it
-    takes windows <= 64 with as many queries as keys; longer windows and decoding steps run the other path
-    without a warning or an error (a model's request covers all its calls). Auto leaves it out for now."""
+    """With the kernel available (health check lifted, the kernel recorded instead of run), auto and a request
+    by name take it for windows <= 64 with as many queries as keys; longer windows and decoding steps run the
+    other path without a warning or an error (a model's request covers all its calls)."""
     monkeypatch.setitem(dispatch._health_checks["local_attention"], "triton", lambda x: None)
     calls = []
     monkeypatch.setattr(local_attention_module, "local_attention_triton",
@@ -224,7 +224,7 @@ def test_triton_runs_only_where_it_fits(monkeypatch, backend):
         torch.testing.assert_close(local_attention(q, k, v, pos, pos, window=64, backend=backend), want)
         local_attention(q, k, v, pos, pos, window=65, backend=backend)
         local_attention(q[:, -1:], k, v, pos[:, -1:], pos, window=8, backend=backend)
-    assert calls == ([64] if backend == "triton" else [])
+    assert calls == [64]
 
 
 @pytest.mark.parametrize("change, match", [

@@ -362,7 +362,7 @@ class Model:
     converters: list[str] = option([], Only([], "no float8 training yet"), "flame's float8 converters; none in lmlab")
     backend: str = option("auto", Choice(BACKENDS),
                           "kernels: auto (accelerated where healthy), torch (portable), fla, flash, triton (lmlab's "
-                          "short convolution and selective scan), flex (FlexAttention for HQLT's local attention); "
+                          "short convolution, selective scan, and HQLT's local attention for windows ≤ 64), flex (FlexAttention for HQLT's local attention); "
                           "not auto: replaces the model config's backend key for this run's model only (the export "
                           "keeps the config's)")
     trust_remote_code: bool = option(False, Flag(), "allow code from a hub checkpoint (never on by default)")

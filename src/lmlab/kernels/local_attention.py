@@ -124,10 +124,8 @@ def local_attention_sdpa(
 # 128-token blocks (bench/RESULTS.md, fifteenth GPU session). fla 0.6.0's own sliding-window kernel
 # (`parallel_attn(window_size=...)`, the same semantics for whole documents) is not a backend here: at the
 # 340M layer's size it took 1.34 ms forward + backward against FlexAttention's 0.89 (sixteenth session).
-# Nor is lmlab's own one-tile Triton kernel for W <= 65 (branch window-attention-triton): correct on an H100,
-# but in training's compiled blocks 0.33 ms forward + 0.52 backward a layer, FlexAttention's 0.19 + 0.47
-# (seventeenth and fourteenth sessions' profiles). Eager, its kernels took about half that: the compiled
-# launch passed the softmax scale as fp64 (eighteenth session); the branch's fix is not yet measured.
+# For windows <= 64 lmlab's Triton kernel (`local_attention_triton.py`) is auto's choice: at the 340M layer's
+# size 0.61 ms forward + backward compiled against FlexAttention's 0.72 (nineteenth session, H100).
 _FLEX_TILE = 128
 _compiled_flex_attention = torch.compile(flex_attention)
 
@@ -223,10 +221,10 @@ def _flex_health_check(x: torch.Tensor) -> str | None:
     return None if x.is_cuda else "input is not on a CUDA device"
 
 
+# lmlab's kernel first where it fits (windows <= 64, as many queries as keys): faster than FlexAttention in
+# training (H100, nineteenth GPU session), and it needs no compilation per input size, so eager calls
+# (prompts, evaluation's scoring) take it too
+dispatch.register_health_check(OP, triton_health_check, backend="triton")
 # auto takes FlexAttention only inside compiled code: eager calls (evaluation, generation) would compile it
 # anew for every input size, where the SDPA path needs no compilation
 dispatch.register_health_check(OP, _flex_health_check, backend="flex", compiled_only=True)
-# lmlab's kernel (windows <= 64, as many queries as keys) runs where asked for by name (`--model.backend
-# triton`); auto does not choose it yet: it has run only in Triton's CPU interpreter, not against
-# FlexAttention on a GPU
-dispatch.register_health_check(OP, triton_health_check, backend="triton", compiled_only=True)
