@@ -8,6 +8,7 @@ and transformers in the launchers, torchrun and the trainer).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -203,6 +204,17 @@ def test_a_child_whose_parent_died_before_it_asked_ends_at_once():
 
 # --- through bash train.sh ------------------------------------------------------------------------------
 
+def survivors_described(pids: list[int]) -> str:
+    """Each process's command line and state, for a failure message."""
+    described = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].strip()
+            described.append(f"{pid} ({state}): {command}")
+    return "; ".join(described)
+
+
 def test_a_second_run_is_refused_and_kill_9_of_the_launcher_stops_the_first_which_saves(corpus, tmp_path):
     args = small_args(corpus, tmp_path, **{"training.steps": "1000"})
     first = start_train_sh(args)  # train.sh execs the launcher: this is the launcher's PID
@@ -225,12 +237,13 @@ def test_a_second_run_is_refused_and_kill_9_of_the_launcher_stops_the_first_whic
     # (a CI run beside other test processes); the guarantee is that they end, not how fast
     deadline = time.monotonic() + 120
     try:
-        while any(alive(pid) for pid in processes):
-            assert time.monotonic() < deadline, "torchrun or the trainer outlived the launcher"
+        while survivors := [pid for pid, started in processes.items() if alive(pid, started)]:
+            assert time.monotonic() < deadline, f"outlived the launcher: {survivors_described(survivors)}"
             time.sleep(0.01)
     finally:
-        for pid in filter(alive, processes):
-            os.kill(pid, signal.SIGKILL)
+        for pid, started in processes.items():
+            if alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
     first.communicate()  # its output pipes, which torchrun and the trainer held
     steps = [r["step"] for r in metrics_lines(tmp_path)]
     time.sleep(1)

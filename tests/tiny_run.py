@@ -72,42 +72,46 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
-def descendants(pid: int) -> set[int]:
-    """The PIDs of `pid`'s children, their children, and so on (from /proc)."""
-    parents = {}
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state first), or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """`pid`'s children, their children, and so on (from /proc): PID -> start time, which tells a process from
+    a later one given the same PID (PIDs wrap at 32768 here, and a CI run's threads use them up in minutes)."""
+    parents, started = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process just ended
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
+        if (fields := _stat(int(stat.parent.name))) is not None:
+            parents[int(stat.parent.name)], started[int(stat.parent.name)] = int(fields[1]), int(fields[19])
     found = {pid}
     while True:
         more = {child for child, parent in parents.items() if parent in found} - found
         if not more:
             break
         found |= more
-    return found - {pid}
+    return {child: started[child] for child in found - {pid}}
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL `pid` and all its descendants at once, as a cluster kills a job's cgroup (torchrun starts every
     trainer in a session of its own, so killing train.sh's process group would leave the trainer running)."""
-    doomed = {pid} | descendants(pid)
-    for victim in doomed:
+    doomed = descendants(pid)
+    for victim in [pid, *doomed]:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for victim in doomed - {pid}:  # reparented children: wait until they are gone (or zombies)
-        while alive(victim):
+    for victim, started in doomed.items():  # reparented children: wait until they are gone (or zombies)
+        while alive(victim, started):
             time.sleep(0.01)
 
 
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, which has ended and closed its files, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+def alive(pid: int, started: int | None = None) -> bool:
+    """Whether `pid` runs (a zombie, which has ended and closed its files, does not); with `started` (its start
+    time, from `descendants`), only the process that started then, not a later one given the same PID."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and (started is None or int(fields[19]) == started)
