@@ -140,7 +140,8 @@ def _bwd_dkv_kernel(q, k, v, do, lse, delta, q_pos, k_pos, dk, dv, T, q_pos_stri
 
 
 def _launch_sizes(q: torch.Tensor, window: int, chunked: bool, scale: float) -> dict:
-    B, T, H, D = q.shape
+    """The kernels' compile-time arguments."""
+    H, D = q.shape[2:]
     return dict(scale=scale, H=H, D=D, W=window, CHUNKED=chunked, IEEE=q.dtype == torch.float32, BLOCK=BLOCK)
 
 
