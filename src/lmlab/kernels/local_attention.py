@@ -217,14 +217,11 @@ def _check_inputs(q, k, v, q_positions, k_positions, window) -> None:
             raise ValueError(f"{name} must be an integer tensor, got {positions.dtype}")
 
 
-def _flex_health_check(x: torch.Tensor) -> str | None:
-    return None if x.is_cuda else "input is not on a CUDA device"
-
-
 # lmlab's kernel first where it fits (windows <= 64, as many queries as keys): faster than FlexAttention in
 # training (H100, nineteenth GPU session), and it needs no compilation per input size, so eager calls
 # (prompts, evaluation's scoring) take it too
 dispatch.register_health_check(OP, triton_health_check, backend="triton")
 # auto takes FlexAttention only inside compiled code: eager calls (evaluation, generation) would compile it
 # anew for every input size, where the SDPA path needs no compilation
-dispatch.register_health_check(OP, _flex_health_check, backend="flex", compiled_only=True)
+# (FlexAttention is a Triton kernel too, Inductor's: it needs only a CUDA input, as lmlab's)
+dispatch.register_health_check(OP, triton_health_check, backend="flex", compiled_only=True)
