@@ -29,10 +29,7 @@ from lmlab.kernels.recurrent_common import triton_source_tag
 
 _SOURCE_TAG = triton_source_tag(__file__)
 BLOCK = 64  # tokens per query/key block, hence the largest window this kernel takes
-# Per kernel: (blocks each program takes in turn, Triton's pipelining stages over them: the next block's
-# loads overlap this block's math, warps). One block a program with 4 warps: 8 warps made the forward slower
-# on an H100 (0.25 against 0.15 ms at the 340M layer).
-LAUNCH = {"fwd": (1, 1, 4), "dq": (1, 1, 4), "dkv": (1, 1, 4)}
+NUM_WARPS = 4  # each kernel; 8 made the forward slower on an H100 (0.25 against 0.15 ms at the 340M layer)
 
 
 @triton.jit
@@ -55,113 +52,97 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _fwd_kernel(q, k, v, q_pos, k_pos, o, lse, T, q_pos_stride, k_pos_stride, scale: tl.constexpr,
                 H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, CHUNKED: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    """Output and log-sum-exp of BLOCKS consecutive query blocks, each from the [64, 128] tile of keys it sees."""
-    i_bh = tl.program_id(1)
+                BLOCK: tl.constexpr):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    t = i_m * BLOCK + tl.arange(0, BLOCK)  # queries
+    s = i_m * BLOCK - BLOCK + tl.arange(0, 2 * BLOCK)  # keys: the block before and the queries' own
     d = tl.arange(0, D)
     base = i_b.to(tl.int64) * T * H * D + i_h * D
-    for i_m in range(tl.program_id(0) * BLOCKS, tl.program_id(0) * BLOCKS + BLOCKS):
-        t = i_m * BLOCK + tl.arange(0, BLOCK)  # queries
-        s = i_m * BLOCK - BLOCK + tl.arange(0, 2 * BLOCK)  # keys: the block before and the queries' own
-        m_t, m_s = t < T, (s >= 0) & (s < T)
-        b_q = tl.load(q + base + t[:, None] * (H * D) + d[None, :], mask=m_t[:, None], other=0)
-        b_k = tl.load(k + base + s[:, None] * (H * D) + d[None, :], mask=m_s[:, None], other=0)
-        b_v = tl.load(v + base + s[:, None] * (H * D) + d[None, :], mask=m_s[:, None], other=0)
-        pos_t = tl.load(q_pos + i_b * q_pos_stride + t, mask=m_t, other=0)
-        pos_s = tl.load(k_pos + i_b * k_pos_stride + s, mask=m_s, other=0)
-        ok = _allowed(t[:, None], s[None, :], pos_t[:, None], pos_s[None, :], m_t[:, None] & m_s[None, :], W,
-                      CHUNKED)
-        # scores in base 2 (times log2(e)): exp2 is the hardware's exponential
-        scores = tl.where(ok, _dot(b_q, tl.trans(b_k), IEEE) * (scale * 1.4426950408889634), float("-inf"))
-        row_max = tl.maximum(tl.max(scores, 1), -1e30)  # rows past T see nothing: keep them finite
-        p = tl.exp2(scores - row_max[:, None])
-        row_sum = tl.maximum(tl.sum(p, 1), 1e-30)
-        out = _dot(p.to(b_v.dtype), b_v, IEEE) / row_sum[:, None]
-        tl.store(o + base + t[:, None] * (H * D) + d[None, :], out.to(o.dtype.element_ty), mask=m_t[:, None])
-        tl.store(lse + i_bh.to(tl.int64) * T + t, row_max + tl.log2(row_sum), mask=m_t)
+    m_t, m_s = t < T, (s >= 0) & (s < T)
+    b_q = tl.load(q + base + t[:, None] * (H * D) + d[None, :], mask=m_t[:, None], other=0)
+    b_k = tl.load(k + base + s[:, None] * (H * D) + d[None, :], mask=m_s[:, None], other=0)
+    b_v = tl.load(v + base + s[:, None] * (H * D) + d[None, :], mask=m_s[:, None], other=0)
+    pos_t = tl.load(q_pos + i_b * q_pos_stride + t, mask=m_t, other=0)
+    pos_s = tl.load(k_pos + i_b * k_pos_stride + s, mask=m_s, other=0)
+    ok = _allowed(t[:, None], s[None, :], pos_t[:, None], pos_s[None, :], m_t[:, None] & m_s[None, :], W, CHUNKED)
+    # scores in base 2 (times log2(e)): exp2 is the hardware's exponential
+    scores = tl.where(ok, _dot(b_q, tl.trans(b_k), IEEE) * (scale * 1.4426950408889634), float("-inf"))
+    row_max = tl.maximum(tl.max(scores, 1), -1e30)  # rows past T see nothing: keep them finite
+    p = tl.exp2(scores - row_max[:, None])
+    row_sum = tl.maximum(tl.sum(p, 1), 1e-30)
+    out = _dot(p.to(b_v.dtype), b_v, IEEE) / row_sum[:, None]
+    tl.store(o + base + t[:, None] * (H * D) + d[None, :], out.to(o.dtype.element_ty), mask=m_t[:, None])
+    tl.store(lse + i_bh.to(tl.int64) * T + t, row_max + tl.log2(row_sum), mask=m_t)
 
 
 @triton.jit
 def _bwd_dq_kernel(q, k, v, o, do, lse, q_pos, k_pos, dq, delta, T, q_pos_stride, k_pos_stride,
                    scale: tl.constexpr, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, CHUNKED: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    """dq of BLOCKS consecutive query blocks, each from the [64, 128] tile of keys it sees; writes delta =
-    rowsum(o · do), which the dk/dv kernel reads."""
-    i_bh = tl.program_id(1)
+                   IEEE: tl.constexpr, BLOCK: tl.constexpr):
+    """dq of a block of queries from the [64, 128] tile of keys they see; writes delta = rowsum(o · do), which
+    the dk/dv kernel reads."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    t = i_m * BLOCK + tl.arange(0, BLOCK)
+    s = i_m * BLOCK - BLOCK + tl.arange(0, 2 * BLOCK)
     d = tl.arange(0, D)
     base = i_b.to(tl.int64) * T * H * D + i_h * D
-    for i_m in range(tl.program_id(0) * BLOCKS, tl.program_id(0) * BLOCKS + BLOCKS):
-        t = i_m * BLOCK + tl.arange(0, BLOCK)
-        s = i_m * BLOCK - BLOCK + tl.arange(0, 2 * BLOCK)
-        m_t, m_s = t < T, (s >= 0) & (s < T)
-        o_t, o_s = base + t[:, None] * (H * D) + d[None, :], base + s[:, None] * (H * D) + d[None, :]
-        b_q = tl.load(q + o_t, mask=m_t[:, None], other=0)
-        b_do = tl.load(do + o_t, mask=m_t[:, None], other=0)
-        b_delta = tl.sum(tl.load(o + o_t, mask=m_t[:, None], other=0).to(tl.float32) * b_do.to(tl.float32), 1)
-        b_lse = tl.load(lse + i_bh.to(tl.int64) * T + t, mask=m_t, other=0)
-        b_k = tl.load(k + o_s, mask=m_s[:, None], other=0)
-        b_v = tl.load(v + o_s, mask=m_s[:, None], other=0)
-        pos_t = tl.load(q_pos + i_b * q_pos_stride + t, mask=m_t, other=0)
-        pos_s = tl.load(k_pos + i_b * k_pos_stride + s, mask=m_s, other=0)
-        ok = _allowed(t[:, None], s[None, :], pos_t[:, None], pos_s[None, :], m_t[:, None] & m_s[None, :], W,
-                      CHUNKED)
-        scores = _dot(b_q, tl.trans(b_k), IEEE) * (scale * 1.4426950408889634)
-        p = tl.where(ok, tl.exp2(scores - b_lse[:, None]), 0.0)
-        ds = p * (_dot(b_do, tl.trans(b_v), IEEE) - b_delta[:, None])
-        b_dq = _dot(ds.to(b_k.dtype), b_k, IEEE) * scale
-        tl.store(dq + o_t, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None])
-        tl.store(delta + i_bh.to(tl.int64) * T + t, b_delta, mask=m_t)
+    m_t, m_s = t < T, (s >= 0) & (s < T)
+    o_t, o_s = base + t[:, None] * (H * D) + d[None, :], base + s[:, None] * (H * D) + d[None, :]
+    b_q = tl.load(q + o_t, mask=m_t[:, None], other=0)
+    b_do = tl.load(do + o_t, mask=m_t[:, None], other=0)
+    b_delta = tl.sum(tl.load(o + o_t, mask=m_t[:, None], other=0).to(tl.float32) * b_do.to(tl.float32), 1)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T + t, mask=m_t, other=0)
+    b_k = tl.load(k + o_s, mask=m_s[:, None], other=0)
+    b_v = tl.load(v + o_s, mask=m_s[:, None], other=0)
+    pos_t = tl.load(q_pos + i_b * q_pos_stride + t, mask=m_t, other=0)
+    pos_s = tl.load(k_pos + i_b * k_pos_stride + s, mask=m_s, other=0)
+    ok = _allowed(t[:, None], s[None, :], pos_t[:, None], pos_s[None, :], m_t[:, None] & m_s[None, :], W, CHUNKED)
+    scores = _dot(b_q, tl.trans(b_k), IEEE) * (scale * 1.4426950408889634)
+    p = tl.where(ok, tl.exp2(scores - b_lse[:, None]), 0.0)
+    ds = p * (_dot(b_do, tl.trans(b_v), IEEE) - b_delta[:, None])
+    b_dq = _dot(ds.to(b_k.dtype), b_k, IEEE) * scale
+    tl.store(dq + o_t, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None])
+    tl.store(delta + i_bh.to(tl.int64) * T + t, b_delta, mask=m_t)
 
 
 @triton.jit
 def _bwd_dkv_kernel(q, k, v, do, lse, delta, q_pos, k_pos, dk, dv, T, q_pos_stride, k_pos_stride,
                     scale: tl.constexpr, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, CHUNKED: tl.constexpr,
-                    IEEE: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
-    """dk and dv of BLOCKS consecutive key blocks, each from the [64, 128] tile of queries that see it (its
-    own block and the next)."""
-    i_bh = tl.program_id(1)
+                    IEEE: tl.constexpr, BLOCK: tl.constexpr):
+    """dk and dv of a block of keys from the [64, 128] tile of queries that see them (theirs and the next)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    s = i_m * BLOCK + tl.arange(0, BLOCK)
+    t = i_m * BLOCK + tl.arange(0, 2 * BLOCK)
     d = tl.arange(0, D)
     base = i_b.to(tl.int64) * T * H * D + i_h * D
-    for i_m in range(tl.program_id(0) * BLOCKS, tl.program_id(0) * BLOCKS + BLOCKS):
-        s = i_m * BLOCK + tl.arange(0, BLOCK)
-        t = i_m * BLOCK + tl.arange(0, 2 * BLOCK)
-        m_s, m_t = s < T, t < T
-        o_s, o_t = base + s[:, None] * (H * D) + d[None, :], base + t[:, None] * (H * D) + d[None, :]
-        b_k = tl.load(k + o_s, mask=m_s[:, None], other=0)
-        b_v = tl.load(v + o_s, mask=m_s[:, None], other=0)
-        b_q = tl.load(q + o_t, mask=m_t[:, None], other=0)
-        b_do = tl.load(do + o_t, mask=m_t[:, None], other=0)
-        b_lse = tl.load(lse + i_bh.to(tl.int64) * T + t, mask=m_t, other=0)
-        b_delta = tl.load(delta + i_bh.to(tl.int64) * T + t, mask=m_t, other=0)
-        pos_s = tl.load(k_pos + i_b * k_pos_stride + s, mask=m_s, other=0)
-        pos_t = tl.load(q_pos + i_b * q_pos_stride + t, mask=m_t, other=0)
-        # transposed tiles: [keys, queries]
-        ok = _allowed(t[None, :], s[:, None], pos_t[None, :], pos_s[:, None], m_s[:, None] & m_t[None, :], W,
-                      CHUNKED)
-        scores = _dot(b_k, tl.trans(b_q), IEEE) * (scale * 1.4426950408889634)
-        p = tl.where(ok, tl.exp2(scores - b_lse[None, :]), 0.0)
-        b_dv = _dot(p.to(b_do.dtype), b_do, IEEE)
-        ds = p * (_dot(b_v, tl.trans(b_do), IEEE) - b_delta[None, :])
-        b_dk = _dot(ds.to(b_q.dtype), b_q, IEEE) * scale
-        tl.store(dk + o_s, b_dk.to(dk.dtype.element_ty), mask=m_s[:, None])
-        tl.store(dv + o_s, b_dv.to(dv.dtype.element_ty), mask=m_s[:, None])
+    m_s, m_t = s < T, t < T
+    o_s, o_t = base + s[:, None] * (H * D) + d[None, :], base + t[:, None] * (H * D) + d[None, :]
+    b_k = tl.load(k + o_s, mask=m_s[:, None], other=0)
+    b_v = tl.load(v + o_s, mask=m_s[:, None], other=0)
+    b_q = tl.load(q + o_t, mask=m_t[:, None], other=0)
+    b_do = tl.load(do + o_t, mask=m_t[:, None], other=0)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * T + t, mask=m_t, other=0)
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * T + t, mask=m_t, other=0)
+    pos_s = tl.load(k_pos + i_b * k_pos_stride + s, mask=m_s, other=0)
+    pos_t = tl.load(q_pos + i_b * q_pos_stride + t, mask=m_t, other=0)
+    # transposed tiles: [keys, queries]
+    ok = _allowed(t[None, :], s[:, None], pos_t[None, :], pos_s[:, None], m_s[:, None] & m_t[None, :], W, CHUNKED)
+    scores = _dot(b_k, tl.trans(b_q), IEEE) * (scale * 1.4426950408889634)
+    p = tl.where(ok, tl.exp2(scores - b_lse[None, :]), 0.0)
+    b_dv = _dot(p.to(b_do.dtype), b_do, IEEE)
+    ds = p * (_dot(b_v, tl.trans(b_do), IEEE) - b_delta[None, :])
+    b_dk = _dot(ds.to(b_q.dtype), b_q, IEEE) * scale
+    tl.store(dk + o_s, b_dk.to(dk.dtype.element_ty), mask=m_s[:, None])
+    tl.store(dv + o_s, b_dv.to(dv.dtype.element_ty), mask=m_s[:, None])
 
 
 def _launch_sizes(q: torch.Tensor, window: int, chunked: bool, scale: float) -> dict:
     """The kernels' compile-time arguments."""
     H, D = q.shape[2:]
     return dict(scale=scale, H=H, D=D, W=window, CHUNKED=chunked, IEEE=q.dtype == torch.float32, BLOCK=BLOCK)
-
-
-def _launch(name: str, kernel, *args, **sizes) -> None:
-    """One kernel over all blocks of its first argument, q [B, T, H, D], with its LAUNCH settings."""
-    B, T, H, _ = args[0].shape
-    blocks, stages, warps = LAUNCH[name]
-    wrap_triton(kernel)[(triton.cdiv(T, BLOCK * blocks), B * H)](*args, **sizes, BLOCKS=blocks,
-                                                                  num_warps=warps, num_stages=stages)
 
 
 @triton_op(f"lmlab::local_attention_fwd_{_SOURCE_TAG}", mutates_args={})
@@ -172,8 +153,9 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_position
     B, T, H, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    _launch("fwd", _fwd_kernel, q, k, v, q_positions, k_positions, o, lse, T, q_positions.stride(0),
-            k_positions.stride(0), **_launch_sizes(q, window, chunked, scale))
+    wrap_triton(_fwd_kernel)[(triton.cdiv(T, BLOCK), B * H)](
+        q, k, v, q_positions, k_positions, o, lse, T, q_positions.stride(0), k_positions.stride(0),
+        **_launch_sizes(q, window, chunked, scale), num_warps=NUM_WARPS)
     return o, lse
 
 
@@ -184,11 +166,11 @@ def _attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.T
     B, T, H, D = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    sizes = _launch_sizes(q, window, chunked, scale)
-    _launch("dq", _bwd_dq_kernel, q, k, v, o, do, lse, q_positions, k_positions, dq, delta, T,
-            q_positions.stride(0), k_positions.stride(0), **sizes)
-    _launch("dkv", _bwd_dkv_kernel, q, k, v, do, lse, delta, q_positions, k_positions, dk, dv, T,
-            q_positions.stride(0), k_positions.stride(0), **sizes)
+    grid, sizes = (triton.cdiv(T, BLOCK), B * H), _launch_sizes(q, window, chunked, scale)
+    wrap_triton(_bwd_dq_kernel)[grid](q, k, v, o, do, lse, q_positions, k_positions, dq, delta, T,
+                                      q_positions.stride(0), k_positions.stride(0), **sizes, num_warps=NUM_WARPS)
+    wrap_triton(_bwd_dkv_kernel)[grid](q, k, v, do, lse, delta, q_positions, k_positions, dk, dv, T,
+                                       q_positions.stride(0), k_positions.stride(0), **sizes, num_warps=NUM_WARPS)
     return dq, dk, dv
 
 
