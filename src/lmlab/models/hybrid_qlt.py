@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from lmlab.kernels.delta_rule import delta_rule
 from lmlab.kernels.delta_rule_chunk_read import delta_rule_chunk_read
-from lmlab.kernels.gla import gla
 from lmlab.kernels.local_attention import local_attention
+from lmlab.kernels.simple_gla import simple_gla
 from lmlab.models.blocks import (
     HybridConfig,
     LmlabForCausalLM,
@@ -294,8 +294,11 @@ class HybridQLT(nn.Module, UsesKernels):
         over_time = self.linear_attn_normalizer == "time"
         if over_time:  # a column of ones: the same recurrence then also sums φ(k) over time
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        o, h = gla(phi_q, phi_k, v, torch.zeros_like(phi_k), scale=scale, initial_state=h0,
-                   output_final_state=keep, cu_seqlens=cu_seqlens, backend=self.backend)
+        # no decay: simple GLA with log-decay 0 (one per head; GLA's per-channel decays would cost its
+        # heavier intra-chunk kernels for nothing)
+        no_decay = phi_k.new_zeros(phi_k.shape[:3], dtype=torch.float32)
+        o, h = simple_gla(phi_q, phi_k, v, no_decay, scale=scale, initial_state=h0, output_final_state=keep,
+                          cu_seqlens=cu_seqlens, backend=self.backend)
         if over_time:
             o, z = o[..., :-1], o[..., -1:]
         else:
