@@ -178,20 +178,24 @@ def test_batch_rows_are_powers_of_two_and_one_and_a_half_times_them():
                                                                           for n in range(1, 65)]
 
 
-@pytest.mark.parametrize("name", ["small_gdn_hybrid", "tiny_transformer", "tiny_hqlt_sync", "tiny_samba"])
+@pytest.mark.parametrize("name", ["small_gdn_hybrid", *(param.values[0] for param in TINY)])
 def test_state_memory_is_what_a_cache_holds(name, tokenizer):
-    """Recurrent and conv states are a fixed size per row; attention keys and values grow per token, a
-    sliding window's (HQLT's KV-memory, Samba's attention) only until it is full."""
+    """Recurrent, conv and delay states are a fixed size per row; attention keys and values grow per token, a
+    sliding window's (HQLT's KV-memory, Samba's attention) only until it is full; and a cache keeps no more
+    memory alive than its states (no view of a whole prompt's tensors: HQLT's delay line once kept one)."""
     model = tiny_model(name, tokenizer)
     state = scheduling.measure_state_memory(model, budget=1 << 20)
     windows = [kept for _, kept in state.growing if kept is not None]
-    for tokens in (5, 3 * max(windows, default=5)):  # within, and past, every window
+    for tokens in (5, 3 * max(windows, default=5), 40):  # within, and past, every window and Delayed-Streaming's delay
         cache = Cache()
         model.model(input_ids=torch.ones(3, tokens, dtype=torch.long), past_key_values=cache, use_cache=True)
         assert 3 * state.row_bytes(tokens) == cache.nbytes() >= held_bytes(cache)
     assert state.rows(5) == (1 << 20) // state.row_bytes(5)
-    assert state.growing and (state.fixed > 0) == (name != "tiny_transformer")
-    assert bool(windows) == (name in ("tiny_hqlt_sync", "tiny_samba"))
+    config = model.config
+    attention = config.model_type in ("transformer", "hybrid_qlt") or getattr(config, "attn", None) is not None
+    windowed = config.model_type == "hybrid_qlt" or (getattr(config, "attn", None) or {}).get("window_size")
+    assert bool(state.growing) == attention and (state.fixed > 0) == (name != "tiny_transformer")
+    assert bool(windows) == bool(windowed)
 
 
 def held_bytes(cache: Cache) -> int:
