@@ -354,7 +354,9 @@ def torch_family(op: str):
     def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
         o, state = run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
         A = q.new_zeros(*v.shape[:3], chunk_size, dtype=torch.float32 if op == "gla" else k.dtype)
-        return o, state, A
+        # the gate the backward reads: g itself here, where fla's families keep its chunk-local cumulative sum
+        # (a copy: an op's outputs may not alias its inputs)
+        return o, state, A, None if g is None else g.to(torch.float32, copy=True)
 
     def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
         inputs = (q, k, v, g, beta, initial_state)
@@ -433,11 +435,11 @@ def test_dqkwg_replacements_match_fla_kernel_in_triton_interpreter():
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
 
 
-@pytest.mark.slow  # about 25 s: the interpreter runs every Triton program in Python
-def test_fla_simple_gla_kernels_match_torch_chunk_in_triton_interpreter():
-    """fla's simple-GLA Triton kernels (Mamba2's fast path), forward and backward through lmlab's custom op, run
-    by Triton's CPU interpreter against the torch chunk kernel: outputs, final states, every gradient, with mild
-    decays and with Mamba2's strongest."""
+@pytest.mark.slow  # about 20 s: the interpreter runs every Triton program in Python
+def test_fla_gla_kernels_match_torch_chunk_in_triton_interpreter():
+    """fla's simple-GLA Triton kernels (Mamba2's fast path) and GLA kernels (GLA's and HGRN2's), forward and
+    backward through lmlab's custom ops, run by Triton's CPU interpreter against the torch chunk kernels:
+    outputs, final states, every gradient, with mild decays and with Mamba2's strongest."""
     pytest.importorskip("fla")
     errors_by_case = errors_in_triton_interpreter("fla_simple_gla_interpreter.py")
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case

@@ -22,7 +22,6 @@ from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
 from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd
 from fla.ops.utils import chunk_local_cumsum
-from fla.ops.utils.constant import RCP_LN2
 
 from lmlab.kernels.recurrent_common import triton_version
 
@@ -255,20 +254,20 @@ def dqkwg(**kwargs: torch.Tensor | float | int | None) -> tuple[torch.Tensor, to
 
 
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
-    """fla's gated delta rule forward: (o, final state or None, A) (a family of `fla_chunk`)."""
-    _, o, A, final_state, _, _ = chunk_gated_delta_rule_fwd(
+    """fla's gated delta rule forward: (o, final state or None, A, g's chunk-local cumulative sum) (a family of
+    `fla_chunk`)."""
+    g_cumsum, o, A, final_state, _, _ = chunk_gated_delta_rule_fwd(
         q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
         chunk_size=chunk_size)
-    return o, final_state, A
+    return o, final_state, A, g_cumsum
 
 
 def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
     """fla's `chunk_gated_delta_rule_bwd`, step by step, with `dqkwg` (lmlab's kernel where fla's is broken):
-    (dq, dk, dv, dg, dbeta, dh0)."""
+    (dq, dk, dv, dg, dbeta, dh0); g is the forward's chunk-local cumulative sum of the gate."""
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)  # the WY steps read the size from A
     sized = dict(common, chunk_size=chunk_size)
-    g = chunk_local_cumsum(g, scale=RCP_LN2, **sized)  # recomputed: the forward keeps only its input
     w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g, **common)
     h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
                                                output_final_state=False, **sized)
