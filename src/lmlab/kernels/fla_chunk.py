@@ -72,11 +72,10 @@ def _gla_backward(q, k, v, g_cumsum, beta, A, scale, initial_state, do, dht, cu_
 
 # Simple GLA (one log-decay per head): fla's autograd function turns g into its chunk-local cumulative sum in
 # base 2 (the kernels use exp2) and sums the decay gradient back in reverse; both happen here as there.
-# Without g (no decay: plain linear attention) fla's kernels skip the gate, forward and backward.
 def _simple_gla_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices,
                         chunk_size):
-    g_cumsum = None if g is None else chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2,
-                                                         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    g_cumsum = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens,
+                                  chunk_indices=chunk_indices)
     o, final_state = chunk_simple_gla_fwd(
         q=q, k=k, v=v, g=g_cumsum, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
@@ -95,8 +94,7 @@ def _simple_gla_backward(q, k, v, g_cumsum, beta, A, scale, initial_state, do, d
     dq, dk, _, dg = gated_delta_rule_fla.dqkwg(q=q, k=k, v=v, w=None, g=g_cumsum, h=h, dv=None, do=do, dh=dh,
                                                scale=scale, **chunked)
     dv = chunk_bwd_dv(q=q, k=k, g=g_cumsum, do=do, dh=dh, scale=scale, **chunked)
-    dg = None if dg is None else chunk_local_cumsum(dg, reverse=True, **chunked)
-    return dq, dk, dv, dg, None, dh0
+    return dq, dk, dv, chunk_local_cumsum(dg, reverse=True, **chunked), None, dh0
 
 
 def _delta_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):
@@ -286,11 +284,11 @@ def chunk_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tenso
     return chunk("gla", q, k, v, gk, None, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def chunk_simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None = None, *,
+def chunk_simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *,
                      scale: float | None = None, initial_state: torch.Tensor | None = None,
                      output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla's `chunk_simple_gla` (g [B,T,H]: one log-decay per head; None: no decay)."""
+    """fla's `chunk_simple_gla` (g [B,T,H]: one log-decay per head)."""
     return chunk("simple_gla", q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens)
 
 

@@ -249,10 +249,8 @@ def dqkwg_triton(
 
 def dqkwg(**kwargs: torch.Tensor | float | int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                                  torch.Tensor]:
-    """fla's `chunk_bwd_dqkwg` (its keyword arguments), or `dqkwg_triton` where triton miscompiles fla's (with a
-    gate g only: without one it is the delta rule's kernel, which compiles correctly everywhere)."""
-    miscompiled = TRITON_BREAKS_HOPPER_BACKWARD and kwargs.get("g") is not None
-    return (dqkwg_triton if miscompiled else chunk_bwd_dqkwg)(**kwargs)
+    """fla's `chunk_bwd_dqkwg` (its keyword arguments), or `dqkwg_triton` where triton miscompiles fla's."""
+    return (dqkwg_triton if TRITON_BREAKS_HOPPER_BACKWARD else chunk_bwd_dqkwg)(**kwargs)
 
 
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices, chunk_size):

@@ -3,8 +3,6 @@
 For each sequence and head, with a state S ∈ R^{K×V} (S_0 = initial_state or 0) and a log-decay g_t <= 0:
     S_t = exp(g_t) S_{t-1} + k_t v_tᵀ
     o_t = S_tᵀ (scale · q_t),   scale = K^{-1/2} by default
-Without g (None) there is no decay: plain linear attention (HQLT's linear-attention FW-memory), for which
-fla's kernels skip the gate's work.
 Mamba2's scalar-decay SSD (Dao & Gu, arXiv 2405.21060) is this recurrence with q = C, k = B, v = Δ·x,
 g = Δ·A and scale 1 (Mamba keeps the state transposed, [V, K]): `lmlab.models.mamba2`.
 
@@ -39,7 +37,7 @@ def simple_gla_recurrent_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor | None = None,
+    g: torch.Tensor,
     *,
     scale: float | None = None,
     initial_state: State = None,
@@ -55,7 +53,7 @@ def simple_gla_chunk_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor | None = None,
+    g: torch.Tensor,
     *,
     scale: float | None = None,
     initial_state: State = None,
@@ -64,8 +62,7 @@ def simple_gla_chunk_torch(
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, State]:
     """Chunkwise-parallel simple GLA, float32 inside."""
-    gk = k.new_zeros(*k.shape[:3], 1, dtype=torch.float32) if g is None else g[..., None]
-    return gla_chunk_torch(q, k, v, gk, scale=scale, initial_state=initial_state,
+    return gla_chunk_torch(q, k, v, g[..., None], scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
 
 
@@ -73,7 +70,7 @@ def simple_gla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor | None,
+    g: torch.Tensor,
     *,
     scale: float | None = None,
     initial_state: State = None,
@@ -81,10 +78,8 @@ def simple_gla(
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, State]:
-    """Simple GLA on q, k [B,T,H,K], v [B,T,H,V] and per-head log-decays g [B,T,H] (None: no decay); states
-    [N,H,K,V] float32."""
-    gates = {} if g is None else dict(g=g)
-    return dispatch_op(OP, (simple_gla_recurrent_torch, simple_gla_chunk_torch), _fla_kernels, q, k, v, gates,
+    """Simple GLA on q, k [B,T,H,K], v [B,T,H,V] and per-head log-decays g [B,T,H]; states [N,H,K,V] float32."""
+    return dispatch_op(OP, (simple_gla_recurrent_torch, simple_gla_chunk_torch), _fla_kernels, q, k, v, dict(g=g),
                        scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                        cu_seqlens=cu_seqlens, backend=backend)
 

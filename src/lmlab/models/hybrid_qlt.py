@@ -295,8 +295,10 @@ class HybridQLT(nn.Module, UsesKernels):
         over_time = self.linear_attn_normalizer == "time"
         if over_time:  # a column of ones: the same recurrence then also sums φ(k) over time
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        # no decay: simple GLA without a gate (fla's kernels then skip the gate's work, forward and backward)
-        o, h = simple_gla(phi_q, phi_k, v, None, scale=scale, initial_state=h0, output_final_state=keep,
+        # no decay: simple GLA with log-decay 0 (one per head; GLA's per-channel decays would cost its
+        # heavier intra-chunk kernels for nothing)
+        no_decay = phi_k.new_zeros(phi_k.shape[:3], dtype=torch.float32)
+        o, h = simple_gla(phi_q, phi_k, v, no_decay, scale=scale, initial_state=h0, output_final_state=keep,
                           cu_seqlens=cu_seqlens, backend=self.backend)
         if over_time:
             o, z = o[..., :-1], o[..., -1:]
