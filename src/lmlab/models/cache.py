@@ -68,10 +68,7 @@ class Cache:
         self.kept[(layer_idx, name)] = keep
         length = new[0].shape[1]
         start = 0 if keep is None else length - min(keep, length)
-        kept = tuple(x[:, start:] for x in new)
-        if start and not self.in_place:  # a view would keep all `length` steps' memory alive (a whole prompt's)
-            kept = tuple(x.clone() for x in kept)
-        self._store(layer_idx, name, kept)
+        self._store(layer_idx, name, tuple(x[:, start:] for x in new))
         return new
 
     def reserve(self, steps: int) -> None:
@@ -93,7 +90,7 @@ class Cache:
         if self.in_place:
             _copy_into(states.get(name), value, f"layer {layer_idx}'s {name}")
         else:
-            states[name] = value
+            states[name] = _own_memory(value)
 
     def layout(self) -> dict[tuple[int, str], Any]:
         """Every state's shapes and dtypes, by (layer, name): unchanged by a decoding step whose states can
@@ -177,6 +174,17 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, tuple):
         for part in value:
             yield from _tensors(part)
+
+
+def _own_memory(value: Any) -> Any:
+    """A state (a tensor, a tuple of them, or None) holding no more memory than its own: a view of a larger
+    tensor (a sliding window's last keys, Delayed-Streaming's last W steps, sliced from a whole prompt's) is
+    copied, else the cache would keep the whole alive."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.untyped_storage().nbytes() > value.nbytes else value
+    if isinstance(value, tuple):
+        return tuple(_own_memory(part) for part in value)
+    return value
 
 
 def _copy_into(buffer: Any, value: Any, what: str) -> None:

@@ -283,8 +283,7 @@ class HybridQLT(nn.Module, UsesKernels):
         W, T = self.window, tensors[0].shape[1]
         past = past or tuple(x.new_zeros(x.shape[0], W, *x.shape[2:]) for x in tensors)
         joined = [torch.cat([old, x], dim=1) for old, x in zip(past, tensors)]
-        # copies, not views: a view of `joined` would keep a whole prompt's keys and values alive in the cache
-        return zero_padding(positions >= W, *(x[:, :T] for x in joined)), tuple(x[:, -W:].clone() for x in joined)
+        return zero_padding(positions >= W, *(x[:, :T] for x in joined)), tuple(x[:, -W:] for x in joined)
 
     def linear_memory(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       cu_seqlens: torch.Tensor | None, h0: torch.Tensor | None,
