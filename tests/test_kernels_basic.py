@@ -343,6 +343,18 @@ def test_norms_and_swiglu():
                                rtol=1e-2, atol=1e-2)
 
 
+def test_per_head_rms_norm_runs_torch_without_gradients(monkeypatch):
+    """fla's norm for rows of <= 512 channels compiles anew for every 2048 rows: inference (a new row count
+    at nearly every evaluation forward) takes the PyTorch version; training and wide rows keep fla's."""
+    fla_layernorm = pytest.importorskip("fla.modules.layernorm")
+    monkeypatch.setitem(dispatch._health_checks["rms_norm"], "fla", lambda x: None)
+    monkeypatch.setattr(fla_layernorm, "rms_norm", lambda x, w, b, eps: x * 1)
+    for shape, grad, expected in [((4, 128), False, "torch"), ((4, 128), True, "fla"), ((4, 1024), False, "fla")]:
+        x = torch.randn(*shape, requires_grad=grad)
+        rms_norm(x, torch.ones(shape[-1]), 1e-6)
+        assert dispatch.last_choices()["rms_norm"] == expected, (shape, grad)
+
+
 # ---------------------------------------------------------------- linear cross entropy (CPU)
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

@@ -14,7 +14,7 @@ from lmlab.kernels import dispatch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
              backend: str | None = None) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension; returns x's dtype."""
-    if dispatch.choose("rms_norm", x, backend) == "fla":
+    if dispatch.choose("rms_norm", x, backend, unfit=_fla_rms_norm_unfit(x)) == "fla":
         from fla.modules.layernorm import rms_norm as fla_rms_norm
         return fla_rms_norm(x, weight, None, eps=eps)
     return _normalize(x, eps).mul(weight.float()).to(x.dtype)
@@ -42,6 +42,17 @@ def group_gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
     y = x.float() if norm_before_gate else x.float() * gate
     y = _normalize(y.unflatten(-1, (-1, group_size)), eps).flatten(-2) * weight.float()
     return (y * gate if norm_before_gate else y).to(x.dtype)
+
+
+def _fla_rms_norm_unfit(x: torch.Tensor) -> dict[str, str]:
+    # fla's kernel for rows of at most 512 channels (the per-head output norms) takes cdiv(rows, 2048) as a
+    # compile-time constant and autotune key: each new multiple of 2048 rows compiles (and, on a fresh cache,
+    # tunes) it again. A training step's fixed shape pays that once; evaluation's packed forwards and
+    # prompts, a new row count at nearly every call, paid it hundreds of times. Without gradients, the
+    # PyTorch version (a few element-wise kernels, no compilation).
+    if x.shape[-1] <= 512 and not x.requires_grad:
+        return {"fla": "compiled anew for every 2048 rows; inference uses the PyTorch version"}
+    return {}
 
 
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
