@@ -14,6 +14,9 @@ Rows (wall time of the whole command: model load and task building included):
 - `stock`: the same commands on lm-eval's own `HFLM` (`--model hf-stock`) with `--stock-limit` documents per
   task (default 20; 0 skips), and its full-size estimate (seconds x real / limited documents per task group;
   start-up is scaled too, so an upper bound): the stock path takes hours at full size.
+`--compare N`: both paths on the first N documents of each task only, for the comparison of their
+outputs (e.g. `--dtype float32 --compare 5`: issue 22's loglikelihoods within 1e-4 and same generations), in
+place of the full-size timing.
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
 job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
 and request type (from the results JSON).
@@ -172,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fda-only", action="store_true", help="skip the 9-task suite")
+    p.add_argument("--compare", type=int, metavar="N",
+                   help="lmlab's rows on the first N docs per task too (and the stock rows at N): outputs compared, "
+                        "no full-size timing")
     p.add_argument("--parallel", action="store_true",
                    help="FDA also with -p (one job per visible GPU): its wall time, and the same generations")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "eval_results.json")
     args = p.parse_args(argv)
+    if args.compare is not None:
+        if args.compare < 1:
+            p.error("--compare takes a number of documents >= 1")
+        args.stock_limit = args.compare
 
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     write_data(work / "data")
@@ -205,16 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     def fda_argv(batch: int, out: Path, limit: int) -> list[str]:
         return shlex.split(FDA.format(batch=batch, model=model, out=out, limit=limit, device=args.device)) + data
 
+    lmlab_limit = [] if args.compare is None else ["--limit", str(args.compare)]
+    full_size = args.compare is None
     for run, batch in enumerate(args.batch_sizes):
         if not args.fda_only:
             out = work / f"suite_{run}"
-            report({"path": "lmlab", "run": "9-task suite", "batch": batch, "seconds": suite("hf", batch, out, []),
-                    "full_size": True, "seconds_per_task": lmlab_seconds(out)})
+            report({"path": "lmlab", "run": "9-task suite", "batch": batch,
+                    "seconds": suite("hf", batch, out, lmlab_limit), "full_size": full_size,
+                    "seconds_per_task": lmlab_seconds(out)})
         for parallel in (False, True) if args.parallel else (False,):
             out = work / f"fda_{run}{'_p' if parallel else ''}"
-            seconds = timed(fda.main, fda_argv(batch, out, -1) + (["-p"] if parallel else []))
+            seconds = timed(fda.main, fda_argv(batch, out, args.compare or -1) + (["-p"] if parallel else []))
             row = {"path": "lmlab", "run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
-                   "seconds": seconds, "full_size": True, "seconds_per_task": lmlab_seconds(out)}
+                   "seconds": seconds, "full_size": full_size, "seconds_per_task": lmlab_seconds(out)}
             if parallel:
                 single, split = (fda_generations(work / f"fda_{run}{s}") for s in ("", "_p"))
                 row["same_generations_as_single"] = single == split
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         same = {True: " (same generations)", False: " (generations DIFFER)"}.get(r.get("same_generations_as_single"), "")
-        full = (f"{r['seconds']:.0f}" if r["full_size"]
+        full = (f"{r['seconds']:.0f}" if r["full_size"] else "-" if "full_estimate_s" not in r
                 else f"≈ {r['full_estimate_s']:.0f} (from --stock-limit {args.stock_limit})")
         print(f"| {r['path']} | {r['run']}{same} | {r['batch']} | {r['seconds']:.1f} | {full} |")
     for r in rows:

@@ -39,6 +39,28 @@ def test_eval_bench_times_lmlab_at_full_size_and_the_stock_model(tmp_path, capsy
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("FDA (launch_hf.py), lmlab against stock")
 
 
+@pytest.mark.slow
+def test_eval_bench_compare_runs_both_paths_on_the_same_documents(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 4, min(words, 60))
+                                              for t, (split, _, words) in eval_bench.SIZES.items()})
+    out = tmp_path / "eval.json"
+    argv = ["--config", str(REPO / "configs" / "tiny_hybrid.json"), "--compare", "2", "--device", "cpu",
+            "--dtype", "float32", "--out", str(out)]
+    assert eval_bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["full_size"]) for r in rows] == [("lmlab", False)] * 2 + [("stock", False)] * 2
+    suite_diff, fda_diff = rows[2]["lmlab_vs_stock"], rows[3]["lmlab_vs_stock"]
+    assert suite_diff["requests"] > 9 and suite_diff["max_abs_loglikelihood_diff"] < 1e-4
+    assert suite_diff["is_greedy_differ"] == suite_diff["generations_differ"] == 0
+    assert fda_diff["requests"] == 2 and fda_diff["generations_differ"] == 0
+
+
+def test_eval_bench_compare_needs_documents(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        eval_bench.main(["--compare", "0"])
+    assert exit_.value.code == 2 and "--compare takes a number of documents >= 1" in capsys.readouterr().err
+
+
 def test_synthetic_docs_follow_each_task_schema():
     import random
 
