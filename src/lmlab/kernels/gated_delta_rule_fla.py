@@ -263,18 +263,18 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     return o, final_state, A, g_cumsum
 
 
-def backward(q, k, v, g, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
+def backward(q, k, v, g_cumsum, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices, chunk_size):
     """fla's `chunk_gated_delta_rule_bwd`, step by step, with `dqkwg` (lmlab's kernel where fla's is broken):
-    (dq, dk, dv, dg, dbeta, dh0); g is the forward's chunk-local cumulative sum of the gate."""
+    (dq, dk, dv, dg, dbeta, dh0); g_cumsum is the forward's chunk-local cumulative sum of the gate."""
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)  # the WY steps read the size from A
     sized = dict(common, chunk_size=chunk_size)
-    w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g, **common)
-    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=initial_state,
+    w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g_cumsum, **common)
+    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g_cumsum, initial_state=initial_state,
                                                output_final_state=False, **sized)
-    dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, **sized)
-    dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g, h0=initial_state, dht=dht, do=do, dv=dv,
+    dv = chunk_bwd_dv_local(q=q, k=k, g=g_cumsum, do=do, scale=scale, **sized)
+    dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=g_cumsum, h0=initial_state, dht=dht, do=do, dv=dv,
                                                  scale=scale, **sized)
-    dq, dk, dw, dg = dqkwg(q=q, k=k, v=v_new, w=w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale, **sized)
-    dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv, **common)
+    dq, dk, dw, dg = dqkwg(q=q, k=k, v=v_new, w=w, g=g_cumsum, h=h, dv=dv, do=do, dh=dh, scale=scale, **sized)
+    dk2, dv, dbeta, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g_cumsum, A=A, dw=dw, du=dv, **common)
     dg = chunk_local_cumsum(dg + dg2, reverse=True, **sized)
     return dq, dk + dk2, dv, dg, dbeta, dh0
