@@ -191,7 +191,9 @@ def test_chunk_compiles_to_one_graph_for_all_document_layouts():
 def test_fla_backend_matches_torch_chunk_in_triton_interpreter():
     """The fla backend (fla's delta-rule kernels with a zero intra-chunk term) against the PyTorch chunk kernel,
     run by Triton's CPU interpreter (≈ 40 s): outputs and the gradients of q, k, v and β, dense rows with a
-    partial last chunk and packed documents across chunk boundaries."""
+    partial last chunk and packed documents across chunk boundaries; and evaluation's path with positions and
+    states (outputs, S and R): left-padded rows from position 0, continuations beginning inside, at and
+    before a chunk start, short and long."""
     pytest.importorskip("fla")
     errors_by_case = errors_in_triton_interpreter("fla_chunk_read_interpreter.py")
     assert all(max(errs) < 1e-5 for errs in errors_by_case.values()), errors_by_case
@@ -214,3 +216,35 @@ def test_gpu_fla_backend_matches_torch(packed):
         results.append([o] + [t.grad for t in leaves])
     for name, a, b in zip(("o", "dq", "dk", "dv", "dbeta"), *results):
         assert rel_err(a.float(), b.float()) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_fla_grid_matches_torch_with_states():
+    """Evaluation's cached calls at an HQLT 340M layer's size in bf16, fla's grid against the PyTorch kernels:
+    left-padded contexts from zero states, then continuations of 40 and 300 tokens beginning inside chunks
+    (outputs and final states S and R within 1e-2)."""
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    pytest.importorskip("fla")
+    from lmlab.kernels import dispatch
+
+    lengths = torch.tensor([500, 37, 256, 130], device="cuda")
+    x = make_inputs("delta_rule", 4, 500, 8, 128, 128, seed=0, device="cuda", dtype=torch.bfloat16)
+    real = torch.arange(500, device="cuda")[None] >= 500 - lengths[:, None]
+    x = {name: t * real.view(4, 500, *[1] * (t.dim() - 2)) for name, t in x.items()}  # left padding
+    calls = [(x, (real.cumsum(1) - 1).clamp(min=0))]
+    for T, seed in ((40, 1), (300, 2)):  # continuations from where the previous call ended
+        start = calls[-1][1][:, -1:] + 1
+        calls.append((make_inputs("delta_rule", 4, T, 8, 128, 128, seed=seed, device="cuda", dtype=torch.bfloat16),
+                      start + torch.arange(T, device="cuda")))
+    states = {}
+    for backend in ("fla", "torch"):
+        S = R = None
+        with torch.no_grad():
+            for inputs, positions in calls:
+                o, S, R = delta_rule_chunk_read(*inputs.values(), positions, chunk_size=64, initial_state=S,
+                                                initial_read_state=R, output_final_state=True, backend=backend)
+                assert dispatch.last_choices()["delta_rule_chunk_read"] == backend
+                states.setdefault(backend, []).append((o, S, R))
+    for step, (got, ref) in enumerate(zip(states["fla"], states["torch"])):
+        for name, a, b in zip(("o", "S", "R"), got, ref):
+            assert rel_err(a.float(), b.float()) < 1e-2, (step, name)

@@ -15,10 +15,14 @@ As pos(t) mod W < C, b(t) lies in t's grid chunk n or in chunk n − 1, so all r
 product: the queries of chunk n against the keys and U of chunks n − 1 and n (2C columns, masked to i in
 b(t)'s chunk, i < b(t), same document), plus q_tᵀ times the start state of chunk n or n − 1, picked per token.
 
-Backends: the two PyTorch kernels, and on CUDA fla's delta-rule kernels with a zero intra-chunk term
-(`fla_chunk.chunk_delta_rule_chunk_read`) where fla's grid is the chunk grid: W = 64 (fla's chunk size) and
-positions counting from each row's or packed document's start (`positions=None`), no initial or final
-states (training and full-sequence scoring).
+Backends: the two PyTorch kernels, and on CUDA fla's delta-rule kernels with a zero intra-chunk term where
+W = 64 (fla's chunk size):
+- `positions=None` and no states (training and full-sequence scoring): fla's grid is the chunk grid, with
+  autograd (`fla_chunk.chunk_delta_rule_chunk_read`);
+- otherwise (evaluation's cached calls: left-padded contexts and prompts, continuations from a decoding
+  state), dense rows without gradients of more than one token: each row is laid on fla's grid so that a
+  column's position modulo 64 is its token's (`delta_rule_chunk_read_fla_grid`). Single decoding steps keep
+  the step-by-step kernel.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from lmlab.kernels.recurrent_common import (
     document_starts,
     first_state,
     from_chunks,
+    needs_grad,
     to_chunks,
     use_recurrent,
 )
@@ -71,13 +76,17 @@ def delta_rule_chunk_read(
     rows = q.shape[:2]
     if cu_seqlens is not None:  # one packed stream [1, B*T]
         q, k, v, beta = (x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v, beta))
-    fla_grid = (positions is None and chunk_size == FLA_CHUNK_SIZE and initial_state is None
-                and initial_read_state is None and not output_final_state)
-    if fla_grid and dispatch.choose(OP, q, backend) == "fla":
-        from lmlab.kernels.fla_chunk import chunk_delta_rule_chunk_read
+    aligned = positions is None and initial_state is None and initial_read_state is None and not output_final_state
+    unfit = _fla_unfit_reason(q, k, v, beta, initial_state, initial_read_state, chunk_size, aligned, cu_seqlens)
+    if dispatch.choose(OP, q, backend, unfit={} if unfit is None else {"fla": unfit}) == "fla":
+        if aligned:
+            from lmlab.kernels.fla_chunk import chunk_delta_rule_chunk_read
 
-        o, _ = chunk_delta_rule_chunk_read(q, k, v, beta, scale=scale, cu_seqlens=cu_seqlens)
-        return o.reshape(*rows, *o.shape[2:]), None, None
+            o, _ = chunk_delta_rule_chunk_read(q, k, v, beta, scale=scale, cu_seqlens=cu_seqlens)
+            return o.reshape(*rows, *o.shape[2:]), None, None
+        return delta_rule_chunk_read_fla_grid(q, k, v, beta, positions, scale=scale, initial_state=initial_state,
+                                              initial_read_state=initial_read_state,
+                                              output_final_state=output_final_state)
     if positions is None:  # each row, or packed document, from position 0
         flat = torch.arange(rows[0] * rows[1], device=q.device)
         positions = (flat % rows[1] if cu_seqlens is None else document_positions(cu_seqlens, flat)[1]).view(rows)
@@ -88,6 +97,65 @@ def delta_rule_chunk_read(
                      initial_read_state=initial_read_state, output_final_state=output_final_state,
                      cu_seqlens=cu_seqlens)
     return o.reshape(*rows, *o.shape[2:]), S, R
+
+
+def _fla_unfit_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, initial_state: State,
+                      initial_read_state: State, chunk_size: int, aligned: bool,
+                      cu_seqlens: torch.Tensor | None) -> str | None:
+    """Why fla's kernels do not cover this call, or None."""
+    if chunk_size != FLA_CHUNK_SIZE:
+        return f"chunks of {chunk_size} tokens (fla's are {FLA_CHUNK_SIZE})"
+    if aligned:
+        return None
+    if cu_seqlens is not None:
+        return "packed documents with positions"
+    if needs_grad(q, k, v, beta, initial_state, initial_read_state):
+        return "gradients with positions or states"
+    if q.shape[1] == 1:
+        return "a single decoding step (the step-by-step kernel's)"
+    return None
+
+
+def delta_rule_chunk_read_fla_grid(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    positions: torch.Tensor | None,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    initial_read_state: State = None,
+    output_final_state: bool = False,
+) -> Result:
+    """The chunk-read delta rule (W = 64) on fla's kernels for dense rows with positions and states, without
+    autograd. Positions rise by at most one a token (padding repeats a neighbour's); padding carries zero
+    q, k, v and β, as the models give it.
+
+    Row r is laid on a grid of T + 63 columns, token t at column positions[t] − positions[0] + positions[0]
+    mod 64, so that fla's chunks of 64 columns are the chunks of positions; padding shares a real token's
+    column and adds zeros to it. Tokens of the chunk the call begins in read `initial_read_state` when the
+    call begins inside it (an earlier call began that chunk), which is the grid's first read; every later
+    chunk reads the state at its start, as fla computes it."""
+    from lmlab.kernels.fla_chunk import chunk_read_reads
+
+    (B, T, H, K), C = q.shape, FLA_CHUNK_SIZE
+    positions = (torch.arange(T, device=q.device)[None] if positions is None else positions).expand(B, T)
+    first = positions[:, :1]
+    column = positions - first + first % C  # [B, T]
+    grid = [x.new_zeros(B, T + C - 1, *x.shape[2:]).scatter_add_(1, column.view(B, T, *[1] * (x.dim() - 2))
+                                                                  .expand_as(x), x) for x in (q, k, v, beta)]
+    first_read = initial_read_state
+    if first_read is not None:  # a call beginning at a chunk start reads the initial state there
+        first_read = torch.where((first % C != 0).view(B, 1, 1, 1), first_read,
+                                 0 if initial_state is None else initial_state)
+    o, S, reads = chunk_read_reads(*grid, scale=K ** -0.5 if scale is None else scale, initial_state=initial_state,
+                                   first_read_state=first_read, output_final_state=output_final_state)
+    # a padding token shares its column's output: zero it (with no intra-chunk term o_t is linear in q_t, so a
+    # token whose q is zero reads zero)
+    o = o.gather(1, column.view(B, T, 1, 1).expand(B, T, *o.shape[2:])) * (q != 0).any(-1, keepdim=True)
+    R = reads[torch.arange(B, device=q.device), column[:, -1] // C].float() if output_final_state else None
+    return o.to(v.dtype), S, R
 
 
 def delta_rule_chunk_read_recurrent_torch(

@@ -119,12 +119,19 @@ def _delta_backward(q, k, v, g_cumsum, beta, A, scale, initial_state, do, dht, c
 def _chunk_read_forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_indices,
                         chunk_size):
     chunked = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    h, final_state, A = _chunk_start_states(k, v, beta, initial_state, output_final_state, chunked)
+    o = chunk_fwd_o(q=q, k=k, v=torch.zeros_like(v), h=h, scale=scale, **chunked)
+    return o, final_state, A, None
+
+
+def _chunk_start_states(k, v, beta, initial_state, output_final_state, chunked):
+    """The delta rule's state at every chunk start h [B, NT, H, K, V] (k's dtype), its final state and the WY
+    matrix A."""
     w, u, A = prepare_wy_repr_fwd(k=k, v=v, beta=beta, **chunked)
     h, _, final_state = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, initial_state=initial_state,
                                                      output_final_state=output_final_state, save_new_value=False,
                                                      **chunked)
-    o = chunk_fwd_o(q=q, k=k, v=torch.zeros_like(v), h=h, scale=scale, **chunked)
-    return o, final_state, A, None
+    return h, final_state, A
 
 
 def _chunk_read_backward(q, k, v, g_cumsum, beta, A, scale, initial_state, do, dht, cu_seqlens, chunk_indices,
@@ -317,6 +324,23 @@ def chunk_delta_rule_chunk_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     o_t = S_{b(t)}ᵀ (scale · q_t) with b(t) t's chunk start (`delta_rule_chunk_read`'s semantics)."""
     return chunk("delta_rule_chunk_read", q, k, v, None, beta, scale, initial_state, output_final_state,
                  cu_seqlens)
+
+
+@torch.no_grad()
+@input_guard
+def chunk_read_reads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, *, scale: float,
+                     initial_state: torch.Tensor | None, first_read_state: torch.Tensor | None,
+                     output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The chunk-read delta rule on dense rows for inference (no autograd), where the rows' first chunk reads
+    `first_read_state` (None: the initial state) instead of the state at its start: (o, final state or None,
+    the state each chunk read [B, NT, H, K, V] in k's dtype). A call that continues a chunk begun by an
+    earlier call reads that chunk's start state, which is not this call's initial state."""
+    chunked = dict(cu_seqlens=None, chunk_indices=None, chunk_size=64)
+    reads, final_state, _ = _chunk_start_states(k, v, beta, initial_state, output_final_state, chunked)
+    if first_read_state is not None:
+        reads[:, 0] = first_read_state
+    o = chunk_fwd_o(q=q, k=k, v=torch.zeros_like(v), h=reads, scale=scale, **chunked)
+    return o, final_state, reads
 
 
 # GSA (gated slot attention, `gsa.py`): two passes over M slots with a softmax between. Its own pair of ops,
