@@ -331,29 +331,41 @@ def test_flops_count_both_memories():
 
 @pytest.mark.gpu
 def test_gpu_delayed_chunk_cached_calls_run_fla_and_match_torch():
-    """Delayed-Chunk 340M in bf16 on CUDA: a left-padded prompt, then pieces of 40, 1 and 100 tokens through
-    the cache, as evaluation runs them. The chunk-read runs fla's kernels for every piece but the single
-    step, and the logits stay within 1e-2 of the PyTorch kernels' (relative)."""
+    """Delayed-Chunk 340M on CUDA: a left-padded prompt, then pieces of 40, 1 and 100 tokens through the cache,
+    as evaluation runs them. The chunk-read runs fla's kernels for every piece but the single step. Against
+    the PyTorch kernels in float32, bf16 auto's logits stay within 1e-2 or twice bf16 torch's own error
+    (relative), whichever is larger: bf16 alone moves this random model's logits by ≈ 1.4% (CPU), and auto
+    against bf16 torch measured 1.3% (H100)."""
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     from lmlab.kernels import dispatch
 
     config = AutoConfig.from_pretrained(ROOT / "configs/delayed-chunk_hqlt_ch64_dynamic-vector-mixing_noconv_340M.json")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).cuda().to(torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(config).cuda().eval()
     ids = torch.randint(3, config.vocab_size, (2, 341), device="cuda")
     mask = torch.ones(2, 341, dtype=torch.long, device="cuda")
     mask[1, :77] = 0
-    logits, choices = {}, set()
-    for backend in ("auto", "torch"):
+    choices = set()
+
+    def run(backend: str) -> torch.Tensor:
         model.set_kernel_backend(backend)
         cache, pieces, start = Cache(), [], 0
         with torch.no_grad():
             for size in (200, 40, 1, 100):
                 pieces.append(model(ids[:, start:start + size], attention_mask=mask[:, :start + size],
                                     past_key_values=cache).logits.float())
-                if backend == "auto":
-                    choices.add((size, dispatch.last_choices()["delta_rule_chunk_read"]))
+                choices.add((size, dispatch.last_choices()["delta_rule_chunk_read"]))
                 start += size
-        logits[backend] = torch.cat(pieces, 1)[mask.bool()]
+        return torch.cat(pieces, 1)[mask.bool()]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    reference = run("torch")
+    model.to(torch.bfloat16)
+    torch_bf16 = run("torch")
+    choices.clear()
+    auto = run("auto")
     assert choices == {(200, "fla"), (40, "fla"), (1, "torch"), (100, "fla")}
-    assert ((logits["auto"] - logits["torch"]).norm() / logits["torch"].norm()).item() < 1e-2
+    assert rel(auto, reference) < max(1e-2, 2 * rel(torch_bf16, reference)), (rel(auto, reference),
+                                                                             rel(torch_bf16, reference))
