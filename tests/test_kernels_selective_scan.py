@@ -52,6 +52,23 @@ def assert_close_all(got, ref, tol):
     assert max(errs.values()) < tol, errs
 
 
+@pytest.mark.parametrize("backend, T, grad, expected", [
+    ("triton", 1, False, "recurrent"), ("triton", 5, False, "triton"), ("triton", 100, False, "triton"),
+    ("triton", 1, True, "triton"), ("torch", 5, False, "recurrent"), ("torch", 100, False, "chunk")])
+def test_dispatch_picks_the_kernel(monkeypatch, backend, T, grad, expected):
+    """Which kernel a call runs: on Triton every call but a single decoding step (a few-token continuation
+    from a state must not run the step-by-step Python loop); elsewhere the step-by-step twin for short calls
+    without gradients."""
+    ran = []
+    for name in ("recurrent", "triton", "chunk"):
+        attr = f"selective_scan_{name}" + ("" if name == "triton" else "_torch")
+        monkeypatch.setattr(scan, attr, lambda *a, name=name, **k: ran.append(name) or (a[0], None))
+    monkeypatch.setattr(scan.dispatch, "choose", lambda op, x, requested=None: backend)
+    x = {name: t.requires_grad_(grad) for name, t in make_inputs(2, T, 4, 3).items()}
+    scan.selective_scan(*positional(x), initial_state=torch.zeros(2, 4, 3))
+    assert ran == [expected]
+
+
 @pytest.mark.parametrize("T,with_h0", [(1, False), (45, True)])
 def test_chunk_matches_recurrent(T, with_h0):
     x = make_inputs(2, T, 6, 4)

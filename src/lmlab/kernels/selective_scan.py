@@ -12,7 +12,7 @@ state, [B, T, D, N] each, for backward (340M at 8 x 2048 tokens: 2.1 GB per tens
 on an 80 GB card).
 
 Implementations: `selective_scan_recurrent_torch` (the specification, step by step; also decoding's path),
-`selective_scan_triton` (CUDA's path for training and prompts: `selective_scan_triton.py`) and
+`selective_scan_triton` (CUDA's path for every call of more than one token: `selective_scan_triton.py`) and
 `selective_scan_chunk_torch`: the sequence in chunks, each a log-depth (Hillis-Steele) scan in which
 only ever-smaller decays are multiplied (never exp of a positive number: stable for any Δ), the state
 carried from chunk to chunk. Each chunk runs under activation checkpointing, so backward keeps only the
@@ -64,7 +64,10 @@ def selective_scan(
     if cu_seqlens is not None:
         u, delta, B, C = (x.flatten(0, 1)[None] for x in (u, delta, B, C))
     name = dispatch.choose(OP, u, backend)
-    if use_recurrent(u, delta, A, B, C, initial_state):  # decoding, short prompts: the step-by-step twin
+    # Decoding steps and short prompts without gradients run the step-by-step twin, except that on Triton only
+    # single steps do: a few-token call from a state (evaluation's continuations of a shared context) would
+    # cost a Python loop of T steps a layer there.
+    if use_recurrent(u, delta, A, B, C, initial_state) and (name != "triton" or u.shape[1] == 1):
         kernel = selective_scan_recurrent_torch
     elif name == "triton":
         kernel = selective_scan_triton
