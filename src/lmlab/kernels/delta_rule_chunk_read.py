@@ -77,8 +77,8 @@ def delta_rule_chunk_read(
     if cu_seqlens is not None:  # one packed stream [1, B*T]
         q, k, v, beta = (x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v, beta))
     aligned = positions is None and initial_state is None and initial_read_state is None and not output_final_state
-    unfit = _fla_unfit_reason(q, k, v, beta, initial_state, initial_read_state, chunk_size, aligned, cu_seqlens)
-    if dispatch.choose(OP, q, backend, unfit={} if unfit is None else {"fla": unfit}) == "fla":
+    unfit = _fla_unfit(q, k, v, beta, initial_state, initial_read_state, chunk_size, aligned, cu_seqlens)
+    if dispatch.choose(OP, q, backend, unfit=unfit) == "fla":
         if aligned:
             from lmlab.kernels.fla_chunk import chunk_delta_rule_chunk_read
 
@@ -99,21 +99,21 @@ def delta_rule_chunk_read(
     return o.reshape(*rows, *o.shape[2:]), S, R
 
 
-def _fla_unfit_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, initial_state: State,
-                      initial_read_state: State, chunk_size: int, aligned: bool,
-                      cu_seqlens: torch.Tensor | None) -> str | None:
-    """Why fla's kernels do not cover this call, or None."""
+def _fla_unfit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, initial_state: State,
+               initial_read_state: State, chunk_size: int, aligned: bool,
+               cu_seqlens: torch.Tensor | None) -> dict[str, str]:
+    """`dispatch.choose`'s `unfit`: why fla's kernels do not cover this call, if they do not."""
     if chunk_size != FLA_CHUNK_SIZE:
-        return f"chunks of {chunk_size} tokens (fla's are {FLA_CHUNK_SIZE})"
+        return {"fla": f"chunks of {chunk_size} tokens (fla's are {FLA_CHUNK_SIZE})"}
     if aligned:
-        return None
+        return {}
     if cu_seqlens is not None:
-        return "packed documents with positions"
+        return {"fla": "packed documents with positions"}
     if needs_grad(q, k, v, beta, initial_state, initial_read_state):
-        return "gradients with positions or states"
+        return {"fla": "gradients with positions or states"}
     if q.shape[1] == 1:
-        return "a single decoding step (the step-by-step kernel's)"
-    return None
+        return {"fla": "a single decoding step (the step-by-step kernel's)"}
+    return {}
 
 
 def delta_rule_chunk_read_fla_grid(

@@ -335,7 +335,7 @@ def chunk_read_reads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     `first_read_state` (None: the initial state) instead of the state at its start: (o, final state or None,
     the state each chunk read [B, NT, H, K, V] in k's dtype). A call that continues a chunk begun by an
     earlier call reads that chunk's start state, which is not this call's initial state."""
-    chunked = dict(cu_seqlens=None, chunk_indices=None, chunk_size=64)
+    chunked = dict(cu_seqlens=None, chunk_indices=None, chunk_size=chunk_size_for("delta_rule_chunk_read", q.shape[1]))
     reads, final_state, _ = _chunk_start_states(k, v, beta, initial_state, output_final_state, chunked)
     if first_read_state is not None:
         reads[:, 0] = first_read_state
