@@ -24,6 +24,7 @@ and request type (from the results JSON).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shlex
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -133,28 +134,62 @@ def lmlab_seconds(out: Path) -> dict[str, float]:
     return json.loads(results.read_text())["config"].get("lmlab_scheduling", {}).get("seconds", {})
 
 
-def samples(out: Path) -> dict[tuple[str, int], list]:
-    """(task, doc_id) -> lm-eval's responses, from a run's samples files."""
+def samples(out: Path) -> dict[tuple[str, int], dict]:
+    """(task, doc_id) -> lm-eval's sample (its responses and arguments), from a run's samples files."""
     found = {}
     for path in out.rglob("samples_*.jsonl"):
         task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
         for sample in map(json.loads, path.open()):
-            found[task, sample["doc_id"]] = sample["resps"]
+            found[task, sample["doc_id"]] = sample
     return found
 
 
-def differences(stock: Path, ours: Path) -> dict:
+class Divergence:
+    """Where two greedy generations of one prompt part, and the logit margin there: the model's logit of one
+    path's token minus the other's, from one forward at batch 1 of the prompt and the common tokens. A margin
+    at the dtype's rounding level is a near-tie that any change of kernel or padding may flip (random weights
+    make them common); a large one would be a scheduling bug."""
+
+    def __init__(self, model: Path, device: str, dtype: str):
+        self.path, self.device, self.dtype = model, device, getattr(torch, dtype)
+
+    @functools.cached_property
+    def model(self) -> torch.nn.Module:  # loaded at the first difference only
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(self.device).eval()
+
+    @functools.cached_property
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(self.path)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, ours: str, theirs: str, bos: bool) -> dict:
+        encode = self.tokenizer.encode
+        a, b = encode(ours, add_special_tokens=False), encode(theirs, add_special_tokens=False)
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if k == min(len(a), len(b)):  # one is the other cut short (a stop string, or EOS): no token to compare
+            return {"token": k, "margin": None}
+        ids = torch.tensor([encode(prompt, add_special_tokens=bos) + a[:k]], device=self.model.device)
+        logits = self.model(ids).logits[0, -1].float()
+        return {"token": k, "margin": float(logits[a[k]] - logits[b[k]])}
+
+
+def differences(stock: Path, ours: Path, divergence: Divergence | None = None) -> dict:
     """lmlab's responses against the stock model's on the documents both ran: the largest loglikelihood
-    difference (wikitext's rolling sums, of tens of thousands: the largest relative one), and how many
-    is_greedy flags and generations differ."""
-    stock_resps, our_resps = samples(stock), samples(ours)
+    difference (wikitext's rolling sums, of tens of thousands: the largest relative one), how many is_greedy
+    flags and generations differ, and, given `divergence`, where each differing generation parts and by what
+    logit margin."""
+    stock_samples, our_samples = samples(stock), samples(ours)
     counts = {"requests": 0, "max_abs_loglikelihood_diff": 0.0, "max_rel_rolling_diff": 0.0, "is_greedy_differ": 0,
               "generations_differ": 0}
-    for (task, doc), theirs in stock_resps.items():
-        for (a,), (b,) in zip(theirs, our_resps[task, doc]):  # one response per request
+    diverged = []
+    for (task, doc), sample in stock_samples.items():
+        for (a,), (b,) in zip(sample["resps"], our_samples[task, doc]["resps"]):  # one response per request
             counts["requests"] += 1
             if task in GENERATION_TASKS:
                 counts["generations_differ"] += a != b
+                if a != b and divergence is not None:  # FDA's prompts have no BOS (launch_hf.py's add_bos_token)
+                    prompt = sample["arguments"]["gen_args_0"]["arg_0"]
+                    diverged.append({"task": task, "doc": doc, **divergence(prompt, b, a, bos=task != "based_fda")})
             elif task == "wikitext":  # the rolling loglikelihood of a whole document
                 diff = abs(float(a) - float(b)) / max(abs(float(a)), 1.0)
                 counts["max_rel_rolling_diff"] = max(counts["max_rel_rolling_diff"], diff)
@@ -162,6 +197,8 @@ def differences(stock: Path, ours: Path) -> dict:
                 counts["is_greedy_differ"] += str(a[1]) != str(b[1])
                 counts["max_abs_loglikelihood_diff"] = max(counts["max_abs_loglikelihood_diff"],
                                                            abs(float(a[0]) - float(b[0])))
+    if diverged:
+        counts["diverged"] = diverged
     return counts
 
 
@@ -234,18 +271,19 @@ def main(argv: list[str] | None = None) -> int:
             report(row)
     if args.stock_limit > 0:
         limit = ["--limit", str(args.stock_limit)]
+        divergence = Divergence(model, args.device, args.dtype) if args.compare is not None else None
         if not args.fda_only:
             seconds = suite("hf-stock", 1, work / "stock_suite", limit)
             report({"path": "stock", "run": "9-task suite", "batch": 1, "seconds": seconds, "full_size": False,
                     "full_estimate_s": seconds * suite_scale,
-                    "lmlab_vs_stock": differences(work / "stock_suite", work / "suite_0")})
+                    "lmlab_vs_stock": differences(work / "stock_suite", work / "suite_0", divergence)})
         # launch_hf.py's lm-eval arguments, on the stock model
         hargs = fda.harness_args(fda.parse_args(fda_argv(1, work / "stock_fda", args.stock_limit)), str(model))
         hargs[hargs.index("hf")] = "hf-stock"
         seconds = timed(harness.main, hargs)
         report({"path": "stock", "run": "FDA (launch_hf.py)", "batch": 1, "seconds": seconds, "full_size": False,
                 "full_estimate_s": seconds * fda_scale,
-                "lmlab_vs_stock": differences(work / "stock_fda", work / "fda_0")})
+                "lmlab_vs_stock": differences(work / "stock_fda", work / "fda_0", divergence)})
 
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data of the real sizes) on {device}")
     print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")

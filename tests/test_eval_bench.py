@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -53,6 +54,24 @@ def test_eval_bench_compare_runs_both_paths_on_the_same_documents(tmp_path, monk
     assert suite_diff["requests"] > 9 and suite_diff["max_abs_loglikelihood_diff"] < 1e-4
     assert suite_diff["is_greedy_differ"] == suite_diff["generations_differ"] == 0
     assert fda_diff["requests"] == 2 and fda_diff["generations_differ"] == 0
+
+
+def test_divergence_finds_where_generations_part_and_the_logit_margin_there(tmp_path):
+    model = eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path / "model")
+    divergence = eval_bench.Divergence(model, "cpu", "float32")
+    prompt = "def add(a, b):\n    return"
+    ids = divergence.tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.no_grad():
+        logits = divergence.model(torch.tensor([ids])).logits[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    common = divergence.tokenizer.decode([first])
+    ours, theirs = common + divergence.tokenizer.decode([first]), common + divergence.tokenizer.decode([second])
+    assert divergence.tokenizer.encode(ours, add_special_tokens=False)[:1] == [first]  # decode/encode round trip
+    part = divergence(prompt, ours, theirs, bos=False)
+    with torch.no_grad():
+        step = divergence.model(torch.tensor([ids + [first]])).logits[0, -1]
+    assert part["token"] == 1 and part["margin"] == pytest.approx(float(step[first] - step[second]), abs=1e-5)
+    assert divergence(prompt, ours, ours[: len(common)], bos=False) == {"token": 1, "margin": None}
 
 
 def test_eval_bench_compare_needs_documents(capsys):
