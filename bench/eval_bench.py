@@ -16,7 +16,8 @@ Rows (wall time of the whole command: model load and task building included):
   start-up is scaled too, so an upper bound): the stock path takes hours at full size.
 `--compare N`: both paths on the first N documents of each task only, for the comparison of their
 outputs (e.g. `--dtype float32 --compare 5`: issue 22's loglikelihoods within 1e-4 and same generations), in
-place of the full-size timing.
+place of the full-size timing; each differing generation is reported with the token where the two part and
+the logit margin there (`Divergence`).
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
 job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
 and request type (from the results JSON).
