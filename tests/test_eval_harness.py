@@ -219,6 +219,44 @@ def test_batch_4_equals_batch_1(work, model):
             compare(a["resps"], b["resps"], f"{task}[{a['doc_id']}]")
 
 
+# lm-eval takes its data-parallel path (requests split by rank, results gathered on rank 0) only when it counts
+# more than one GPU; two CPU ranks (gloo) take it when told there are two.
+TWO_RANKS = """import sys
+import torch
+torch.cuda.device_count = lambda: 2
+from lmlab.eval import harness
+sys.exit(harness.main(sys.argv[1:]))
+"""
+
+
+def test_data_parallel_ranks_give_the_one_process_results(work, tmp_path):
+    """The form `launch_hf.py -p` runs on N GPUs (torch.distributed.run over lmlab.eval.harness), with two CPU
+    ranks: each rank schedules its share of the requests, and the gathered results equal one process's."""
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
+    args = ["--model", "hf", "--model_args", f"pretrained={work['hybrid']},dtype=float32", "--tasks",
+            "wikitext,lambada_openai,piqa,hellaswag,squad_completion", "--batch_size", "1", "--device", "cpu",
+            "--data_dir", work["data"], "--log_samples", "--output_path"]
+    assert harness.main([*args, str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           str(tmp_path / "two_ranks.py"), *args, str(tmp_path / "two")], cwd=tmp_path,
+                          env={**CLEAN_ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Building contexts for piqa on rank 1" in proc.stderr
+    (one, one_samples), (two, two_samples) = (results_and_samples(tmp_path / run) for run in ("one", "two"))
+    for task, values in one["results"].items():
+        for metric, value in values.items():
+            if isinstance(value, float) and "stderr" not in metric:  # stderrs are bootstrapped: not comparable
+                assert two["results"][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+    for task, samples in one_samples.items():
+        two_by_doc = {s["doc_id"]: s for s in two_samples[task]}
+        assert len(two_by_doc) == len(samples), task
+        for sample in samples:
+            # a rank with fewer requests runs copies of its last one (lm-eval's padding): extra responses
+            ours = [resps[:1] for resps in two_by_doc[sample["doc_id"]]["resps"]]
+            compare(sample["resps"], ours, f"{task}[{sample['doc_id']}]")
+
+
 def test_missing_data_is_one_line_naming_task_and_file_at_once_offline(work, capsys, monkeypatch, tmp_path):
     """Offline (the tests' HF_HUB_OFFLINE), a task with neither local nor cached data stops before lm-eval
     indexes its tasks (~20 s): one line naming the task and the local file to put."""
