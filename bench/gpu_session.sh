@@ -112,9 +112,11 @@ stage_experiment() {  # EXPERIMENT="script.py [args]" from bench/experiments/; i
 }
 
 stage_eval() {  # evaluation wall times (random 340M weights, synthetic data of the real sizes): lmlab vs stock
-  # CONFIG may name several configs (one after another, EVAL_TIMEOUT each): one call then covers several families
+  # CONFIG may name several configs (one after another, EVAL_TIMEOUT each): one call then covers several families;
+  # names in configs/ or JSON paths, as train_bench.py's --configs
   local config name
   for config in $CONFIG; do
+    [[ "$config" == *.json ]] || config=configs/$config.json
     name=$(basename "$config" .json)
     echo "gpu_session: eval $name"
     timeout "${EVAL_TIMEOUT:-540}" "$PY" bench/eval_bench.py --config "$config" \
