@@ -257,6 +257,21 @@ def test_data_parallel_ranks_give_the_one_process_results(work, tmp_path):
             compare(sample["resps"], ours, f"{task}[{sample['doc_id']}]")
 
 
+def test_launch_hf_parallel_runs_one_rank_per_gpu(monkeypatch):
+    """`-p` with two GPUs runs the form the test above runs on CPU ranks."""
+    from lmlab.eval import fda
+
+    launched = []
+    monkeypatch.setattr(fda.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(fda.subprocess, "run", lambda command, env: launched.append((command, env))
+                        or subprocess.CompletedProcess(command, 3))
+    assert fda.main([*paper_args(PAPER_FDA, "exp/m"), "--device", "cuda"]) == 3  # the ranks' exit code
+    [(command, env)] = launched
+    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
+    assert command[5:7] == ["lmlab.eval.harness", "--model"]
+    assert env["OMP_NUM_THREADS"] == "1"
+
+
 def test_missing_data_is_one_line_naming_task_and_file_at_once_offline(work, capsys, monkeypatch, tmp_path):
     """Offline (the tests' HF_HUB_OFFLINE), a task with neither local nor cached data stops before lm-eval
     indexes its tasks (~20 s): one line naming the task and the local file to put."""
