@@ -16,8 +16,9 @@ Rows (wall time of the whole command: model load and task building included):
   start-up is scaled too, so an upper bound): the stock path takes hours at full size.
 `--compare N`: both paths on the first N documents of each task only, for the comparison of their
 outputs (e.g. `--dtype float32 --compare 5`: issue 22's loglikelihoods within 1e-4 and same generations), in
-place of the full-size timing; each differing generation is reported with the token where the two part and
-the logit margin there (`Divergence`).
+place of the full-size timing; log-likelihood differences are also given in spacings of the dtype, and each
+differing generation is reported with the path that leaves a float32 reference generation, where, and the
+logit margin there (`Divergence`).
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
 job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
 and request type (from the results JSON).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import random
 import shlex
 import sys
@@ -145,43 +147,72 @@ def samples(out: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
-class Divergence:
-    """Where two greedy generations of one prompt part, and the logit margin there: the model's logit of one
-    path's token minus the other's, from one forward at batch 1 of the prompt and the common tokens. A margin
-    at the dtype's rounding level is a near-tie that any change of kernel or padding may flip (random weights
-    make them common); a large one would be a scheduling bug."""
+def ulps(a: float, b: float, dtype: torch.dtype) -> float:
+    """|a - b| in units of `dtype`'s spacing at the larger magnitude: lm-eval rounds a request's log-likelihood
+    to the logits' dtype, so in bf16 a sum of -300 moves in steps of 2."""
+    magnitude = max(abs(a), abs(b))
+    spacing = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude)) if magnitude else torch.finfo(dtype).eps
+    return abs(a - b) / spacing
 
-    def __init__(self, model: Path, device: str, dtype: str):
+
+class Divergence:
+    """Why two greedy generations of one prompt differ: a float32 reference generation at batch 1 (the whole
+    context recomputed at each step) finds the step where one of them leaves it, the token it took there
+    (among the reference's 10 best) and the logit margin between the reference's token and that one, in
+    float32 and in the run's dtype. A margin at float32's rounding level, or smaller than the dtype's own
+    error there (the two margins' difference), is a near-tie that a change of kernel or padding may flip
+    (random weights make them common); a large one, or a token outside the 10 best, would be a bug."""
+
+    def __init__(self, model: Path, device: str, dtype: str, max_new_tokens: int = 48, stop: str = "\n"):
         self.path, self.device, self.dtype = model, device, getattr(torch, dtype)
+        self.max_new_tokens, self.stop = max_new_tokens, stop
 
     @functools.cached_property
-    def model(self) -> torch.nn.Module:  # loaded at the first difference only
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype).to(self.device).eval()
+    def models(self) -> list[torch.nn.Module]:  # loaded at the first difference only: float32, the run's dtype
+        dtypes = [torch.float32] + ([self.dtype] if self.dtype != torch.float32 else [])
+        return [AutoModelForCausalLM.from_pretrained(self.path, dtype=d).to(self.device).eval() for d in dtypes]
 
     @functools.cached_property
     def tokenizer(self):
         return AutoTokenizer.from_pretrained(self.path)
 
+    def text(self, tokens: list[int]) -> str:
+        """The generated text so far as lm-eval keeps it: cut at the stop string, without a trailing partial
+        UTF-8 character (byte-level tokens may split one)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).split(self.stop)[0].rstrip("\ufffd")
+
     @torch.no_grad()
     def __call__(self, prompt: str, ours: str, theirs: str, bos: bool) -> dict:
-        encode = self.tokenizer.encode
-        a, b = encode(ours, add_special_tokens=False), encode(theirs, add_special_tokens=False)
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        if k == min(len(a), len(b)):  # one is the other cut short (a stop string, or EOS): no token to compare
-            return {"token": k, "margin": None}
-        ids = torch.tensor([encode(prompt, add_special_tokens=bos) + a[:k]], device=self.model.device)
-        logits = self.model(ids).logits[0, -1].float()
-        return {"token": k, "margin": float(logits[a[k]] - logits[b[k]])}
+        context = self.tokenizer.encode(prompt, add_special_tokens=bos)
+        generated: list[int] = []
+        for step in range(self.max_new_tokens):
+            ids = torch.tensor([context + generated], device=self.device)
+            logits = self.models[0](ids).logits[0, -1].float()
+            best = logits.topk(10).indices.tolist()
+            for name, path in (("ours", ours), ("theirs", theirs)):
+                if path.startswith(self.text(generated + best[:1])):
+                    continue
+                taken = next((t for t in best[1:] if path.startswith(self.text(generated + [t]))), None)
+                found = {"leaves": name, "step": step, "token_rank": None if taken is None else best.index(taken)}
+                if taken is not None:
+                    run = self.models[-1](ids).logits[0, -1].float()
+                    found |= {"margin_fp32": float(logits[best[0]] - logits[taken]),
+                              "margin": float(run[best[0]] - run[taken])}
+                return found
+            generated.append(best[0])
+            if best[0] == self.tokenizer.eos_token_id or self.stop in self.tokenizer.decode(generated):
+                break
+        return {"leaves": None}  # both follow the reference to its end: one runs on past it
 
 
-def differences(stock: Path, ours: Path, divergence: Divergence | None = None) -> dict:
+def differences(stock: Path, ours: Path, dtype: torch.dtype, divergence: Divergence | None = None) -> dict:
     """lmlab's responses against the stock model's on the documents both ran: the largest loglikelihood
-    difference (wikitext's rolling sums, of tens of thousands: the largest relative one), how many is_greedy
-    flags and generations differ, and, given `divergence`, where each differing generation parts and by what
-    logit margin."""
+    difference, also in units of `dtype`'s spacing (lm-eval rounds each sum to it), wikitext's rolling sums
+    (of tens of thousands) relatively, how many is_greedy flags and generations differ, and, given
+    `divergence`, where each differing generation parts and by what logit margin."""
     stock_samples, our_samples = samples(stock), samples(ours)
-    counts = {"requests": 0, "max_abs_loglikelihood_diff": 0.0, "max_rel_rolling_diff": 0.0, "is_greedy_differ": 0,
-              "generations_differ": 0}
+    counts = {"requests": 0, "max_abs_loglikelihood_diff": 0.0, "max_loglikelihood_diff_ulps": 0.0,
+              "max_rel_rolling_diff": 0.0, "is_greedy_differ": 0, "generations_differ": 0}
     diverged = []
     for (task, doc), sample in stock_samples.items():
         for (a,), (b,) in zip(sample["resps"], our_samples[task, doc]["resps"]):  # one response per request
@@ -196,8 +227,10 @@ def differences(stock: Path, ours: Path, divergence: Divergence | None = None) -
                 counts["max_rel_rolling_diff"] = max(counts["max_rel_rolling_diff"], diff)
             else:  # loglikelihood: (logprob, is_greedy)
                 counts["is_greedy_differ"] += str(a[1]) != str(b[1])
-                counts["max_abs_loglikelihood_diff"] = max(counts["max_abs_loglikelihood_diff"],
-                                                           abs(float(a[0]) - float(b[0])))
+                theirs, mine = float(a[0]), float(b[0])
+                counts["max_abs_loglikelihood_diff"] = max(counts["max_abs_loglikelihood_diff"], abs(theirs - mine))
+                counts["max_loglikelihood_diff_ulps"] = max(counts["max_loglikelihood_diff_ulps"],
+                                                            ulps(theirs, mine, dtype))
     if diverged:
         counts["diverged"] = diverged
     return counts
@@ -272,19 +305,20 @@ def main(argv: list[str] | None = None) -> int:
             report(row)
     if args.stock_limit > 0:
         limit = ["--limit", str(args.stock_limit)]
+        dtype = getattr(torch, args.dtype)
         divergence = Divergence(model, args.device, args.dtype) if args.compare is not None else None
         if not args.fda_only:
             seconds = suite("hf-stock", 1, work / "stock_suite", limit)
             report({"path": "stock", "run": "9-task suite", "batch": 1, "seconds": seconds, "full_size": False,
                     "full_estimate_s": seconds * suite_scale,
-                    "lmlab_vs_stock": differences(work / "stock_suite", work / "suite_0", divergence)})
+                    "lmlab_vs_stock": differences(work / "stock_suite", work / "suite_0", dtype, divergence)})
         # launch_hf.py's lm-eval arguments, on the stock model
         hargs = fda.harness_args(fda.parse_args(fda_argv(1, work / "stock_fda", args.stock_limit)), str(model))
         hargs[hargs.index("hf")] = "hf-stock"
         seconds = timed(harness.main, hargs)
         report({"path": "stock", "run": "FDA (launch_hf.py)", "batch": 1, "seconds": seconds, "full_size": False,
                 "full_estimate_s": seconds * fda_scale,
-                "lmlab_vs_stock": differences(work / "stock_fda", work / "fda_0", divergence)})
+                "lmlab_vs_stock": differences(work / "stock_fda", work / "fda_0", dtype, divergence)})
 
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data of the real sizes) on {device}")
     print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")

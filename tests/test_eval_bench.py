@@ -56,22 +56,34 @@ def test_eval_bench_compare_runs_both_paths_on_the_same_documents(tmp_path, monk
     assert fda_diff["requests"] == 2 and fda_diff["generations_differ"] == 0
 
 
-def test_divergence_finds_where_generations_part_and_the_logit_margin_there(tmp_path):
+def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin_there(tmp_path):
     model = eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path / "model")
-    divergence = eval_bench.Divergence(model, "cpu", "float32")
+    divergence = eval_bench.Divergence(model, "cpu", "bfloat16", max_new_tokens=6)
     prompt = "def add(a, b):\n    return"
-    ids = divergence.tokenizer.encode(prompt, add_special_tokens=False)
+    context = divergence.tokenizer.encode(prompt, add_special_tokens=False)
+    reference, margins, runner_up = [], [], []  # the float32 greedy tokens, their top-2 margins, the second best
     with torch.no_grad():
-        logits = divergence.model(torch.tensor([ids])).logits[0, -1]
-    first, second = logits.topk(2).indices.tolist()
-    common = divergence.tokenizer.decode([first])
-    ours, theirs = common + divergence.tokenizer.decode([first]), common + divergence.tokenizer.decode([second])
-    assert divergence.tokenizer.encode(ours, add_special_tokens=False)[:1] == [first]  # decode/encode round trip
-    part = divergence(prompt, ours, theirs, bos=False)
-    with torch.no_grad():
-        step = divergence.model(torch.tensor([ids + [first]])).logits[0, -1]
-    assert part["token"] == 1 and part["margin"] == pytest.approx(float(step[first] - step[second]), abs=1e-5)
-    assert divergence(prompt, ours, ours[: len(common)], bos=False) == {"token": 1, "margin": None}
+        for _ in range(6):
+            logits = divergence.models[0](torch.tensor([context + reference])).logits[0, -1]
+            top = logits.topk(2)
+            margins.append(float(top.values[0] - top.values[1]))
+            runner_up.append(int(top.indices[1]))
+            reference.append(int(top.indices[0]))
+    assert "\n" not in divergence.tokenizer.decode(reference)  # the test's premise: no stop within 6 tokens
+    follows = divergence.text(reference)
+    leaves = divergence.text(reference[:3] + [runner_up[3]])  # the second best at step 3
+    part = divergence(prompt, follows, leaves, bos=False)
+    assert part["leaves"] == "theirs" and part["step"] == 3 and part["token_rank"] == 1
+    assert part["margin_fp32"] == pytest.approx(margins[3], abs=1e-5)
+    assert abs(part["margin"] - part["margin_fp32"]) < 0.1  # bfloat16's own margin, near float32's
+    assert divergence(prompt, leaves, follows, bos=False) == {**part, "leaves": "ours"}
+    assert divergence(prompt, follows, follows + " more", bos=False) == {"leaves": None}  # past the reference's end
+
+
+def test_loglikelihood_differences_in_units_of_the_dtype_spacing():
+    assert eval_bench.ulps(-300.0, -302.0, torch.bfloat16) == 1.0  # bf16 steps by 2 between 256 and 512
+    assert eval_bench.ulps(1.0, 1.0 + 2 ** -23, torch.float32) == 1.0
+    assert eval_bench.ulps(0.0, 0.0, torch.bfloat16) == 0.0
 
 
 def test_eval_bench_compare_needs_documents(capsys):
