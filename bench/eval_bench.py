@@ -163,9 +163,8 @@ class Divergence:
     error there (the two margins' difference), is a near-tie that a change of kernel or padding may flip
     (random weights make them common); a large one, or a token outside the 10 best, would be a bug."""
 
-    def __init__(self, model: Path, device: str, dtype: str, max_new_tokens: int = 48, stop: str = "\n"):
+    def __init__(self, model: Path, device: str, dtype: str):
         self.path, self.device, self.dtype = model, device, getattr(torch, dtype)
-        self.max_new_tokens, self.stop = max_new_tokens, stop
 
     @functools.cached_property
     def models(self) -> list[torch.nn.Module]:  # loaded at the first difference only: float32, the run's dtype
@@ -176,23 +175,27 @@ class Divergence:
     def tokenizer(self):
         return AutoTokenizer.from_pretrained(self.path)
 
-    def text(self, tokens: list[int]) -> str:
-        """The generated text so far as lm-eval keeps it: cut at the stop string, without a trailing partial
+    def text(self, tokens: list[int], until: list[str]) -> str:
+        """The generated text so far as lm-eval keeps it: cut at each stop string, without a trailing partial
         UTF-8 character (byte-level tokens may split one)."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).split(self.stop)[0].rstrip("\ufffd")
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text.rstrip("\ufffd")
 
     @torch.no_grad()
-    def __call__(self, prompt: str, ours: str, theirs: str, bos: bool) -> dict:
-        context = self.tokenizer.encode(prompt, add_special_tokens=bos)
+    def __call__(self, prompt: str, ours: str, theirs: str, bos: bool, gen_kwargs: dict) -> dict:
+        """`gen_kwargs`: the request's, as lm-eval's samples record them (`until`, `max_gen_toks`)."""
+        context, until = self.tokenizer.encode(prompt, add_special_tokens=bos), gen_kwargs["until"]
         generated: list[int] = []
-        for step in range(self.max_new_tokens):
+        for step in range(gen_kwargs["max_gen_toks"]):
             ids = torch.tensor([context + generated], device=self.device)
             logits = self.models[0](ids).logits[0, -1].float()
             best = logits.topk(10).indices.tolist()
             for name, path in (("ours", ours), ("theirs", theirs)):
-                if path.startswith(self.text(generated + best[:1])):
+                if path.startswith(self.text(generated + best[:1], until)):
                     continue
-                taken = next((t for t in best[1:] if path.startswith(self.text(generated + [t]))), None)
+                taken = next((t for t in best[1:] if path.startswith(self.text(generated + [t], until))), None)
                 found = {"leaves": name, "step": step, "token_rank": None if taken is None else best.index(taken)}
                 if taken is not None:
                     run = self.models[-1](ids).logits[0, -1].float()
@@ -200,7 +203,8 @@ class Divergence:
                               "margin": float(run[best[0]] - run[taken])}
                 return found
             generated.append(best[0])
-            if best[0] == self.tokenizer.eos_token_id or self.stop in self.tokenizer.decode(generated):
+            decoded = self.tokenizer.decode(generated)
+            if best[0] == self.tokenizer.eos_token_id or any(stop in decoded for stop in until):
                 break
         return {"leaves": None}  # both follow the reference to its end: one runs on past it
 
@@ -220,8 +224,9 @@ def differences(stock: Path, ours: Path, dtype: torch.dtype, divergence: Diverge
             if task in GENERATION_TASKS:
                 counts["generations_differ"] += a != b
                 if a != b and divergence is not None:  # FDA's prompts have no BOS (launch_hf.py's add_bos_token)
-                    prompt = sample["arguments"]["gen_args_0"]["arg_0"]
-                    diverged.append({"task": task, "doc": doc, **divergence(prompt, b, a, bos=task != "based_fda")})
+                    prompt, gen_kwargs = (sample["arguments"]["gen_args_0"][arg] for arg in ("arg_0", "arg_1"))
+                    diverged.append({"task": task, "doc": doc,
+                                     **divergence(prompt, b, a, bos=task != "based_fda", gen_kwargs=gen_kwargs)})
             elif task == "wikitext":  # the rolling loglikelihood of a whole document
                 diff = abs(float(a) - float(b)) / max(abs(float(a)), 1.0)
                 counts["max_rel_rolling_diff"] = max(counts["max_rel_rolling_diff"], diff)

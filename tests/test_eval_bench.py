@@ -58,8 +58,8 @@ def test_eval_bench_compare_runs_both_paths_on_the_same_documents(tmp_path, monk
 
 def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin_there(tmp_path):
     model = eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path / "model")
-    divergence = eval_bench.Divergence(model, "cpu", "bfloat16", max_new_tokens=6)
-    prompt = "def add(a, b):\n    return"
+    divergence = eval_bench.Divergence(model, "cpu", "bfloat16")
+    prompt, gen_kwargs = "def add(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 6}
     context = divergence.tokenizer.encode(prompt, add_special_tokens=False)
     reference, margins, runner_up = [], [], []  # the float32 greedy tokens, their top-2 margins, the second best
     with torch.no_grad():
@@ -70,14 +70,15 @@ def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin
             runner_up.append(int(top.indices[1]))
             reference.append(int(top.indices[0]))
     assert "\n" not in divergence.tokenizer.decode(reference)  # the test's premise: no stop within 6 tokens
-    follows = divergence.text(reference)
-    leaves = divergence.text(reference[:3] + [runner_up[3]])  # the second best at step 3
-    part = divergence(prompt, follows, leaves, bos=False)
+    follows = divergence.text(reference, ["\n"])
+    leaves = divergence.text(reference[:3] + [runner_up[3]], ["\n"])  # the second best at step 3
+    part = divergence(prompt, follows, leaves, bos=False, gen_kwargs=gen_kwargs)
     assert part["leaves"] == "theirs" and part["step"] == 3 and part["token_rank"] == 1
     assert part["margin_fp32"] == pytest.approx(margins[3], abs=1e-5)
     assert abs(part["margin"] - part["margin_fp32"]) < 0.1  # bfloat16's own margin, near float32's
-    assert divergence(prompt, leaves, follows, bos=False) == {**part, "leaves": "ours"}
-    assert divergence(prompt, follows, follows + " more", bos=False) == {"leaves": None}  # past the reference's end
+    assert divergence(prompt, leaves, follows, bos=False, gen_kwargs=gen_kwargs) == {**part, "leaves": "ours"}
+    past_the_end = divergence(prompt, follows, follows + " more", bos=False, gen_kwargs=gen_kwargs)
+    assert past_the_end == {"leaves": None}
 
 
 def test_loglikelihood_differences_in_units_of_the_dtype_spacing():
