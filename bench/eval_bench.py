@@ -50,7 +50,7 @@ SUITE = "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challeng
 HARNESS = ("--model {lm} --model_args pretrained={model},dtype={dtype} --tasks {tasks} --batch_size {batch} "
            "--num_fewshot 0 --device {device} --show_config")
 FDA = ("--batch-size {batch} -m {model} -t based_fda --output_dir {out} --context_length 1000 --answer_length 50 "
-       "--cutting_context --limit {limit} --device {device}")
+       "--cutting_context --limit {limit} --device {device} --dtype {dtype}")
 GENERATION_TASKS = {"squad_completion", "swde", "based_fda"}
 # task: (evaluated split, real number of docs, words per text field) -- doc counts of the hub datasets' splits;
 # word counts approximate their typical lengths.
@@ -125,6 +125,12 @@ def timed(fn, argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def fda_command(model: Path, out: Path, batch: int, limit: int, device: str, dtype: str) -> list[str]:
+    """launch_hf.py's arguments: the paper's FDA command, with the run's device and dtype (its own default
+    dtype is bfloat16 on a GPU, whatever the suite's)."""
+    return shlex.split(FDA.format(batch=batch, model=model, out=out, limit=limit, device=device, dtype=dtype))
+
+
 def fda_generations(out: Path) -> dict[int, str]:
     """doc_id -> generation of an FDA run's per-sample records."""
     (records,) = out.rglob("records_based_fda_*.jsonl")
@@ -183,30 +189,40 @@ class Divergence:
             text = text.split(stop)[0]
         return text.rstrip("\ufffd")
 
+    def ended(self, tokens: list[int], until: list[str], max_tokens: int) -> bool:
+        """Whether generating `tokens` ends the generation: the token limit, end of text or a stop string."""
+        return (len(tokens) == max_tokens or tokens[-1] == self.tokenizer.eos_token_id
+                or any(stop in self.tokenizer.decode(tokens) for stop in until))
+
+    def follows(self, path: str, tokens: list[int], until: list[str], max_tokens: int) -> bool:
+        """Whether a generated `path` is `tokens`' generation: their text once they end it, else a continuation
+        of it (a path that runs on where the reference stops leaves it there)."""
+        text = self.text(tokens, until)
+        return path == text if self.ended(tokens, until, max_tokens) else path.startswith(text)
+
     @torch.no_grad()
     def __call__(self, prompt: str, ours: str, theirs: str, bos: bool, gen_kwargs: dict) -> dict:
         """`gen_kwargs`: the request's, as lm-eval's samples record them (`until`, `max_gen_toks`)."""
-        context, until = self.tokenizer.encode(prompt, add_special_tokens=bos), gen_kwargs["until"]
+        context, until, limit = (self.tokenizer.encode(prompt, add_special_tokens=bos), gen_kwargs["until"],
+                                 gen_kwargs["max_gen_toks"])
         generated: list[int] = []
-        for step in range(gen_kwargs["max_gen_toks"]):
+        while not generated or not self.ended(generated, until, limit):
             ids = torch.tensor([context + generated], device=self.device)
             logits = self.models[0](ids).logits[0, -1].float()
             best = logits.topk(10).indices.tolist()
             for name, path in (("ours", ours), ("theirs", theirs)):
-                if path.startswith(self.text(generated + best[:1], until)):
+                if self.follows(path, generated + best[:1], until, limit):
                     continue
-                taken = next((t for t in best[1:] if path.startswith(self.text(generated + [t], until))), None)
-                found = {"leaves": name, "step": step, "token_rank": None if taken is None else best.index(taken)}
+                taken = next((t for t in best[1:] if self.follows(path, generated + [t], until, limit)), None)
+                found = {"leaves": name, "step": len(generated),
+                         "token_rank": None if taken is None else best.index(taken)}
                 if taken is not None:
                     run = self.models[-1](ids).logits[0, -1].float()
                     found |= {"margin_fp32": float(logits[best[0]] - logits[taken]),
                               "margin": float(run[best[0]] - run[taken])}
                 return found
             generated.append(best[0])
-            decoded = self.tokenizer.decode(generated)
-            if best[0] == self.tokenizer.eos_token_id or any(stop in decoded for stop in until):
-                break
-        return {"leaves": None}  # both follow the reference to its end: one runs on past it
+        return {"leaves": None}  # both are the reference's text: they differ in something other than tokens
 
 
 def differences(stock: Path, ours: Path, dtype: torch.dtype, divergence: Divergence | None = None) -> dict:
@@ -289,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return timed(harness.main, argv + data + ["--output_path", str(out), "--log_samples"] + limit)
 
     def fda_argv(batch: int, out: Path, limit: int) -> list[str]:
-        return shlex.split(FDA.format(batch=batch, model=model, out=out, limit=limit, device=args.device)) + data
+        return fda_command(model, out, batch, limit, args.device, args.dtype) + data
 
     lmlab_limit = [] if args.compare is None else ["--limit", str(args.compare)]
     full_size = args.compare is None

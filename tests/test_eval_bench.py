@@ -77,8 +77,21 @@ def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin
     assert part["margin_fp32"] == pytest.approx(margins[3], abs=1e-5)
     assert abs(part["margin"] - part["margin_fp32"]) < 0.1  # bfloat16's own margin, near float32's
     assert divergence(prompt, leaves, follows, bos=False, gen_kwargs=gen_kwargs) == {**part, "leaves": "ours"}
-    past_the_end = divergence(prompt, follows, follows + " more", bos=False, gen_kwargs=gen_kwargs)
-    assert past_the_end == {"leaves": None}
+    # the reference stops at step 3 (its token there is made a stop string); a generation that runs on leaves it
+    stop = divergence.tokenizer.decode(reference[3:4])
+    assert stop not in divergence.tokenizer.decode(reference[:3])  # the premise: no earlier stop
+    until = {"until": [stop], "max_gen_toks": 6}
+    stops = divergence.text(reference[:4], [stop])
+    runs_on = divergence.text(reference[:3] + runner_up[3:4] + reference[4:], [stop])
+    assert divergence(prompt, stops, runs_on, bos=False, gen_kwargs=until) == {**part, "leaves": "theirs"}
+
+
+def test_eval_bench_runs_fda_in_the_asked_dtype(tmp_path):
+    """launch_hf.py defaults to bfloat16 on a GPU: a float32 comparison must ask for float32."""
+    model = eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path / "model")
+    for dtype in ("float32", "bfloat16"):
+        argv = eval_bench.fda_command(model, tmp_path / "out", 1, 5, "cuda", dtype)
+        assert eval_bench.fda.parse_args(argv).dtype == dtype
 
 
 def test_loglikelihood_differences_in_units_of_the_dtype_spacing():
