@@ -108,9 +108,15 @@ def write_data(root: Path, seed: int = 0) -> None:
 
 
 def write_model(config: Path, root: Path) -> Path:
-    """A randomly initialised model of `config` with a 4096-token BPE tokenizer (bf16 safetensors)."""
+    """A randomly initialised model of `config` with a 4096-token BPE tokenizer (bf16 safetensors), given one
+    visible added token for each further id of the model's vocabulary: a random model generates mostly ids
+    past the BPE's, which would decode to nothing and hide differing generations from the comparisons."""
     train_tokenizer(python_corpus(), root)
     model_config = AutoConfig.for_model(**json.loads(config.read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    if len(tokenizer) < model_config.vocab_size:
+        tokenizer.add_tokens([f"⟨{i}⟩" for i in range(len(tokenizer), model_config.vocab_size)])
+        tokenizer.save_pretrained(root)
     model_config.bos_token_id, model_config.eos_token_id = 1, 2
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(model_config).to(torch.bfloat16).save_pretrained(root)

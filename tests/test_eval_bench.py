@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import REPO
 
@@ -92,6 +93,17 @@ def test_eval_bench_runs_fda_in_the_asked_dtype(tmp_path):
     for dtype in ("float32", "bfloat16"):
         argv = eval_bench.fda_command(model, tmp_path / "out", 1, 5, "cuda", dtype)
         assert eval_bench.fda.parse_args(argv).dtype == dtype
+
+
+def test_eval_bench_tokenizer_shows_every_id_of_the_model(tmp_path):
+    """Ids past the 4096-token BPE (most of a random 32000-id model's generations) decode to visible text, so
+    generations that differ there are seen to differ; the BPE's own tokens encode as before."""
+    config = json.loads((REPO / "configs" / "tiny_gla.json").read_text()) | {"vocab_size": 4200}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(eval_bench.write_model(tmp_path / "config.json", tmp_path / "model"))
+    assert len(tokenizer) == 4200
+    assert tokenizer.decode([4100]) != tokenizer.decode([4101]) and tokenizer.decode([4100, 4101]) != ""
+    assert max(tokenizer.encode("def add(a, b):\n    return a + b\n")) < 4096
 
 
 def test_loglikelihood_differences_in_units_of_the_dtype_spacing():
