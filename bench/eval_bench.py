@@ -188,12 +188,11 @@ class Divergence:
         return AutoTokenizer.from_pretrained(self.path)
 
     def text(self, tokens: list[int], until: list[str]) -> str:
-        """The generated text so far as lm-eval keeps it: cut at each stop string, without a trailing partial
-        UTF-8 character (byte-level tokens may split one)."""
+        """The generated text as lm-eval keeps it: decoded, cut at each stop string."""
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for stop in until:
             text = text.split(stop)[0]
-        return text.rstrip("\ufffd")
+        return text
 
     def ended(self, tokens: list[int], until: list[str], max_tokens: int) -> bool:
         """Whether generating `tokens` ends the generation: the token limit, end of text or a stop string."""
@@ -202,9 +201,10 @@ class Divergence:
 
     def follows(self, path: str, tokens: list[int], until: list[str], max_tokens: int) -> bool:
         """Whether a generated `path` is `tokens`' generation: their text once they end it, else a continuation
-        of it (a path that runs on where the reference stops leaves it there)."""
+        of it (a path that runs on where the reference stops leaves it there). A trailing partial UTF-8
+        character (byte-level tokens may split one) decodes as U+FFFD until a later token completes it."""
         text = self.text(tokens, until)
-        return path == text if self.ended(tokens, until, max_tokens) else path.startswith(text)
+        return path == text if self.ended(tokens, until, max_tokens) else path.startswith(text.rstrip("\ufffd"))
 
     @torch.no_grad()
     def __call__(self, prompt: str, ours: str, theirs: str, bos: bool, gen_kwargs: dict) -> dict:
