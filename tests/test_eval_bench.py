@@ -57,9 +57,14 @@ def test_eval_bench_compare_runs_both_paths_on_the_same_documents(tmp_path, monk
     assert fda_diff["requests"] == 2 and fda_diff["generations_differ"] == 0
 
 
-def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin_there(tmp_path):
-    model = eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path / "model")
-    divergence = eval_bench.Divergence(model, "cpu", "bfloat16")
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny_gla model and its tokenizer, written once for this module's tests."""
+    return eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin_there(tiny_model):
+    divergence = eval_bench.Divergence(tiny_model, "cpu", "bfloat16")
     prompt, gen_kwargs = "def add(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 6}
     context = divergence.tokenizer.encode(prompt, add_special_tokens=False)
     reference, margins, runner_up = [], [], []  # the float32 greedy tokens, their top-2 margins, the second best
@@ -87,11 +92,10 @@ def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin
     assert divergence(prompt, stops, runs_on, bos=False, gen_kwargs=until) == {**part, "leaves": "theirs"}
 
 
-def test_eval_bench_runs_fda_in_the_asked_dtype(tmp_path):
+def test_eval_bench_runs_fda_in_the_asked_dtype(tiny_model, tmp_path):
     """launch_hf.py defaults to bfloat16 on a GPU: a float32 comparison must ask for float32."""
-    model = eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path / "model")
     for dtype in ("float32", "bfloat16"):
-        argv = eval_bench.fda_command(model, tmp_path / "out", 1, 5, "cuda", dtype)
+        argv = eval_bench.fda_command(tiny_model, tmp_path / "out", 1, 5, "cuda", dtype)
         assert eval_bench.fda.parse_args(argv).dtype == dtype
 
 
