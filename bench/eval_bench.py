@@ -263,9 +263,18 @@ def differences(stock: Path, ours: Path, dtype: torch.dtype, divergence: Diverge
     return counts
 
 
+def config_file(name: str) -> Path:
+    """`--config`: a name in configs/ or a JSON path, as train_bench.py's --configs; checked before any work."""
+    path = Path(name) if name.endswith(".json") else REPO / "configs" / f"{name}.json"
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "gated_deltanet_340M.json")
+    p.add_argument("--config", type=config_file, default=REPO / "configs" / "gated_deltanet_340M.json",
+                   help="a name in configs/ or a JSON path")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
                    help="lmlab rows (1: the paper's); a size given twice runs twice (the second on warm caches)")
     p.add_argument("--stock-limit", type=int, default=20,

@@ -122,6 +122,14 @@ def test_eval_bench_compare_needs_documents(capsys):
     assert exit_.value.code == 2 and "--compare takes a number of documents >= 1" in capsys.readouterr().err
 
 
+def test_eval_bench_config_by_name_or_path(capsys):
+    assert eval_bench.config_file("gla_340M") == REPO / "configs" / "gla_340M.json"
+    assert eval_bench.config_file(str(REPO / "configs" / "gla_340M.json")) == REPO / "configs" / "gla_340M.json"
+    with pytest.raises(SystemExit) as exit_:
+        eval_bench.main(["--config", "no_such_model"])
+    assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
 def test_synthetic_docs_follow_each_task_schema():
     import random
 
