@@ -21,7 +21,8 @@ differing generation is reported with the path that leaves a float32 reference g
 logit margin there (`Divergence`).
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
 job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
-and request type (from the results JSON).
+and request type (from the results JSON). The work folder (model, data, outputs) goes at the end unless
+`--keep`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import json
 import math
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -168,12 +170,15 @@ def ulps(a: float, b: float, dtype: torch.dtype) -> float:
 
 
 class Divergence:
-    """Why two greedy generations of one prompt differ: a float32 reference generation at batch 1 (the whole
-    context recomputed at each step) finds the step where one of them leaves it, the token it took there
-    (among the reference's 10 best) and the logit margin between the reference's token and that one, in
-    float32 and in the run's dtype. A margin at float32's rounding level, or smaller than the dtype's own
-    error there (the two margins' difference), is a near-tie that a change of kernel or padding may flip
-    (random weights make them common); a large one, or a token outside the 10 best, would be a bug."""
+    """Why two greedy generations of one prompt differ. Both are followed token by token against a float32
+    model at batch 1 (the whole context recomputed at each step) to the step where they part; there it gives
+    each path's token's rank among float32's 10 best (None: not among them), which path took the token
+    float32 likes less (`leaves`; "both" when neither token is among the 10), float32's logit margin between the two tokens and the same margin in the
+    run's dtype at batch 1 (negative: that forward prefers the other token), and the step where the shared
+    tokens had already left float32's greedy path together (`both_left_at`, or None). A margin at float32's
+    rounding level, or smaller than the dtype's own error there (the two margins' difference), is a near-tie
+    that a change of kernel or padding may flip (random weights make them common); a large one, or a token
+    outside the 10 best, would be a bug."""
 
     def __init__(self, model: Path, device: str, dtype: str):
         self.path, self.device, self.dtype = model, device, getattr(torch, dtype)
@@ -201,7 +206,7 @@ class Divergence:
 
     def follows(self, path: str, tokens: list[int], until: list[str], max_tokens: int) -> bool:
         """Whether a generated `path` is `tokens`' generation: their text once they end it, else a continuation
-        of it (a path that runs on where the reference stops leaves it there). A trailing partial UTF-8
+        of it (a path that runs on where the other stops parts from it there). A trailing partial UTF-8
         character (byte-level tokens may split one) decodes as U+FFFD until a later token completes it."""
         text = self.text(tokens, until)
         return path == text if self.ended(tokens, until, max_tokens) else path.startswith(text.rstrip("\ufffd"))
@@ -211,24 +216,31 @@ class Divergence:
         """`gen_kwargs`: the request's, as lm-eval's samples record them (`until`, `max_gen_toks`)."""
         context, until, limit = (self.tokenizer.encode(prompt, add_special_tokens=bos), gen_kwargs["until"],
                                  gen_kwargs["max_gen_toks"])
-        generated: list[int] = []
-        while not generated or not self.ended(generated, until, limit):
-            ids = torch.tensor([context + generated], device=self.device)
+        shared: list[int] = []
+        both_left_at = None
+        while not shared or not self.ended(shared, until, limit):
+            ids = torch.tensor([context + shared], device=self.device)
             logits = self.models[0](ids).logits[0, -1].float()
             best = logits.topk(10).indices.tolist()
-            for name, path in (("ours", ours), ("theirs", theirs)):
-                if self.follows(path, generated + best[:1], until, limit):
-                    continue
-                taken = next((t for t in best[1:] if self.follows(path, generated + [t], until, limit)), None)
-                found = {"leaves": name, "step": len(generated),
-                         "token_rank": None if taken is None else best.index(taken)}
-                if taken is not None:
-                    run = self.models[-1](ids).logits[0, -1].float()
-                    found |= {"margin_fp32": float(logits[best[0]] - logits[taken]),
-                              "margin": float(run[best[0]] - run[taken])}
-                return found
-            generated.append(best[0])
-        return {"leaves": None}  # both are the reference's text: they differ in something other than tokens
+            ours_token, theirs_token = (next((t for t in best if self.follows(path, shared + [t], until, limit)), None)
+                                        for path in (ours, theirs))
+            if ours_token is not None and ours_token == theirs_token:
+                if ours_token != best[0] and both_left_at is None:
+                    both_left_at = len(shared)
+                shared.append(ours_token)
+                continue
+            ranks = {"ours": None if ours_token is None else best.index(ours_token),
+                     "theirs": None if theirs_token is None else best.index(theirs_token)}
+            worse = {name: len(best) if rank is None else rank for name, rank in ranks.items()}
+            leaves = "both" if worse["ours"] == worse["theirs"] else max(worse, key=worse.get)  # both: neither in the 10
+            found = {"leaves": leaves, "step": len(shared), "ranks": ranks, "both_left_at": both_left_at}
+            if None not in ranks.values():
+                preferred, other = sorted((ours_token, theirs_token), key=best.index)
+                run = self.models[-1](ids).logits[0, -1].float()
+                found |= {"margin_fp32": float(logits[preferred] - logits[other]),
+                          "margin": float(run[preferred] - run[other])}
+            return found
+        return {"leaves": None}  # the same tokens: they differ in something other than tokens
 
 
 def differences(stock: Path, ours: Path, dtype: torch.dtype, divergence: Divergence | None = None) -> dict:
@@ -288,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", action="store_true",
                    help="FDA also with -p (one job per visible GPU): its wall time, and the same generations")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "eval_results.json")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work folder (model, data, every run's outputs) instead of removing it at the end")
     args = p.parse_args(argv)
     if args.compare is not None:
         if args.compare < 1:
@@ -295,6 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         args.stock_limit = args.compare
 
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+    try:
+        return run(args, work)
+    finally:  # a 1.3B model is 2.6 GB: runs of several configs would fill a disk
+        if args.keep:
+            print(f"eval_bench: kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """Every run `args` asks for, in the folder `work`."""
     write_data(work / "data")
     model = write_model(args.config, work / "model")
     real = {t: n for t, (_, n, _) in SIZES.items()}

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -23,9 +24,11 @@ def test_eval_bench_times_lmlab_at_full_size_and_the_stock_model(tmp_path, capsy
     monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 3, min(words, 60))
                                               for t, (split, _, words) in eval_bench.SIZES.items()})
     out = tmp_path / "eval.json"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the work folder goes
     argv = ["--config", str(REPO / "configs" / "tiny_gla.json"), "--batch-sizes", "1", "1", "--stock-limit", "1",
             "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     assert eval_bench.main(argv) == 0
+    assert not list(tmp_path.glob("eval_bench_*"))  # removed at the end
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["run"], r["batch"]) for r in rows] == [
         ("lmlab", "9-task suite", 1), ("lmlab", "FDA (launch_hf.py)", 1), ("lmlab", "9-task suite", 1),
@@ -46,9 +49,12 @@ def test_eval_bench_compare_runs_both_paths_on_the_same_documents(tmp_path, monk
     monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 4, min(words, 60))
                                               for t, (split, _, words) in eval_bench.SIZES.items()})
     out = tmp_path / "eval.json"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     argv = ["--config", str(REPO / "configs" / "tiny_hybrid.json"), "--compare", "2", "--device", "cpu",
-            "--dtype", "float32", "--out", str(out)]
+            "--dtype", "float32", "--out", str(out), "--keep"]
     assert eval_bench.main(argv) == 0
+    (work,) = tmp_path.glob("eval_bench_*")
+    assert (work / "model" / "config.json").is_file() and (work / "stock_fda").is_dir()
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["full_size"]) for r in rows] == [("lmlab", False)] * 2 + [("stock", False)] * 2
     suite_diff, fda_diff = rows[2]["lmlab_vs_stock"], rows[3]["lmlab_vs_stock"]
@@ -63,33 +69,48 @@ def tiny_model(tmp_path_factory):
     return eval_bench.write_model(REPO / "configs" / "tiny_gla.json", tmp_path_factory.mktemp("tiny") / "model")
 
 
-def test_divergence_finds_where_a_generation_leaves_the_reference_and_the_margin_there(tiny_model):
+def test_divergence_finds_where_two_generations_part_and_the_margin_there(tiny_model):
     divergence = eval_bench.Divergence(tiny_model, "cpu", "bfloat16")
     prompt, gen_kwargs = "def add(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 6}
     context = divergence.tokenizer.encode(prompt, add_special_tokens=False)
-    reference, margins, runner_up = [], [], []  # the float32 greedy tokens, their top-2 margins, the second best
-    with torch.no_grad():
-        for _ in range(6):
-            logits = divergence.models[0](torch.tensor([context + reference])).logits[0, -1]
-            top = logits.topk(2)
-            margins.append(float(top.values[0] - top.values[1]))
-            runner_up.append(int(top.indices[1]))
-            reference.append(int(top.indices[0]))
+
+    def greedy(prefix: list[int]) -> tuple[list[int], list[float], list[int]]:
+        """float32's greedy tokens after `prefix` up to 6 in all, their top-2 margins and the second bests."""
+        tokens, margins, runner_up = list(prefix), [], []
+        with torch.no_grad():
+            while len(tokens) < 6:
+                top = divergence.models[0](torch.tensor([context + tokens])).logits[0, -1].topk(2)
+                margins.append(float(top.values[0] - top.values[1]))
+                runner_up.append(int(top.indices[1]))
+                tokens.append(int(top.indices[0]))
+        return tokens, margins, runner_up
+
+    reference, margins, runner_up = greedy([])
     assert "\n" not in divergence.tokenizer.decode(reference)  # the test's premise: no stop within 6 tokens
     follows = divergence.text(reference, ["\n"])
     leaves = divergence.text(reference[:3] + [runner_up[3]], ["\n"])  # the second best at step 3
     part = divergence(prompt, follows, leaves, bos=False, gen_kwargs=gen_kwargs)
-    assert part["leaves"] == "theirs" and part["step"] == 3 and part["token_rank"] == 1
+    assert part["leaves"] == "theirs" and part["step"] == 3 and part["ranks"] == {"ours": 0, "theirs": 1}
+    assert part["both_left_at"] is None
     assert part["margin_fp32"] == pytest.approx(margins[3], abs=1e-5)
     assert abs(part["margin"] - part["margin_fp32"]) < 0.1  # bfloat16's own margin, near float32's
-    assert divergence(prompt, leaves, follows, bos=False, gen_kwargs=gen_kwargs) == {**part, "leaves": "ours"}
-    # the reference stops at step 3 (its token there is made a stop string); a generation that runs on leaves it
+    swapped = divergence(prompt, leaves, follows, bos=False, gen_kwargs=gen_kwargs)
+    assert swapped == {**part, "leaves": "ours", "ranks": {"ours": 1, "theirs": 0}}
+    # both take the second best at step 1 (the same token): they part later, where float32 is followed from there
+    left, left_margins, left_runner_up = greedy(reference[:1] + runner_up[1:2])
+    assert "\n" not in divergence.tokenizer.decode(left)
+    both = [divergence.text(left, ["\n"]), divergence.text(left[:4] + left_runner_up[2:3], ["\n"])]
+    part = divergence(prompt, *both, bos=False, gen_kwargs=gen_kwargs)
+    assert part["leaves"] == "theirs" and part["step"] == 4 and part["both_left_at"] == 1
+    assert part["margin_fp32"] == pytest.approx(left_margins[2], abs=1e-5)
+    # one stops at step 3 (its token there is made a stop string); the other runs on and parts from it there
     stop = divergence.tokenizer.decode(reference[3:4])
     assert stop not in divergence.tokenizer.decode(reference[:3])  # the premise: no earlier stop
     until = {"until": [stop], "max_gen_toks": 6}
     stops = divergence.text(reference[:4], [stop])
     runs_on = divergence.text(reference[:3] + runner_up[3:4] + reference[4:], [stop])
-    assert divergence(prompt, stops, runs_on, bos=False, gen_kwargs=until) == {**part, "leaves": "theirs"}
+    part = divergence(prompt, stops, runs_on, bos=False, gen_kwargs=until)
+    assert part["leaves"] == "theirs" and part["step"] == 3 and part["ranks"] == {"ours": 0, "theirs": 1}
 
 
 def test_eval_bench_runs_fda_in_the_asked_dtype(tiny_model, tmp_path):
