@@ -17,8 +17,8 @@ Rows (wall time of the whole command: model load and task building included):
 `--compare N`: both paths on the first N documents of each task only, for the comparison of their
 outputs (e.g. `--dtype float32 --compare 5`: issue 22's loglikelihoods within 1e-4 and same generations), in
 place of the full-size timing; log-likelihood differences are also given in spacings of the dtype, and each
-differing generation is reported with the path that leaves a float32 reference generation, where, and the
-logit margin there (`Divergence`).
+differing pair of generations is followed to the step where they part: which path took the token a float32
+model likes less there, and the two tokens' logit margin (`Divergence`).
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
 job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
 and request type (from the results JSON). The work folder (model, data, outputs) goes at the end unless
@@ -173,9 +173,10 @@ class Divergence:
     """Why two greedy generations of one prompt differ. Both are followed token by token against a float32
     model at batch 1 (the whole context recomputed at each step) to the step where they part; there it gives
     each path's token's rank among float32's 10 best (None: not among them), which path took the token
-    float32 likes less (`leaves`; "both" when neither token is among the 10), float32's logit margin between the two tokens and the same margin in the
-    run's dtype at batch 1 (negative: that forward prefers the other token), and the step where the shared
-    tokens had already left float32's greedy path together (`both_left_at`, or None). A margin at float32's
+    float32 likes less (`leaves`; "both" when neither token is among the 10), float32's logit margin between
+    the two tokens and the same margin in the run's dtype at batch 1 (negative: that forward prefers the
+    other token), and the step where the shared tokens had already left float32's greedy path together
+    (`both_left_at`, or None). A margin at float32's
     rounding level, or smaller than the dtype's own error there (the two margins' difference), is a near-tie
     that a change of kernel or padding may flip (random weights make them common); a large one, or a token
     outside the 10 best, would be a bug."""
