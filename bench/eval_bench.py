@@ -176,10 +176,9 @@ class Divergence:
     float32 likes less (`leaves`; "both" when neither token is among the 10), float32's logit margin between
     the two tokens and the same margin in the run's dtype at batch 1 (negative: that forward prefers the
     other token), and the step where the shared tokens had already left float32's greedy path together
-    (`both_left_at`, or None). A margin at float32's
-    rounding level, or smaller than the dtype's own error there (the two margins' difference), is a near-tie
-    that a change of kernel or padding may flip (random weights make them common); a large one, or a token
-    outside the 10 best, would be a bug."""
+    (`both_left_at`, or None). A margin at float32's rounding level, or smaller than the dtype's own error
+    there (the two margins' difference), is a near-tie that a change of kernel or padding may flip (random
+    weights make them common); a large one, or a token outside the 10 best, would be a bug."""
 
     def __init__(self, model: Path, device: str, dtype: str):
         self.path, self.device, self.dtype = model, device, getattr(torch, dtype)
@@ -233,7 +232,8 @@ class Divergence:
             ranks = {"ours": None if ours_token is None else best.index(ours_token),
                      "theirs": None if theirs_token is None else best.index(theirs_token)}
             worse = {name: len(best) if rank is None else rank for name, rank in ranks.items()}
-            leaves = "both" if worse["ours"] == worse["theirs"] else max(worse, key=worse.get)  # both: neither in the 10
+            # equally bad only when neither token is among the 10
+            leaves = "both" if worse["ours"] == worse["theirs"] else max(worse, key=worse.get)
             found = {"leaves": leaves, "step": len(shared), "ranks": ranks, "both_left_at": both_left_at}
             if None not in ranks.values():
                 preferred, other = sorted((ours_token, theirs_token), key=best.index)
