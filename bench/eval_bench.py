@@ -20,9 +20,11 @@ place of the full-size timing; log-likelihood differences are also given in spac
 differing pair of generations is followed to the step where they part: which path took the token a float32
 model likes less there, and the two tokens' logit margin (`Divergence`).
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
-job. Prints a Markdown table last and writes JSON to `--out` after every row, with lmlab's seconds per task
-and request type (from the results JSON). The work folder (model, data, outputs) goes at the end unless
-`--keep`.
+job. `--tasks` runs a part of the suite (e.g. `--tasks hellaswag`); `--profile` runs lmlab's commands (not
+`-p`'s) under the torch profiler and appends their tables of kernels and host ops to `<--out>.profile.txt`
+(their wall times then include the profiler's cost). Prints a Markdown table last and writes JSON to `--out`
+after every row, with lmlab's seconds per task and request type (from the results JSON). The work folder
+(model, data, outputs) goes at the end unless `--keep`.
 """
 from __future__ import annotations
 
@@ -43,10 +45,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import lmlab  # noqa: E402,F401  (registers the model types)
 from lmlab.eval import fda, harness  # noqa: E402
 from lmlab.quickstart import python_corpus, train_tokenizer  # noqa: E402
+from profiling import profile_to  # noqa: E402
 
 SUITE = "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challenge,squad_completion,swde"
 HARNESS = ("--model {lm} --model_args pretrained={model},dtype={dtype} --tasks {tasks} --batch_size {batch} "
@@ -284,6 +288,15 @@ def config_file(name: str) -> Path:
     return path
 
 
+def suite_tasks(names: str) -> str:
+    """`--tasks`: a comma-separated part of the paper's suite, in the suite's order; checked before any work."""
+    asked = names.split(",")
+    unknown = [t for t in asked if t not in SUITE.split(",")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"not in the paper's suite ({SUITE}): {','.join(unknown) or repr(names)}")
+    return ",".join(t for t in SUITE.split(",") if t in asked)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=config_file, default=REPO / "configs" / "gated_deltanet_340M.json",
@@ -295,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fda-only", action="store_true", help="skip the 9-task suite")
+    p.add_argument("--tasks", type=suite_tasks, default=SUITE, help="a part of the suite, comma-separated")
+    p.add_argument("--profile", action="store_true",
+                   help="lmlab's commands under the torch profiler: tables appended to <--out>.profile.txt")
     p.add_argument("--compare", type=int, metavar="N",
                    help="lmlab's rows on the first N docs per task too (and the stock rows at N): outputs compared, "
                         "no full-size timing")
@@ -325,7 +341,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     model = write_model(args.config, work / "model")
     real = {t: n for t, (_, n, _) in SIZES.items()}
     limited = {t: min(n, args.stock_limit) for t, n in real.items()}
-    suite_docs = [sum(n for t, n in docs.items() if t != "fda") for docs in (real, limited)]
+    suite_docs = [sum(n for t, n in docs.items() if t in args.tasks.split(",")) for docs in (real, limited)]
     suite_scale = suite_docs[0] / max(1, suite_docs[1])
     fda_scale = real["fda"] / max(1, limited["fda"])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -333,6 +349,15 @@ def run(args: argparse.Namespace, work: Path) -> int:
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
     rows = result["rows"]
     data = ["--data_dir", str(work / "data")]
+    suite_name = "9-task suite" if args.tasks == SUITE else f"suite: {args.tasks}"
+    profile = args.out.with_suffix(".profile.txt")
+
+    def lmlab_timed(fn, argv: list[str], title: str) -> float:
+        """timed(), under the profiler with --profile."""
+        if not args.profile:
+            return timed(fn, argv)
+        with profile_to(profile, f"{args.config.stem} {title}", torch.device(args.device)):
+            return timed(fn, argv)
 
     def report(row: dict) -> None:
         """Print and save each row as it comes: a run cut by a time limit keeps the rows it finished."""
@@ -340,10 +365,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
         print(f"eval_bench: {row['path']} batch {row['batch']}: {row['run']} {row['seconds']:.0f} s", flush=True)
         args.out.write_text(json.dumps(result, indent=1))
 
-    def suite(lm: str, batch: int, out: Path, limit: list[str]) -> float:
-        argv = shlex.split(HARNESS.format(lm=lm, model=model, dtype=args.dtype, tasks=SUITE, batch=batch,
+    def suite_argv(lm: str, batch: int, out: Path, limit: list[str]) -> list[str]:
+        argv = shlex.split(HARNESS.format(lm=lm, model=model, dtype=args.dtype, tasks=args.tasks, batch=batch,
                                           device=args.device))
-        return timed(harness.main, argv + data + ["--output_path", str(out), "--log_samples"] + limit)
+        return argv + data + ["--output_path", str(out), "--log_samples"] + limit
 
     def fda_argv(batch: int, out: Path, limit: int) -> list[str]:
         return fda_command(model, out, batch, limit, args.device, args.dtype) + data
@@ -353,14 +378,17 @@ def run(args: argparse.Namespace, work: Path) -> int:
     for run, batch in enumerate(args.batch_sizes):
         if not args.fda_only:
             out = work / f"suite_{run}"
-            report({"path": "lmlab", "run": "9-task suite", "batch": batch,
-                    "seconds": suite("hf", batch, out, lmlab_limit), "full_size": full_size,
-                    "seconds_per_task": lmlab_seconds(out)})
+            argv = suite_argv("hf", batch, out, lmlab_limit)
+            seconds = lmlab_timed(harness.main, argv, f"{suite_name}, batch {batch}")
+            report({"path": "lmlab", "run": suite_name, "batch": batch, "seconds": seconds, "full_size": full_size,
+                    "profiled": args.profile, "seconds_per_task": lmlab_seconds(out)})
         for parallel in (False, True) if args.parallel else (False,):
             out = work / f"fda_{run}{'_p' if parallel else ''}"
-            seconds = timed(fda.main, fda_argv(batch, out, args.compare or -1) + (["-p"] if parallel else []))
+            argv = fda_argv(batch, out, args.compare or -1)
+            seconds = timed(fda.main, argv + ["-p"]) if parallel else lmlab_timed(fda.main, argv, f"FDA, batch {batch}")
             row = {"path": "lmlab", "run": "FDA (launch_hf.py" + (" -p)" if parallel else ")"), "batch": batch,
-                   "seconds": seconds, "full_size": full_size, "seconds_per_task": lmlab_seconds(out)}
+                   "seconds": seconds, "full_size": full_size, "profiled": args.profile and not parallel,
+                   "seconds_per_task": lmlab_seconds(out)}
             if parallel:
                 single, split = (fda_generations(work / f"fda_{run}{s}") for s in ("", "_p"))
                 row["same_generations_as_single"] = single == split
@@ -370,8 +398,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
         dtype = getattr(torch, args.dtype)
         divergence = Divergence(model, args.device, args.dtype) if args.compare is not None else None
         if not args.fda_only:
-            seconds = suite("hf-stock", 1, work / "stock_suite", limit)
-            report({"path": "stock", "run": "9-task suite", "batch": 1, "seconds": seconds, "full_size": False,
+            seconds = timed(harness.main, suite_argv("hf-stock", 1, work / "stock_suite", limit))
+            report({"path": "stock", "run": suite_name, "batch": 1, "seconds": seconds, "full_size": False,
                     "full_estimate_s": seconds * suite_scale,
                     "lmlab_vs_stock": differences(work / "stock_suite", work / "suite_0", dtype, divergence)})
         # launch_hf.py's lm-eval arguments, on the stock model
@@ -382,13 +410,17 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 "full_estimate_s": seconds * fda_scale,
                 "lmlab_vs_stock": differences(work / "stock_fda", work / "fda_0", dtype, divergence)})
 
+    if args.profile:
+        print(f"eval_bench: profiles in {profile}")
     print(f"\n{args.config.name} ({args.dtype}, random weights, synthetic data of the real sizes) on {device}")
     print("| path | run | batch | seconds | full size (s) |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
-        same = {True: " (same generations)", False: " (generations DIFFER)"}.get(r.get("same_generations_as_single"), "")
+        same = r.get("same_generations_as_single")
+        notes = {True: " (same generations)", False: " (generations DIFFER)"}.get(same, "")
+        notes += " (profiled)" if r.get("profiled") else ""
         full = (f"{r['seconds']:.0f}" if r["full_size"] else "-" if "full_estimate_s" not in r
                 else f"≈ {r['full_estimate_s']:.0f} (from --stock-limit {args.stock_limit})")
-        print(f"| {r['path']} | {r['run']}{same} | {r['batch']} | {r['seconds']:.1f} | {full} |")
+        print(f"| {r['path']} | {r['run']}{notes} | {r['batch']} | {r['seconds']:.1f} | {full} |")
     for r in rows:
         if "lmlab_vs_stock" in r:
             print(f"{r['run']}, lmlab against stock on the stock run's documents: {r['lmlab_vs_stock']}")

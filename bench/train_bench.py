@@ -36,6 +36,9 @@ from lmlab.modeling import build_model, load_model_config
 from lmlab.optim import build_optimizer
 from lmlab.train import clip_grad_norm, forward_backward
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profiling import profile_to  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS_340M = ["transformer_340M", "delta_net_340M", "gated_deltanet_340M", "gla_340M", "gated_deltanet_340M_hybrid"]
 CONFIGS_1B = ["transformer_1B", "delta_net_1B", "gated_deltanet_1B", "gla_1B"]
@@ -255,26 +258,9 @@ def attempt(row: Row, build: Builder, micro: int, args: argparse.Namespace) -> t
         step()
     seconds = timed_seconds(step, args.steps, args.device)
     if args.profile:
-        write_profile(step, args.profile, f"{row.config} {row.impl}, micro-batch {micro}", args.device)
+        with profile_to(args.profile, f"{row.config} {row.impl}, micro-batch {micro}", args.device):
+            step()
     return seconds, n_params
-
-
-def write_profile(step: Callable[[], None], path: Path, title: str, device: torch.device) -> None:
-    """Append one profiled step's most expensive ops/kernels to `path` (profile first: bench/NOTES.md)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    averages = prof.key_averages()
-    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=20)]
-    if device.type == "cuda":  # a step is as slow as the busier of the two: kernels first, then host time
-        tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(f"== {title}\n" + "\n".join(tables) + "\n\n")
 
 
 def run_row(row: Row, build: Builder, args: argparse.Namespace, flops: float, peak: float | None) -> Row:

@@ -151,6 +151,38 @@ def test_eval_bench_config_by_name_or_path(capsys):
     assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
 
 
+def test_eval_bench_tasks_are_a_part_of_the_suite(capsys):
+    assert eval_bench.suite_tasks("hellaswag,wikitext") == "wikitext,hellaswag"  # the suite's order
+    for bad in ("hellaswag,mmlu", ""):
+        with pytest.raises(SystemExit) as exit_:
+            eval_bench.main(["--tasks", bad])
+        assert exit_.value.code == 2 and "not in the paper's suite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_bench_profiles_a_part_of_the_suite(tmp_path, capsys, monkeypatch):
+    """`--tasks hellaswag --profile` (the way to find where a task's time goes): one suite row of that task
+    and one FDA row, each profiled, their tables in <out>.profile.txt; the stock row on the same task."""
+    monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 3, min(words, 60))
+                                              for t, (split, _, words) in eval_bench.SIZES.items()})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "eval.json"
+    argv = ["--config", "tiny_gated_deltanet", "--tasks", "hellaswag", "--profile", "--stock-limit", "1",
+            "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+    assert eval_bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["run"], r.get("profiled")) for r in rows] == [
+        ("lmlab", "suite: hellaswag", True), ("lmlab", "FDA (launch_hf.py)", True),
+        ("stock", "suite: hellaswag", None), ("stock", "FDA (launch_hf.py)", None)]
+    assert set(rows[0]["seconds_per_task"]) == {"hellaswag/loglikelihood"}
+    assert rows[2]["full_estimate_s"] == pytest.approx(rows[2]["seconds"] * 3)  # hellaswag's 3 docs, not the suite's
+    profile = (tmp_path / "eval.profile.txt").read_text()
+    for title in ("tiny_gated_deltanet suite: hellaswag, batch 1", "tiny_gated_deltanet FDA, batch 1"):
+        assert f"== {title}\n" in profile
+    assert "aten::" in profile
+    assert "| lmlab | suite: hellaswag (profiled) | 1 |" in capsys.readouterr().out
+
+
 def test_synthetic_docs_follow_each_task_schema():
     import random
 
