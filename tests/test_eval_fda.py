@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from lmlab.eval.fda import keep_doc, prompt, window_text
+from lmlab.eval.fda import keep_doc, prompt, window_texts
 
 WORDS = [f"w{i}" for i in range(20)]
 
@@ -19,6 +19,11 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="[UNK]")
+
+
+def window_text(tokenizer, text, needles, window):
+    """One document's window, as window_texts gives it in a batch of one."""
+    return window_texts(tokenizer, [text], [needles], window)[0]
 
 
 def words(*indices):
@@ -54,6 +59,16 @@ def test_window_at_the_start(tokenizer):
     text = words("APPLICANT", *range(10))
     # anchor = len([BOS]) = 1, start 0: BOS counts as one of the 4 window tokens, decoding skips it
     assert window_text(tokenizer, text, ["applicant"], window=4) == words("APPLICANT", 0, 1)
+
+
+def test_a_batch_gives_each_document_its_own_window(tokenizer):
+    texts = [words(*range(10), "APPLICANT", *range(10, 20)), words(0, 1, 2, 3, "acme", *range(4, 12)),
+             words(*range(20)), "  " + words(0, 1, "APPLICANT", 2) + "\n", words("APPLICANT", *range(10))]
+    needles = [["applicant", "acme"], ["applicant", "acme"], ["applicant"], ["acme"], ["applicant"]]
+    alone = [window_text(tokenizer, text, mentions, 6) for text, mentions in zip(texts, needles)]
+    assert window_texts(tokenizer, texts, needles, 6) == alone
+    # the fourth has no "acme": the window ends the text (anchor = len(tokens of text[:-1]) = 5, start 2)
+    assert alone[1] == words(1, 2, 3, "acme", 4, 5) and alone[3] == words(1, "APPLICANT", 2)
 
 
 @pytest.mark.parametrize("text, key, expected", [

@@ -87,9 +87,10 @@ class BasedFDA(FDA):
         if self._docs is None:
             docs = list(super().validation_docs())
             if self.cutting_context:
-                docs = [{**doc, "text": fda.window_text(self.tokenizer, doc["text"], [doc["key"], doc["value"]],
-                                                       self.window)}
-                        for doc in docs if fda.keep_doc(doc)]
+                docs = [doc for doc in docs if fda.keep_doc(doc)]
+                texts = fda.window_texts(self.tokenizer, [doc["text"] for doc in docs],
+                                         [[doc["key"], doc["value"]] for doc in docs], self.window)
+                docs = [{**doc, "text": text} for doc, text in zip(docs, texts)]
             self._docs = datasets.Dataset.from_list(docs)
         return self._docs
 
