@@ -151,6 +151,38 @@ def test_non_lmlab_models_keep_lm_evals_own_path(tokenizer):
     assert "lmlab_scheduling" not in ours.get_model_info()
 
 
+@pytest.mark.parametrize("add_bos_token", [None, True])
+def test_requests_are_tokenised_in_batches_as_hflm_tokenises_each(add_bos_token, tokenizer, monkeypatch):
+    """Loglikelihood requests reach _loglikelihood_tokens with HFLM's tokens (contexts ending in spaces or a
+    newline, an empty context, a context beginning with BOS's text), with no string encoded one by one;
+    generation contexts' lengths likewise."""
+    hf, ours = both(tiny_model("small_hqlt_chunk", tokenizer), tokenizer,
+                    **({} if add_bos_token is None else {"add_bos_token": add_bos_token}))
+    bos = tokenizer.decode(hf.prefix_token_id)
+    pairs = [("the fox", " jumps"), ("the fox ", "jumps"), ("a dog\n", "walks"), ("", "the lid"), ("", " the lid"),
+             (bos + "the man", " walks"), ("the fox", " jumps over")]
+    requests = [request("loglikelihood", pair, doc_id=i) for i, pair in enumerate(pairs)]
+    inputs = {}
+    for name, model in (("hf", hf), ("ours", ours)):
+        monkeypatch.setattr(model, "_loglikelihood_tokens", lambda reqs, *_, name=name, **__:
+                            inputs.setdefault(name, reqs) and [(0.0, False)] * len(reqs))
+    one_by_one = []
+    hflm_tok_encode = HFLM.tok_encode
+    monkeypatch.setattr(HFLM, "tok_encode",
+                        lambda self, *a, **k: one_by_one.append(a) or hflm_tok_encode(self, *a, **k))
+    hf.loglikelihood(requests)
+    one_by_one.clear()
+    ours.loglikelihood(requests)
+    assert inputs["ours"] == inputs["hf"] and one_by_one == []
+    assert not ours._encoded  # nothing kept after the call
+    contexts = [pair[0] or "x" for pair in pairs]
+    with ours._pretokenized((context, None) for context in contexts):
+        assert [ours.tok_encode(c) for c in contexts] == [hflm_tok_encode(hf, c) for c in contexts]
+        truncated = ours.tok_encode(contexts[0], left_truncate_len=2)
+        assert truncated == hflm_tok_encode(hf, contexts[0], left_truncate_len=2)
+    assert one_by_one == []
+
+
 def test_pack_rows_best_fit_decreasing():
     rows = scheduling.pack_rows([5, 9, 3, 7, 1, 10], row_len=10)
     assert rows == [[5], [1, 4], [3, 2], [0]]  # 10 | 9+1 | 7+3 | 5: longest first, every index once

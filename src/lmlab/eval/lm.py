@@ -5,9 +5,9 @@ lmlab's model families (decoder-only, `LmlabForCausalLM`) the requests are sched
 `lmlab.eval.scheduling` at any `--batch_size`, since the batch size never changes an lmlab model's
 results: loglikelihood and rolling loglikelihood as packed documents up to `token_budget` tokens per
 forward, requests that share a context (multiple choice) with the context run once, greedy generation in
-left-padded batches of up to `token_budget` prompt + new tokens. Tokenisation,
-truncation, stop strings and post-processing are HFLM's own. Any other model, a sampled or otherwise
-non-greedy generation, and `think_end_token` take HFLM's own path unchanged.
+left-padded batches of up to `token_budget` prompt + new tokens. Tokenisation (HFLM's, done up front in
+batches: `_pretokenized`), truncation, stop strings and post-processing are HFLM's own. Any other model, a
+sampled or otherwise non-greedy generation, and `think_end_token` take HFLM's own path unchanged.
 
 `--model_args ...,token_budget=N` sets the budget (default `DEFAULT_TOKEN_BUDGET`); the results JSON's
 `config.lmlab_scheduling` records how the requests were run (`decode`: generation batches per way their
@@ -21,13 +21,19 @@ import json
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -51,10 +57,23 @@ DEFAULT_TOKEN_BUDGET = 65536
 GREEDY_KWARGS = {"do_sample", "temperature"}
 
 
+def encoded_strings(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, bool | None]]:
+    """What HFLM's loglikelihood passes to tok_encode for (context, continuation) pairs: the continuation
+    alone after an empty context, else the whole text and the context less its trailing whitespace (which
+    TemplateLM._encode_pair moves to the continuation)."""
+    for context, continuation in pairs:
+        if context:
+            yield context + continuation, None
+            yield context.rstrip(), None
+        else:
+            yield continuation, False
+
+
 class LmlabLM(HFLM):
     def __init__(self, *args: Any, token_budget: int | str = DEFAULT_TOKEN_BUDGET, **kwargs: Any):
         if not str(token_budget).isdigit() or int(token_budget) < 1:
             raise UserError(f"token_budget must be a positive integer (tokens per forward); got {token_budget!r}")
+        self._encoded: dict[tuple[str, bool | None], list[int]] = {}  # tok_encode's, see _pretokenized
         super().__init__(*args, **kwargs)
         self.token_budget = int(token_budget)
         self.scheduled = isinstance(self.model, LmlabForCausalLM) and self.backend == "causal"
@@ -71,7 +90,12 @@ class LmlabLM(HFLM):
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if not self.scheduled:
             return super().loglikelihood(requests, disable_tqdm)
-        return self._per_task("loglikelihood", requests, lambda reqs: super(LmlabLM, self).loglikelihood(reqs, True))
+
+        def run(reqs: list[Instance]) -> list[tuple[float, bool]]:
+            with self._pretokenized(encoded_strings(req.args for req in reqs)):
+                return super(LmlabLM, self).loglikelihood(reqs, True)
+
+        return self._per_task("loglikelihood", requests, run)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         if not self.scheduled:
@@ -81,7 +105,38 @@ class LmlabLM(HFLM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         if not self.scheduled or self.think_end_token is not None:
             return super().generate_until(requests, disable_tqdm)
-        return self._per_task("generate_until", requests, self._generate)
+
+        def run(reqs: list[Instance]) -> list[str]:
+            with self._pretokenized((req.args[0], None) for req in reqs):  # the contexts' lengths
+                return self._generate(reqs)
+
+        return self._per_task("generate_until", requests, run)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs: Any) -> list[int]:
+        ids = self._encoded.get((string, add_special_tokens))
+        if ids is None:
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    @contextlib.contextmanager
+    def _pretokenized(self, keys: Iterable[tuple[str, bool | None]]) -> Iterator[None]:
+        """tok_encode's results for `keys` ((string, add_special_tokens) pairs) encoded up front, each string
+        once, in one batch per set of tokenizer arguments: a fast tokenizer spreads a batch over its threads,
+        where HFLM encodes every string alone (twice per loglikelihood request, a shared context each time)."""
+        bos = self.tokenizer.decode(self.prefix_token_id)
+        batches: dict[bool | None, list[tuple[str, bool | None]]] = defaultdict(list)
+        for key in dict.fromkeys(keys):
+            string, add_special_tokens = key  # the tokenizer's argument as HFLM.tok_encode sets it:
+            add = _add_special_kwargs(add_special_tokens, self.add_bos_token).get("add_special_tokens")
+            batches[False if add_special_tokens is None and has_bos_prefix(string, bos) else add].append(key)
+        for add, batch in batches.items():
+            kwargs = {} if add is None else {"add_special_tokens": add}
+            self._encoded.update(zip(batch, self.tokenizer([string for string, _ in batch], **kwargs)["input_ids"]))
+        try:
+            yield
+        finally:
+            self._encoded.clear()
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
                               disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
