@@ -20,9 +20,10 @@ place of the full-size timing; log-likelihood differences are also given in spac
 differing pair of generations is followed to the step where they part: which path took the token a float32
 model likes less there, and the two tokens' logit margin (`Divergence`).
 `--parallel` also runs FDA with `-p` (one job per visible GPU) and checks that it generates the same as one
-job. `--tasks` runs a part of the suite (e.g. `--tasks hellaswag`); `--profile` runs lmlab's commands (not
-`-p`'s) under the torch profiler and appends their tables of kernels and host ops to `<--out>.profile.txt`
-(their wall times then include the profiler's cost). Prints a Markdown table last and writes JSON to `--out`
+job. `--tasks` runs a part of the suite (e.g. `--tasks hellaswag`), `--lmlab-model-args` adds model args to
+lmlab's suite rows (e.g. `state_memory_gib=18`); `--profile` runs lmlab's commands (not `-p`'s) under the
+torch profiler and appends their tables of kernels and host ops to `<--out>.profile.txt` (their wall times
+then include the profiler's cost). Prints a Markdown table last and writes JSON to `--out`
 after every row, with lmlab's seconds per task and request type (from the results JSON). The work folder
 (model, data, outputs) goes at the end unless `--keep`.
 """
@@ -53,7 +54,7 @@ from lmlab.quickstart import python_corpus, train_tokenizer  # noqa: E402
 from profiling import profile_to  # noqa: E402
 
 SUITE = "wikitext,lambada_openai,piqa,hellaswag,winogrande,arc_easy,arc_challenge,squad_completion,swde"
-HARNESS = ("--model {lm} --model_args pretrained={model},dtype={dtype} --tasks {tasks} --batch_size {batch} "
+HARNESS = ("--model {lm} --model_args pretrained={model},dtype={dtype}{extra} --tasks {tasks} --batch_size {batch} "
            "--num_fewshot 0 --device {device} --show_config")
 FDA = ("--batch-size {batch} -m {model} -t based_fda --output_dir {out} --context_length 1000 --answer_length 50 "
        "--cutting_context --limit {limit} --device {device} --dtype {dtype}")
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fda-only", action="store_true", help="skip the 9-task suite")
     p.add_argument("--tasks", type=suite_tasks, default=SUITE, help="a part of the suite, comma-separated")
+    p.add_argument("--lmlab-model-args", default="", metavar="K=V,...",
+                   help="more --model_args for lmlab's suite rows, e.g. state_memory_gib=18 (launch_hf.py takes none)")
     p.add_argument("--profile", action="store_true",
                    help="lmlab's commands under the torch profiler: tables appended to <--out>.profile.txt")
     p.add_argument("--compare", type=int, metavar="N",
@@ -366,8 +369,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
         args.out.write_text(json.dumps(result, indent=1))
 
     def suite_argv(lm: str, batch: int, out: Path, limit: list[str]) -> list[str]:
-        argv = shlex.split(HARNESS.format(lm=lm, model=model, dtype=args.dtype, tasks=args.tasks, batch=batch,
-                                          device=args.device))
+        extra = f",{args.lmlab_model_args}" if lm == "hf" and args.lmlab_model_args else ""
+        argv = shlex.split(HARNESS.format(lm=lm, model=model, dtype=args.dtype, extra=extra, tasks=args.tasks,
+                                          batch=batch, device=args.device))
         return argv + data + ["--output_path", str(out), "--log_samples"] + limit
 
     def fda_argv(batch: int, out: Path, limit: int) -> list[str]:

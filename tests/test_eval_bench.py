@@ -162,14 +162,18 @@ def test_eval_bench_tasks_are_a_part_of_the_suite(capsys):
 @pytest.mark.slow
 def test_eval_bench_profiles_a_part_of_the_suite(tmp_path, capsys, monkeypatch):
     """`--tasks hellaswag --profile` (the way to find where a task's time goes): one suite row of that task
-    and one FDA row, each profiled, their tables in <out>.profile.txt; the stock row on the same task."""
+    and one FDA row, each profiled, their tables in <out>.profile.txt; the stock row on the same task (without
+    `--lmlab-model-args`, which lm-eval's own class would refuse)."""
     monkeypatch.setattr(eval_bench, "SIZES", {t: (split, 3, min(words, 60))
                                               for t, (split, _, words) in eval_bench.SIZES.items()})
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = tmp_path / "eval.json"
     argv = ["--config", "tiny_gated_deltanet", "--tasks", "hellaswag", "--profile", "--stock-limit", "1",
-            "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+            "--device", "cpu", "--dtype", "float32", "--out", str(out), "--lmlab-model-args", "state_memory_gib=0.5",
+            "--keep"]
     assert eval_bench.main(argv) == 0
+    (results,) = next(tmp_path.glob("eval_bench_*")).glob("suite_0/**/results_*.json")
+    assert json.loads(results.read_text())["config"]["lmlab_scheduling"]["decoding_state_bytes"]["budget"] == 1 << 29
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["run"], r.get("profiled")) for r in rows] == [
         ("lmlab", "suite: hellaswag", True), ("lmlab", "FDA (launch_hf.py)", True),

@@ -202,6 +202,21 @@ def test_bad_token_budget_is_one_line():
         LmlabLM(pretrained="unused", token_budget="0")
 
 
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "nan", "inf", 0])
+def test_bad_state_memory_is_one_line(bad):
+    with pytest.raises(lmlab.errors.UserError, match="state_memory_gib must be a positive number"):
+        LmlabLM(pretrained="unused", state_memory_gib=bad)
+
+
+def test_state_memory_sets_the_rows_of_a_batch(tokenizer):
+    """`state_memory_gib` replaces the default budget (an eighth of the free GPU memory, 2 GiB on CPU)."""
+    model = tiny_model("small_hqlt_chunk", tokenizer)
+    _, default = both(model, tokenizer)
+    _, ours = both(model, tokenizer, state_memory_gib=0.25)
+    assert default.state_memory.budget == 2 << 30 and ours.state_memory.budget == 1 << 28
+    assert ours.get_model_info()["lmlab_scheduling"]["decoding_state_bytes"]["budget"] == 1 << 28
+
+
 def test_batch_rows_are_powers_of_two_and_one_and_a_half_times_them():
     sizes = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
     assert [scheduling.batch_rows_at_most(n) for n in range(1, 65)] == [max(s for s in sizes if s <= n)

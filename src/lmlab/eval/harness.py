@@ -199,7 +199,8 @@ def pop_option(argv: list[str], flag: str) -> str | None:
 
 def check_arguments(args: Any, data_dir: str | None) -> None:
     """What lm-eval would find out late or not at all, before a model or task loads: --limit and --batch_size
-    in range, --data_dir a folder, and an `hf` model's local folder loadable (lmlab.modeling.check_model_folder)."""
+    in range, --data_dir a folder, an `hf` model's local folder loadable (lmlab.modeling.check_model_folder)
+    and its lmlab model args (token_budget, state_memory_gib) valid."""
     if not getattr(args, "tasks", None):
         raise UserError("--tasks: no task named (e.g. --tasks piqa,arc_easy; `lm-eval ls tasks` lists them)")
     if args.limit is not None and not args.limit > 0:
@@ -221,6 +222,11 @@ def check_arguments(args: Any, data_dir: str | None) -> None:
                             "(HF_HUB_OFFLINE) with no cached copy")
         if isinstance(tokenizer, str) and is_local_path(tokenizer) and not Path(tokenizer).expanduser().is_dir():
             raise UserError(f"--model_args tokenizer={tokenizer}: no such folder")
+        from lmlab.eval.lm import positive_gib, positive_tokens  # lmlab's own model args, checked as LmlabLM does
+
+        for name, check in (("token_budget", positive_tokens), ("state_memory_gib", positive_gib)):
+            if name in model_args:
+                check(model_args[name])
 
 
 def _raise_user_error(message: str) -> NoReturn:

@@ -9,7 +9,8 @@ left-padded batches of up to `token_budget` prompt + new tokens. Tokenisation (H
 batches: `_pretokenized`), truncation, stop strings and post-processing are HFLM's own. Any other model, a
 sampled or otherwise non-greedy generation, and `think_end_token` take HFLM's own path unchanged.
 
-`--model_args ...,token_budget=N` sets the budget (default `DEFAULT_TOKEN_BUDGET`); the results JSON's
+`--model_args ...,token_budget=N` sets the budget (default `DEFAULT_TOKEN_BUDGET`), `state_memory_gib=G` the
+memory for a batch's decoding states (default `default_state_budget`); the results JSON's
 `config.lmlab_scheduling` records how the requests were run (`decode`: generation batches per way their
 decoding steps ran, e.g. "cuda_graph"), with the seconds per task and request type.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -57,6 +59,25 @@ DEFAULT_TOKEN_BUDGET = 65536
 GREEDY_KWARGS = {"do_sample", "temperature"}
 
 
+def positive_tokens(value: int | str) -> int:
+    """`token_budget`; one line naming the problem unless it is a positive integer."""
+    if not str(value).isdigit() or int(value) < 1:
+        raise UserError(f"token_budget must be a positive integer (tokens per forward); got {value!r}")
+    return int(value)
+
+
+def positive_gib(value: float | str) -> int:
+    """`state_memory_gib`'s bytes; one line naming the problem unless it is a positive, finite number."""
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise UserError(f"state_memory_gib must be a positive number (GiB for a batch's decoding states); "
+                        f"got {value!r}")
+    return int(gib * 2**30)
+
+
 def encoded_strings(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, bool | None]]:
     """What HFLM's loglikelihood passes to tok_encode for (context, continuation) pairs: the continuation
     alone after an empty context, else the whole text and the context less its trailing whitespace (which
@@ -70,16 +91,17 @@ def encoded_strings(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, boo
 
 
 class LmlabLM(HFLM):
-    def __init__(self, *args: Any, token_budget: int | str = DEFAULT_TOKEN_BUDGET, **kwargs: Any):
-        if not str(token_budget).isdigit() or int(token_budget) < 1:
-            raise UserError(f"token_budget must be a positive integer (tokens per forward); got {token_budget!r}")
+    def __init__(self, *args: Any, token_budget: int | str = DEFAULT_TOKEN_BUDGET,
+                 state_memory_gib: float | str | None = None, **kwargs: Any):
+        token_budget = positive_tokens(token_budget)
+        state_bytes = None if state_memory_gib is None else positive_gib(state_memory_gib)
         self._encoded: dict[tuple[str, bool | None], list[int]] = {}  # tok_encode's, see _pretokenized
         super().__init__(*args, **kwargs)
-        self.token_budget = int(token_budget)
+        self.token_budget = token_budget
         self.scheduled = isinstance(self.model, LmlabForCausalLM) and self.backend == "causal"
         if self.scheduled:
             with self._autocast():  # the states' dtypes are the evaluation's
-                self.state_memory = measure_state_memory(self.model, default_state_budget(self.device))
+                self.state_memory = measure_state_memory(self.model, state_bytes or default_state_budget(self.device))
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)  # (request type, task) -> seconds
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.decoding: dict[str, int] = defaultdict(int)  # how a generation batch decoded -> batches
