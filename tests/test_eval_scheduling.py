@@ -206,6 +206,8 @@ def test_bad_token_budget_is_one_line():
 def test_bad_state_memory_is_one_line(bad):
     with pytest.raises(lmlab.errors.UserError, match="state_memory_gib must be a positive number"):
         LmlabLM(pretrained="unused", state_memory_gib=bad)
+    with pytest.raises(lmlab.errors.UserError, match="state_memory_gib must be a positive number"):
+        lm.positive_gib(None)  # `state_memory_gib=None` in --model_args
 
 
 def test_state_memory_sets_the_rows_of_a_batch(tokenizer):

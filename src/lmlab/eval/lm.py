@@ -70,7 +70,7 @@ def positive_gib(value: float | str) -> int:
     """`state_memory_gib`'s bytes; one line naming the problem unless it is a positive, finite number."""
     try:
         gib = float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         gib = math.nan
     if not (math.isfinite(gib) and gib > 0):
         raise UserError(f"state_memory_gib must be a positive number (GiB for a batch's decoding states); "
@@ -101,7 +101,8 @@ class LmlabLM(HFLM):
         self.scheduled = isinstance(self.model, LmlabForCausalLM) and self.backend == "causal"
         if self.scheduled:
             with self._autocast():  # the states' dtypes are the evaluation's
-                self.state_memory = measure_state_memory(self.model, state_bytes or default_state_budget(self.device))
+                budget = default_state_budget(self.device) if state_bytes is None else state_bytes
+                self.state_memory = measure_state_memory(self.model, budget)
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)  # (request type, task) -> seconds
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.decoding: dict[str, int] = defaultdict(int)  # how a generation batch decoded -> batches
