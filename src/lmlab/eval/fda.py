@@ -56,11 +56,9 @@ def window_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], needles: 
         positions.append(min(found) if found else -1)  # -1: text[:-1] below, the reference script's "not found"
     ids = tokenizer(texts)["input_ids"]
     anchors = [len(prefix) for prefix in tokenizer([t[:p] for t, p in zip(texts, positions)])["input_ids"]]
-    windows = []
-    for text_ids, anchor in zip(ids, anchors):
-        start = max(0, anchor - window // 2)
-        windows.append(text_ids[start:min(len(text_ids), start + window)])
-    return tokenizer.batch_decode(windows, skip_special_tokens=True)
+    starts = [max(0, anchor - window // 2) for anchor in anchors]
+    return tokenizer.batch_decode([text_ids[start:start + window] for text_ids, start in zip(ids, starts)],
+                                  skip_special_tokens=True)
 
 
 def prompt(text: str, key: str) -> str:
