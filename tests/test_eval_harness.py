@@ -10,15 +10,17 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from lm_eval.api import metrics
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import lmlab  # noqa: F401  (registers the model families)
 from conftest import CLEAN_ENV
-from lmlab.eval import harness
+from lmlab.eval import bootstrap, harness
 from lmlab.eval.tasks import recall
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,14 +201,21 @@ def compare(single, batched, path=""):
 def test_batch_4_equals_batch_1(work, model):
     """loglikelihood (lambada), multiple choice (piqa), rolling (wikitext), generation (squad, based_fda)."""
     runs = {}
-    for batch_size in (1, 4):
-        out = work["root"] / f"batch_{model}_{batch_size}"
-        assert harness.main(["--model", "hf", "--model_args", f"pretrained={work[model]},dtype=float32",
-                             "--tasks", "wikitext,lambada_openai,piqa,squad_completion,based_fda",
-                             "--batch_size", str(batch_size), "--device", "cpu", "--data_dir", work["data"],
-                             "--output_path", str(out), "--log_samples"]) == 0
-        runs[batch_size] = results_and_samples(out)
+    with mock.patch.object(bootstrap, "bootstrap_stderr", wraps=bootstrap.bootstrap_stderr) as vectorised:
+        for batch_size in (1, 4):
+            out = work["root"] / f"batch_{model}_{batch_size}"
+            assert harness.main(["--model", "hf", "--model_args", f"pretrained={work[model]},dtype=float32",
+                                 "--tasks", "wikitext,lambada_openai,piqa,squad_completion,based_fda",
+                                 "--batch_size", str(batch_size), "--device", "cpu", "--data_dir", work["data"],
+                                 "--output_path", str(out), "--log_samples"]) == 0
+            runs[batch_size] = results_and_samples(out)
     (results_1, samples_1), (results_4, samples_4) = runs[1], runs[4]
+    # lambada's perplexity stderr came from lmlab.eval.bootstrap, and is lm-eval's own from the same items
+    assert [c.args[0] for c in vectorised.call_args_list] == [metrics.perplexity] * 2
+    items = [s["perplexity"] for s in sorted(samples_1["lambada_openai"], key=lambda s: s["doc_id"])]
+    with mock.patch.dict(os.environ, DISABLE_MULTIPROC="1"):
+        expected = metrics.bootstrap_stderr(metrics.perplexity, items, 100000)
+    assert results_1["results"]["lambada_openai"]["perplexity_stderr,none"] == expected
     for task, values in results_1["results"].items():
         for metric, value in values.items():
             if isinstance(value, float) and "stderr" not in metric:
