@@ -3,6 +3,7 @@
 (configs/tiny_*.json): loglikelihood, rolling loglikelihood and greedy generation."""
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lmlab  # noqa: F401  (registers the model families)
-from lmlab.eval import lm, scheduling
+from lmlab.eval import fda, lm, scheduling
 from lmlab.eval.lm import LmlabLM
 from lmlab.models.cache import Cache, _tensors
 from test_eval_harness import GATED_DELTANET, HQLT, write_tokenizer
@@ -181,6 +182,25 @@ def test_requests_are_tokenised_in_batches_as_hflm_tokenises_each(add_bos_token,
         truncated = ours.tok_encode(contexts[0], left_truncate_len=2)
         assert truncated == hflm_tok_encode(hf, contexts[0], left_truncate_len=2)
     assert one_by_one == []
+
+
+def test_batches_are_tokenised_on_the_tokenizers_threads_and_the_setting_is_restored(tokenizer, monkeypatch):
+    """lm-eval's CLI turns a fast tokenizer's threads off for the whole command; lmlab's batches (the requests'
+    strings, FDA's windows) run with them on, and the setting is back as it was after each."""
+    _, ours = both(tiny_model("small_hqlt_chunk", tokenizer), tokenizer)
+    seen = []
+    call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k:
+                        seen.append(os.environ.get(lm.TOKENIZER_THREADS)) or call(self, *a, **k))
+    monkeypatch.setenv(lm.TOKENIZER_THREADS, "false")  # as lm-eval's CLI sets it
+    with ours._pretokenized([("the fox", None), ("", False)]):
+        assert os.environ[lm.TOKENIZER_THREADS] == "false"
+    assert fda.window_texts(tokenizer, ["the key is here"], [["key"]], 4)
+    assert seen == ["true"] * 4 and os.environ[lm.TOKENIZER_THREADS] == "false"
+    monkeypatch.delenv(lm.TOKENIZER_THREADS)
+    with lm.tokenizer_threads():
+        assert os.environ[lm.TOKENIZER_THREADS] == "true"
+    assert lm.TOKENIZER_THREADS not in os.environ
 
 
 def test_pack_rows_best_fit_decreasing():

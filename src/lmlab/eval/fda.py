@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmlab.errors import ArgumentParser, UserError, command
 from lmlab.eval import harness
+from lmlab.eval.lm import tokenizer_threads
 from lmlab.modeling import check_model_folder, is_local_path
 
 
@@ -47,18 +48,19 @@ def keep_doc(doc: dict[str, Any]) -> bool:
 def window_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], needles: list[list[str]],
                  window: int) -> list[str]:
     """For each text, at most `window` tokens of it around the earliest case-insensitive mention of any of its
-    needles. Tokenised and decoded in batches, which a fast tokenizer spreads over its threads (one by one,
-    FDA's ~1,100 documents of up to thousands of tokens took seconds of every FDA command)."""
+    needles. Tokenised and decoded in batches, on the tokenizer's threads (one by one, FDA's ~1,100
+    documents of up to thousands of tokens took seconds of every FDA command)."""
     texts = [text.strip() for text in texts]
     positions = []
     for text, mentions in zip(texts, needles):
         found = [m.start() for needle in mentions if (m := re.search(re.escape(needle), text, re.IGNORECASE))]
         positions.append(min(found) if found else -1)  # -1: text[:-1] below, the reference script's "not found"
-    ids = tokenizer(texts)["input_ids"]
-    anchors = [len(prefix) for prefix in tokenizer([t[:p] for t, p in zip(texts, positions)])["input_ids"]]
-    starts = [max(0, anchor - window // 2) for anchor in anchors]
-    return tokenizer.batch_decode([text_ids[start:start + window] for text_ids, start in zip(ids, starts)],
-                                  skip_special_tokens=True)
+    with tokenizer_threads():
+        ids = tokenizer(texts)["input_ids"]
+        anchors = [len(prefix) for prefix in tokenizer([t[:p] for t, p in zip(texts, positions)])["input_ids"]]
+        starts = [max(0, anchor - window // 2) for anchor in anchors]
+        return tokenizer.batch_decode([text_ids[start:start + window] for text_ids, start in zip(ids, starts)],
+                                      skip_special_tokens=True)
 
 
 def prompt(text: str, key: str) -> str:
