@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from lmlab import dumplock
+from lmlab import dumplock, launch
 from lmlab.checkpoint import complete_steps
 from lmlab.dumplock import DumpInUse
 from lmlab.errors import UserError
@@ -200,6 +200,21 @@ def test_a_child_whose_parent_died_before_it_asked_ends_at_once():
     child.start()
     child.join(10)
     assert child.exitcode == 128 + signal.SIGTERM
+
+
+def test_torchrun_takes_the_launchers_death_as_one_stop_signal(monkeypatch):
+    """The kernel sends the parent-death SIGTERM again each time torchrun passes to another thread of the
+    dying launcher; torchrun's handler sees the first only (a second one cut short its wait for the saving
+    trainers, and torchrun then hung at exit). Signals while the launcher lives pass every time."""
+    calls, parent = [], [os.getppid()]
+    monkeypatch.setattr(os, "getppid", lambda: parent[0])
+    handle = launch.launcher_death_once(lambda signum, frame: calls.append(signum))
+    handle(signal.SIGINT, None)
+    handle(signal.SIGINT, None)  # a second Ctrl-C, forwarded by the launcher
+    parent[0] = 1  # the launcher died: torchrun was handed to init
+    for _ in range(3):
+        handle(signal.SIGTERM, None)
+    assert calls == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
 
 
 # --- through bash train.sh ------------------------------------------------------------------------------

@@ -27,7 +27,10 @@ filesystem without locks gets a warning and no lock.
 ends (prctl PR_SET_PDEATHSIG): a SIGKILLed launcher takes torchrun with it, which stops its trainers (they
 save, as on any SIGTERM); a SIGKILLed torchrun signals the trainers directly. The signal comes when the
 parent *thread* ends: both parents start their children from their main thread, which lives as long as
-they do. Elsewhere (macOS) there is no such call and the children outlive a SIGKILLed launcher.
+they do. When a SIGKILLed parent's threads end one by one, the child passes from one to the next and may
+get the signal once per thread: torchrun takes them as one (lmlab.launch.launcher_death_once), and a
+trainer only sets its stop flag again. Elsewhere (macOS) there is no such call and the children outlive a
+SIGKILLed launcher.
 """
 from __future__ import annotations
 

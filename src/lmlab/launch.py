@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from lmlab import dumplock
 from lmlab.config import JobConfig, parse_args
@@ -51,11 +52,14 @@ def torchrun() -> int:
     waits for the trainers to save) it returns 128 + the signal's number; after a trainer's own error line (the
     launcher repeats it) 1; after a trainer died without one (a signal, a crash in native code) one line
     naming the rank and how it ended, and 1."""
+    from torch.distributed.elastic.multiprocessing import api as elastic_api
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     os.environ[dumplock.AGENT_PID_ENV] = str(os.getpid())  # the trainers' parent: they end with it
+    # torch registers this handler when it starts the trainers: this process is torchrun's alone
+    elastic_api._terminate_process_handler = launcher_death_once(elastic_api._terminate_process_handler)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_explained_failure_filter)
     try:
         main()
@@ -69,6 +73,26 @@ def torchrun() -> int:
                   "native code?); its output is above and in the dump's logs folder", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def launcher_death_once(handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+    """torchrun's stop-signal `handler`, taking the launcher's death as one signal. The kernel sends the
+    parent-death SIGTERM again each time torchrun passes to another thread of the dying launcher (two or
+    three within milliseconds, seen under load); the second, raised inside torchrun's wait for the saving
+    trainers, cut that wait short: the trainers were never reaped and torchrun hung at exit on its
+    log-tailing threads. A signal before the launcher's death is passed on every time (a second Ctrl-C
+    still cuts the wait short)."""
+    launcher, stopping = os.getppid(), False
+
+    def handle(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if os.getppid() != launcher:
+            if stopping:
+                return
+            stopping = True
+        handler(signum, frame)
+
+    return handle
 
 
 def _explained_failure_filter(record: logging.LogRecord) -> bool:
