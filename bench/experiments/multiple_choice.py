@@ -61,6 +61,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).to(args.device, torch.bfloat16).eval()
         default = default_state_budget(torch.device(args.device))
+
         def shared(multiple: float):
             state = measure_state_memory(model, int(default * multiple))
             return score_shared_context(model, docs, token_budget=DEFAULT_TOKEN_BUDGET, state=state)
@@ -75,12 +76,13 @@ def main() -> None:
                 scores = {d * 4 + j: s for (d, j), s in scores.items()}
             reference = reference or scores
             diff = max(abs(scores[i] - reference[i]) for i in reference)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
             print(f"{name} {variant}: {seconds:.2f} s ({first:.2f} s the first time), {forwards} batches, "
-                  f"peak {torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.1f} GiB, max |diff| vs the first {diff:.3g}",
-                  flush=True)
+                  f"peak {peak:.1f} GiB, max |diff| vs the first {diff:.3g}", flush=True)
         if args.profile:
-            with profile_to(args.profile, f"{name} shared x1, {args.docs} documents", torch.device(args.device)):
-                timed(variants[f"shared x{args.budgets[0]:g}"])
+            variant = f"shared x{args.budgets[0]:g}"
+            with profile_to(args.profile, f"{name} {variant}, {args.docs} documents", torch.device(args.device)):
+                timed(variants[variant])
         del model
         torch.cuda.empty_cache()
 
