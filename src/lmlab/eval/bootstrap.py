@@ -35,7 +35,7 @@ def bootstrap_stderr(f: Callable[[Sequence[Any]], float], xs: Sequence[Any], ite
         return lm_eval_stderr(f, xs, iters)
     values = np.array(xs, dtype=np.float64)
     chunk = min(CHUNK, iters)
-    first = _resampled(0, values, 1)
+    first = _resampled(_generator(0), values, 1)
     with np.errstate(all="ignore"):
         vectorised = _sums(first)[0]
     if vectorised != sum(first[0].tolist()):  # this Python sums floats some other way
@@ -64,11 +64,9 @@ def _generator(seed: int) -> np.random.RandomState:
     return generator
 
 
-def _resampled(draws: np.random.RandomState | int, values: np.ndarray, rows: int) -> np.ndarray:
+def _resampled(draws: np.random.RandomState, values: np.ndarray, rows: int) -> np.ndarray:
     """`rows` resamples of `values` [rows, n]: Random.choices' `population[floor(random() * n)]`, per row in
-    turn (the product is never negative, so truncation is the floor). An int `draws` is a seed."""
-    if isinstance(draws, int):
-        draws = _generator(draws)
+    turn (the product is never negative, so truncation is the floor)."""
     n = len(values)
     return values[(draws.random_sample((rows, n)) * float(n)).astype(np.intp)]
 
