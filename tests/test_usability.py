@@ -122,6 +122,21 @@ def test_evaluation_bars_refresh_once_a_minute_in_a_log_file(monkeypatch):
     assert "TQDM_MININTERVAL" not in os.environ
 
 
+def test_metrics_of_a_resume_or_restart_replace_the_old_timelines_steps(tmp_path):
+    """A run killed at step 5 after its checkpoint at 3 resumes there; a run without checkpoints restarts at 1:
+    what plot and report read is the newest timeline, not a mix (steps 4-5 of the old one after step 2)."""
+    import json
+
+    from lmlab.metrics import read_metrics
+
+    steps = [(1, "a"), (2, "a"), (3, "a"), (4, "a"), (5, "a"), (4, "b"), (5, "b"), (6, "b"), (1, "c"), (2, "c")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "run": r}) + "\n" for s, r in steps))
+    assert [(m["step"], m["run"]) for m in read_metrics(tmp_path)] == [(1, "c"), (2, "c")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "run": r}) + "\n" for s, r in steps[:8]))
+    assert [(m["step"], m["run"]) for m in read_metrics(tmp_path)] == [(1, "a"), (2, "a"), (3, "a"), (4, "b"),
+                                                                        (5, "b"), (6, "b")]
+
+
 def test_plot_labels_runs_apart_and_writes_next_to_the_run(tmp_path, monkeypatch, capsys):
     from lmlab import plot
 

@@ -177,13 +177,16 @@ class MetricLogger:
 
 
 def read_metrics(dump_folder: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (the last record wins for a step logged twice, e.g. a resume).
-    UserError for a folder without one, or a line that is not a record of a step (naming the line)."""
+    """The records of a run's metrics.jsonl, in step order. A record whose step is not after the previous
+    record's starts a new timeline (a resume from a checkpoint before the last logged step, a restart from
+    scratch), whose records replace the old ones from that step on. UserError for a folder without one, or
+    a line that is not a record of a step (naming the line)."""
     path = Path(dump_folder) / METRICS_FILE
     if not path.is_file():
         what = "no such folder" if not Path(dump_folder).exists() else f"no {METRICS_FILE}, so not an lmlab dump folder"
         raise UserError(f"{dump_folder}: {what}")
     by_step: dict[int, dict[str, Any]] = {}
+    last_step = 0
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line.strip():
             try:
@@ -192,5 +195,8 @@ def read_metrics(dump_folder: str | Path) -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{number}: not a JSON record (a truncated or foreign line?)") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise UserError(f"{path}:{number}: not a record of a step (expected an object with an integer 'step')")
-            by_step[record["step"]] = record
+            step = record["step"]
+            if by_step and step <= last_step:
+                by_step = {earlier: kept for earlier, kept in by_step.items() if earlier < step}
+            by_step[step], last_step = record, step
     return [by_step[s] for s in sorted(by_step)]
