@@ -272,18 +272,18 @@ def test_bad_input_fails_in_one_line_and_overwrites_nothing(case, corpus, tmp_pa
 
 
 @pytest.mark.parametrize("name", ["flag-misspelled", "flag-missing-value-at-end", "config-unknown-model-type",
-                                  "data-missing-path", "dump-holds-another-run"])
+                                  "data-missing-path", "dump-holds-another-run", "checkpoint-corrupt-metadata"])
 def test_train_sh_turns_bad_input_into_one_line_and_exit_2(name, corpus, tmp_path, earlier_run):
-    """Flags, configs, tokenizer and data fail in the launcher before torchrun starts, creating nothing; what
-    only the trainer can see (the dump's other run) fails there, and the launcher prints the trainer's line,
-    once, without torchrun's report. Either way stderr is that one line."""
+    """Flags, configs, tokenizer, data and the dump's contents fail in the launcher before torchrun starts,
+    creating nothing; what only the trainer can see (a checkpoint that does not load) fails there, and the
+    launcher prints the trainer's line, once, without torchrun's report. Either way stderr is that one line."""
     argv, dump = bad_command(CASES[name], corpus, tmp_path, earlier_run)
     before = snapshot(dump)
     result = train_sh(argv)
     check_refusal(result.returncode, result.stderr, CASES[name])
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert snapshot(dump) == before
-    assert (dump / "logs").exists() == (name == "dump-holds-another-run")  # torchrun started only there
+    assert (dump / "logs").exists() == (name == "checkpoint-corrupt-metadata")  # torchrun started only there
 
 
 def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_overwrite(

@@ -164,8 +164,12 @@ def test_exclude_from_loading_and_weights_only_final_save(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     checkpointer(tmp_path).save(1, make_states())
+    resumed = r"step-1 was saved from another model config: head_dim is 8 there and 12 now \(and 1 more\)"
+    with pytest.raises(UserError, match=resumed):
+        checkpointer(tmp_path).load(make_states(hidden=48))  # a resume compares the configs first
+    warm_start = checkpointer(tmp_path / "fresh", initial_load_path=str(tmp_path / "checkpoint" / "step-1"))
     with pytest.raises(UserError, match="has shape .* another model config"):
-        checkpointer(tmp_path).load(make_states(hidden=48))
+        warm_start.load(make_states(hidden=48))
 
 
 class _Evil:

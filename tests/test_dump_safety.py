@@ -9,6 +9,7 @@ training one step each.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from conftest import REPO
 from lmlab.checkpoint import complete_steps, export_hf
 from lmlab.config import JobConfig, parse_args
 from lmlab.distributed import init_distributed
+from lmlab.dump import check_dump_contents
 from lmlab.errors import UserError
 from lmlab.optim import lr_multiplier
 from test_checkpoint import checkpointer, make_states, tiny_llama, train_steps
-from tiny_run import metrics_lines, small_args
+from tiny_run import metrics_lines, small_args, small_config
 
 
 def args(corpus: dict, dump: Path, **extra: str | None) -> list[str]:
@@ -253,3 +255,91 @@ def test_a_resume_with_another_optimizer_is_refused_naming_the_saved_one(corpus,
     assert line.startswith("error: --optimizer.name Adam: ") and "step-3 was saved with AdamW" in line
     assert "--checkpoint.exclude_from_loading optimizer" in line
     assert everything(dump) == before
+
+
+# --- 7. what a dump folder may hold when a run starts ----------------------------------------------------
+
+def without_run_record(dump: Path) -> Path:
+    """The earlier run's HF export and metrics in a folder of their own, as a user might copy them."""
+    folder = dump.parent / "copied"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
+        shutil.copy(dump / name, folder / name)
+    return folder
+
+
+def nested(dump: Path) -> Path:
+    return dump / "checkpoint" / "step-9"
+
+
+def edit_saved_config(dump: Path) -> None:
+    saved = dump / "checkpoint" / "step-3" / "config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "num_hidden_layers": 7}))
+
+
+REFUSED_AT_START = {  # name: (the dump to use, flags, what to do first, what the error line must name)
+    "foreign-export": (without_run_record, {}, None, "holds metrics.jsonl, model.safetensors, config.json"),
+    "foreign-export-overwrite": (without_run_record, {"job.overwrite": "true"}, None, "which no lmlab run wrote"),
+    "inside-another-run": (nested, {}, None, "another run's dump folder"),
+    "tokenizer-in-dump": (None, {"model.tokenizer_path": "{dump}", "job.overwrite": "true"}, None,
+                          "--model.tokenizer_path"),
+    "model-config-edited": (None, {}, edit_saved_config, "num_hidden_layers is 7 there and 2 now"),
+    "checkpointing-off": (None, {"checkpoint.enable_checkpoint": "false"}, None, "checkpointing is off"),
+    "export-without-checkpoints": (None, {}, lambda d: shutil.rmtree(d / "checkpoint"),
+                                   "the HF export of a finished run"),
+    "different-run-metrics-only": (None, {"training.seq_len": "16"},
+                                   lambda d: [shutil.rmtree(d / "checkpoint"), (d / "model.safetensors").unlink()],
+                                   "--training.seq_len 32 there, 16 now"),
+    "steps-past": (None, {"training.steps": "2"}, None, "resumes from step 3"),
+    "load-step-without-checkpointing": (None, {"checkpoint.load_step": "2", "checkpoint.enable_checkpoint": "false"},
+                                        None, "checkpointing is off"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_AT_START))
+def test_a_dump_that_holds_what_the_run_would_replace_is_refused_before_anything_is_written(case, corpus, dump,
+                                                                                            capsys):
+    where, flags, before_run, expected = REFUSED_AT_START[case]
+    target = where(dump) if where else dump
+    flags = {k: v.format(dump=dump, parent=dump.parent) for k, v in flags.items()}
+    if before_run:
+        before_run(dump)
+    before = everything(dump)
+    assert lmlab.train.main(args(corpus, target, **flags)) == 2
+    assert expected in last_error(capsys)
+    assert everything(dump) == before
+
+
+def test_the_launchers_checks_refuse_a_bad_dump_before_it_exists(corpus, dump):
+    """train.sh's checks before the lock creates the folder (the trainer checks again under the lock)."""
+    new = dump.parent / "new"
+    for target, extra, expected in (
+            (new, {"checkpoint.initial_load_path": str(dump)}, "is not a DCP checkpoint"),
+            (new, {"checkpoint.load_step": "4"}, "no complete checkpoint step-4"),
+            (nested(dump), {}, "another run's dump folder")):
+        with pytest.raises(UserError, match=expected):
+            lmlab.train.check_inputs(parse_args(args(corpus, target, **extra)))
+        assert not target.exists()
+
+
+def test_a_dump_folder_inside_the_data_folder_is_refused(corpus, tmp_path):
+    cfg = parse_args(args(corpus, tmp_path / "data" / "run", **{"training.dataset": str(tmp_path / "data")}))
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError, match="inside the data folder"):
+        check_dump_contents(cfg)
+
+
+def test_the_same_inputs_written_another_way_resume_the_run(corpus, dump, capsys):
+    config = str(small_config(corpus))
+    assert config == str(Path(config).resolve())  # the earlier run recorded it absolute; now relative to the cwd
+    relative = os.path.relpath(config, Path.cwd())
+    assert lmlab.train.main(args(corpus, dump, **{"model.config": relative, "training.steps": "4"})) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+
+
+def test_cleaning_up_never_removes_another_runs_dump_below_the_checkpoints(corpus, dump):
+    other = nested(dump)
+    other.mkdir()
+    (other / "job_config.toml").write_text((dump / "job_config.toml").read_text())
+    assert lmlab.train.main(args(corpus, dump, **{"training.steps": "4"})) == 0
+    assert (other / "job_config.toml").is_file()

@@ -86,7 +86,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lmlab import allowlist_pickle
+from lmlab import allowlist_pickle, dumplock
 from lmlab.config import Checkpoint as CheckpointConfig
 from lmlab.distributed import DTYPES, Dist
 from lmlab.errors import UserError
@@ -247,6 +247,45 @@ def complete_steps(folder: Path) -> list[int]:
     """The steps of the complete checkpoints in `folder`, oldest first: `step-N` directories with DCP's
     `.metadata` and a readable lmlab.json of step N (see `incomplete_reason`)."""
     return sorted(step for step, path in _step_dirs(folder) if incomplete_reason(path, step) is None)
+
+
+def load_step_problem(folder: Path, step: int) -> str | None:
+    """Why `--checkpoint.load_step step` cannot resume from the checkpoints in `folder`; None if it can."""
+    steps = complete_steps(folder)
+    if step in steps:
+        return None
+    path = folder / f"step-{step}"
+    reason = incomplete_reason(path, step) if path.is_dir() else None
+    problem = f"{path} is incomplete or corrupt ({reason})" if reason else \
+        f"no complete checkpoint step-{step} in {folder}"
+    return f"--checkpoint.load_step {step}: {problem} (available: {', '.join(map(str, steps)) or 'none'})"
+
+
+# Model config keys that a resume may change: how the model runs or where it came from, not what it is.
+_RUNTIME_CONFIG_KEYS = {"transformers_version", "backend", "use_cache", "architectures", "dtype", "torch_dtype",
+                        "_name_or_path"}
+
+
+def check_same_model(path: Path, model: nn.Module) -> None:
+    """UserError when the checkpoint at `path` was saved from another model config than `model`'s: the weights
+    of a 4-layer run would load into 2 layers without a word (extra weights are not an error)."""
+    saved_file, config = path / "config.json", getattr(model, "config", None)
+    if config is None or not saved_file.is_file():
+        return
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        return  # the weights' own checks still apply
+    now = json.loads(config.to_json_string())
+    changed = [key for key in sorted(saved.keys() | now.keys())
+               if key not in _RUNTIME_CONFIG_KEYS and saved.get(key) != now.get(key)]
+    if changed:
+        key, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise UserError(
+            f"{path} was saved from another model config: {key} is {json.dumps(saved.get(key))} there and "
+            f"{json.dumps(now.get(key))} now{more}; resume with the config it was trained with (a copy: {saved_file}), "
+            "or start over with --job.overwrite or another --job.dump_folder"
+        )
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -425,8 +464,8 @@ class Checkpointer:
             shutil.rmtree(leftover, ignore_errors=True)
         for step, path in _step_dirs(self.folder):
             reason = incomplete_reason(path, step)
-            if reason is None or step == self.cfg.load_step or _foreign(path):
-                continue
+            if reason is None or step == self.cfg.load_step or _foreign(path) or dumplock.holds_a_run(path):
+                continue  # another run's dump folder is never an incomplete save of this one's
             print(f"lmlab: removing the incomplete checkpoint {path} ({reason})", flush=True)
             try:
                 trash = path.rename(path.with_name(path.name + ".deleted" + TMP_SUFFIX))
@@ -563,20 +602,17 @@ class Checkpointer:
                         f"of {self.folder}, or warm-start from it with --checkpoint.initial_load_path in another "
                         "--job.dump_folder"
                     )
-        step = None
+        path = None
         if self.cfg.load_step >= 0 and not fresh:
+            problem = load_step_problem(self.folder, self.cfg.load_step)
+            if problem:
+                raise UserError(problem)
             path = self.step_dir(self.cfg.load_step)
-            if self.cfg.load_step not in steps:
-                available = ", ".join(map(str, steps)) or "none"
-                reason = incomplete_reason(path, self.cfg.load_step) if path.is_dir() else None
-                problem = f"{path} is incomplete or corrupt ({reason})" if reason else (
-                    f"no complete checkpoint step-{self.cfg.load_step} in {self.folder}")
-                raise UserError(f"--checkpoint.load_step {self.cfg.load_step}: {problem} (available: {available})")
-            step = self._load_step_dir(path, states)
         elif steps:
             path = self.step_dir(steps[-1])
+        if path is not None:
+            check_same_model(path, states["model"])
             step = self._load_step_dir(path, states)
-        if step is not None:
             self.loaded_from = path
             self._current.add(step)
             later = [s for s in steps if s > step]

@@ -1,8 +1,11 @@
-"""The dump folder: what a run may write there, the refusal to mix two runs, and `--job.overwrite`.
+"""The dump folder: what a run may write there, what the folder may hold when it starts, and `--job.overwrite`.
 
 Every path a run writes inside the dump (`checkpoint.folder`, `metrics.save_tb_folder`,
 `profiling.save_traces_folder`, metrics.jsonl, the logs) must resolve (symlinks and `..` followed) to a
-path strictly inside it; anything else is a one-line UserError before the folder is touched.
+path strictly inside it; anything else is a one-line UserError before the folder is touched. What the
+folder holds is checked before anything is written (`check_dump_contents`): a run never replaces files
+that no lmlab run wrote, another run's outputs, or (without `--job.overwrite`) the weights of a run it
+would start over instead of resuming.
 
 `--job.overwrite` starts over: the old run's checkpoints are not loaded, and once the new run has loaded
 what it starts from (`clear_previous_run`, called after `Checkpointer.load`), the old run's outputs are
@@ -17,7 +20,10 @@ import shutil
 import tomllib
 from pathlib import Path
 
-from lmlab.checkpoint import TMP_SUFFIX, complete_steps, free_space, nearest_existing
+from lmlab import dumplock
+from lmlab.checkpoint import (
+    TMP_SUFFIX, complete_steps, free_space, load_step_problem, nearest_existing, read_metadata,
+)
 from lmlab.config import JobConfig
 from lmlab.distributed import Dist
 from lmlab.errors import UserError
@@ -81,30 +87,102 @@ def dump_paths(cfg: JobConfig) -> dict[str, Path]:
     return paths
 
 
+def check_dump_contents(cfg: JobConfig) -> None:
+    """UserError unless this run may write where it would (it reads only; train.sh runs it before anything is
+    created, the trainer again once it holds the dump's lock):
+    - the dump is not inside another run's dump, none of the run's inputs (model config, tokenizer, data)
+      is in it, and it is not in the data folder (read with its subfolders);
+    - what the run writes there (checkpoints, metrics, the HF export) is absent, or an lmlab run's (its
+      job_config.toml): no other file is ever replaced;
+    - without --job.overwrite, that run is this one (the same model and data config), and one that saved
+      weights (checkpoints or an export) is resumed, not started over: checkpointing on, a complete step to
+      load, not past --training.steps."""
+    dump = Path(cfg.job.dump_folder).resolve()
+    _check_placement(cfg, dump)
+    outputs = _run_outputs(cfg, dump)
+    record = dump / dumplock.RUN_RECORD
+    if outputs and not record.is_file():
+        named = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
+        raise UserError(f"--job.dump_folder {cfg.job.dump_folder} holds {named}, which no lmlab run wrote (no "
+                        f"{dumplock.RUN_RECORD}): this run would replace them; choose an empty or new folder")
+    if cfg.job.overwrite:
+        return
+    if record.is_file():
+        try:
+            saved = tomllib.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"{record}: unreadable ({exc}); restore it, or start over with --job.overwrite") from None
+        difference = _run_difference(saved, cfg)
+        if difference:
+            raise UserError(f"{dump} holds a different run ({difference}; see {record}); use another "
+                            "--job.dump_folder, or --job.overwrite to start over there")
+    checkpoints = dump_paths(cfg)["--checkpoint.folder"]
+    steps = complete_steps(checkpoints)
+    load_step = cfg.checkpoint.load_step
+    if load_step >= 0:
+        problem = load_step_problem(checkpoints, load_step) if cfg.checkpoint.enable_checkpoint else \
+            f"--checkpoint.load_step {load_step}: checkpointing is off (--checkpoint.enable_checkpoint false)"
+        if problem:
+            raise UserError(problem)
+    start = load_step if load_step >= 0 else (steps[-1] if steps and cfg.checkpoint.enable_checkpoint else None)
+    if start is None and (steps or (dump / "model.safetensors").is_file()):
+        saved = f"checkpoints (step-{steps[-1]})" if steps else "the HF export of a finished run"
+        why = "checkpointing is off" if steps else "it has no checkpoint to resume from"
+        raise UserError(f"{dump} holds {saved}, and this run would start over and replace it ({why}); "
+                        "use --job.overwrite to start over, or another --job.dump_folder")
+    if start is not None and start > cfg.training.steps:
+        raise UserError(f"--training.steps {cfg.training.steps}: the run resumes from step {start} "
+                        f"({checkpoints / f'step-{start}'}), already past it; pass --training.steps {start} or more")
+    if start is None and cfg.checkpoint.initial_load_path:
+        read_metadata(Path(cfg.checkpoint.initial_load_path))  # one line unless it is a DCP checkpoint
+
+
+def _check_placement(cfg: JobConfig, dump: Path) -> None:
+    """UserError when the dump lies in another run's dump or in the data, or holds one of the run's inputs."""
+    for parent in dump.parents:
+        if dumplock.holds_a_run(parent):
+            raise UserError(f"--job.dump_folder {dump} is inside {parent}, another run's dump folder; "
+                            "choose a folder outside it")
+    inputs = {"--model.config": cfg.model.config, "--model.tokenizer_path": cfg.model.tokenizer_path,
+              "--training.dataset": cfg.training.dataset}
+    for option, value in inputs.items():
+        path = _local(value)
+        if path is None:
+            continue  # a hub id
+        if path == dump or dump in path.parents:
+            raise UserError(f"{option} {value} is inside the dump folder {dump}, whose files the run replaces (the "
+                            "HF export) or deletes (--job.overwrite); keep the run's inputs outside it")
+        if option == "--training.dataset" and path in dump.parents:
+            raise UserError(f"--job.dump_folder {dump} is inside the data folder {value}, which is read with its "
+                            "subfolders: the run's outputs would become data; choose a folder outside it")
+
+
+def _run_outputs(cfg: JobConfig, dump: Path) -> list[str]:
+    """The files and folders of `dump` that a run writes (checkpoints, metrics, tensorboard events, the HF
+    export), as paths relative to it."""
+    paths = dump_paths(cfg)
+    found = [paths["the metrics file"], *(dump / name for name in HF_EXPORT_FILES)]
+    found += sorted(paths["--metrics.save_tb_folder"].glob(_TB_EVENTS))
+    checkpoints = paths["--checkpoint.folder"]
+    found += sorted(p for p in checkpoints.iterdir() if _STEP.fullmatch(p.name)) if checkpoints.is_dir() else []
+    return [str(path.relative_to(dump)) for path in found if path.exists()]
+
+
 def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
-    """Check the paths, create the dump folder, refuse to mix two different runs (train() records the config
-    once it starts). Deletes nothing: `--job.overwrite`'s deletion is `clear_previous_run`, later."""
-    dump_paths(cfg)
+    """Check the paths and what the dump holds (`check_dump_contents`), then create the dump folder (train()
+    records the config once it starts). Deletes nothing: `--job.overwrite`'s deletion is `clear_previous_run`."""
     dump = Path(cfg.job.dump_folder)
     if cfg.job.overwrite and cfg.checkpoint.load_step >= 0:
         raise UserError(
             f"--job.overwrite starts over (it deletes the dump's checkpoints) but --checkpoint.load_step "
             f"{cfg.checkpoint.load_step} resumes from one; drop one of them"
         )
-    saved = dump / "job_config.toml"
     if dist.is_main:
+        check_dump_contents(cfg)
         try:
             dump.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise dump_write_failed(dump, exc) from None
-        has_run = bool(complete_steps(dump / cfg.checkpoint.folder)) or (dump / "model.safetensors").is_file()
-        if has_run and saved.is_file() and not cfg.job.overwrite:
-            previous = saved.read_text()
-            if _run_defining(previous) != _run_defining(cfg.to_toml()):
-                raise UserError(
-                    f"{dump} holds a different run (its model/data config in {saved} differs); "
-                    "use another --job.dump_folder, or --job.overwrite to start over there"
-                )
     dist.barrier()
     return dump
 
@@ -143,9 +221,19 @@ def clear_previous_run(cfg: JobConfig, dist: Dist) -> None:
         raise UserError(f"--job.overwrite: deleting the previous run's outputs in {dump} failed ({reason})")
 
 
-def _run_defining(toml_text: str) -> tuple:
-    """The parts of a job config that must match to resume a run (model and data, not the schedule)."""
-    data = tomllib.loads(toml_text)
-    model = {k: data["model"].get(k) for k in ("config", "tokenizer_path")}
-    training = {k: data["training"].get(k) for k in ("dataset", "dataset_name", "seq_len", "varlen")}
-    return tuple(sorted(model.items())), tuple(sorted(training.items()))
+def _run_difference(saved: dict, cfg: JobConfig) -> str | None:
+    """How the recorded config `saved` (a job_config.toml) and `cfg` differ in what makes a run (model and data,
+    not the schedule), e.g. "--model.config a.json there, b.json now"; None if they do not. Paths count as
+    the same file wherever they are written from."""
+    defining = {"model": ("config", "tokenizer_path"), "training": ("dataset", "dataset_name", "seq_len", "varlen")}
+    for section, keys in defining.items():
+        for key in keys:
+            before, now = saved.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+            if before != now and (_local(before) is None or _local(before) != _local(now)):
+                return f"--{section}.{key} {before} there, {now} now"
+    return None
+
+
+def _local(value: object) -> Path | None:
+    """An existing local path named by an option's value, resolved; None for a hub id or nothing."""
+    return Path(value).resolve() if isinstance(value, str) and value and Path(value).exists() else None

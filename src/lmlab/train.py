@@ -30,7 +30,8 @@ from lmlab.config import JobConfig, parse_args
 from lmlab.data import build_dataloader, data_epoch, load_sources
 from lmlab.distributed import DTYPES, Dist, init_distributed, parallelize
 from lmlab.dump import (
-    check_dump_folder, check_free_space, clear_previous_run, dump_paths, dump_write_failed, prepare_dump_folder,
+    check_dump_contents, check_dump_folder, check_free_space, clear_previous_run, dump_write_failed,
+    prepare_dump_folder,
 )
 from lmlab.flops import flops_per_token, peak_flops
 from lmlab.kernels import dispatch
@@ -97,16 +98,16 @@ def seed_everything(seed: int | None, rank: int, deterministic: bool) -> None:
 
 
 def check_inputs(cfg: JobConfig) -> None:
-    """The checks that need no process group, device or dump folder, in the order train() meets them: the
-    kernel backend, custom models, the tokenizer against the model config, the model (built on the meta
-    device: no memory), the data sources and the paths inside the dump. train.sh runs them before torchrun,
-    so that a bad input is one line and creates nothing; UserError."""
+    """The checks that need no process group or device, in the order train() meets them: the kernel backend,
+    custom models, the tokenizer against the model config, the model (built on the meta device: no memory),
+    the data sources and what the dump folder holds (`check_dump_contents`, which only reads). train.sh runs
+    them before torchrun, so that a bad input is one line and creates nothing; UserError."""
     dispatch.require(cfg.model.backend)
     import_custom_models(cfg.experimental.custom_model_path)
     tokenizer = load_tokenizer(cfg.model)
     build_model(cfg.model, vocab_size=len(tokenizer), device=torch.device("meta"))
     load_sources(cfg.training)
-    dump_paths(cfg)
+    check_dump_contents(cfg)
 
 
 def train(cfg: JobConfig, stop: StopRequested) -> int:
@@ -149,7 +150,7 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     train_state.step = checkpointer.load(states, fresh=cfg.job.overwrite)
     if cfg.job.overwrite:
         clear_previous_run(cfg, dist)
-    record = dump / "job_config.toml"
+    record = dump / dumplock.RUN_RECORD
     if dist.is_main:
         if checkpointer.loaded_from is None:
             where = "starting from scratch"
@@ -266,8 +267,9 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
         if dist.all_reduce(torch.tensor(float(stop.signal_name is not None), device=dist.device), "max"):
             checkpointer.save(step, states)  # a no-op when this step was just saved
             checkpointer.close()
-            saved = f"saved step {step}" if checkpointer.enabled else "checkpointing is off, nothing saved"
-            message = (f"lmlab: {stop.signal_name or 'stop signal'} received; {saved}. Continue it with: "
+            saved = f"saved step {step}. Continue it" if checkpointer.enabled else \
+                "checkpointing is off, nothing saved. Start it again"
+            message = (f"lmlab: {stop.signal_name or 'stop signal'} received; {saved} with: "
                        f"{continue_command(record)} (add --training.steps N to train longer; same NGPU)")
             if not report_exit(message, 0) and dist.is_main:  # train.sh's launcher prints it, last
                 print(message, flush=True)
