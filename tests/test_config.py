@@ -56,6 +56,13 @@ def test_boolean_forms(args, expected):
     assert parse_args(args).training.compile is expected
 
 
+@pytest.mark.parametrize("text, value", [("10", 10), ("010", 10), ("007", 7), ("00", 0), ("1_000", 1000),
+                                         ("0x10", 16), ("0o20", 16), ("0b1010", 10)])
+def test_integer_forms(text, value):
+    """Python's integer forms, and leading zeros as decimal (Python's int(text, 0) refuses 010)."""
+    assert parse_args(["--training.num_workers", text]).training.num_workers == value
+
+
 def test_toml_true_can_be_switched_off(monkeypatch):
     monkeypatch.chdir(REPO)
     base = ["--job.config_file", "flame/models/fla.toml"]
@@ -78,6 +85,8 @@ def test_equals_form_and_negative_numbers():
         (["--training.steps"], "--training.steps is missing its value"),
         (["--training.steps", "--training.seq_len", "3"], "--training.steps is missing its value"),
         (["--training.steps", "many"], "--training.steps: 'many' is not an integer (expected >= 1)"),
+        (["--training.steps", "1.0"], "--training.steps: '1.0' is not an integer (expected >= 1)"),
+        (["--training.steps", "0x"], "--training.steps: '0x' is not an integer (expected >= 1)"),
         (["--optimizer.lr", "fast"], "--optimizer.lr: 'fast' is not a number (expected > 0, finite)"),
         (["--optimizer.lr", "inf"], "--optimizer.lr: inf is not finite (expected > 0, finite)"),
         (["--optimizer.lr", "nan"], "--optimizer.lr: nan is not a number (expected > 0, finite)"),

@@ -600,6 +600,15 @@ def _bad_type(opt: Option, value: Any, kind: str) -> ConfigError:
     return ConfigError(f"--{opt.name}: {show(value)} is not {kind} (expected {opt.domain.expected})")
 
 
+def _integer(text: str) -> int:
+    """An integer as Python writes one (10, 0x10, 0o20, 0b1010, 1_000), with leading zeros read as decimal: 010 is
+    10 (Python's base 0 refuses them). ValueError for anything else."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        return int(text, 10)
+
+
 def _convert(opt: Option, value: Any) -> Any:
     """Convert a CLI string (or a TOML value) to the option's type; ConfigError on mismatch."""
     tp, optional = _optional(opt.type)
@@ -620,7 +629,7 @@ def _convert(opt: Option, value: Any) -> Any:
         if isinstance(value, (bool, float)):
             raise _bad_type(opt, value, "an integer")
         try:
-            return int(value) if isinstance(value, int) else int(str(value), 0)
+            return int(value) if isinstance(value, int) else _integer(str(value))
         except ValueError:
             raise _bad_type(opt, value, "an integer") from None
     if tp is float:
