@@ -26,7 +26,7 @@ import paper_command
 from conftest import REPO
 from lmlab.config import (
     Choice, EveryOrOp, Flag, JobConfig, Number, Only, Option, PerSource, Probs, SubFolder, Subset, Text, catalogue,
-    parse_args, validate,
+    parse_args, type_name, validate,
 )
 from lmlab.config import Model as ModelOptions
 from lmlab.errors import UserError
@@ -132,6 +132,12 @@ CASES: dict[str, Bad] = {
     "toml-invalid": Bad("invalid TOML", {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training\n")}),
     "toml-unknown-key": Bad("unknown option --training.batchsize (did you mean training.batch_size?)",
                             {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training]\nbatchsize = 4\n")}),
+    "toml-quoted-integer": Bad("job.toml: --training.steps: '5' is not an integer (expected >= 1)",
+                               {"job.config_file": lambda tmp, dump: toml_file(tmp, '[training]\nsteps = "5"\n')}),
+    "toml-quoted-boolean": Bad("job.toml: --training.compile: 'yes' is not true or false", {
+        "job.config_file": lambda tmp, dump: toml_file(tmp, '[training]\ncompile = "yes"\n')}),
+    "toml-unquoted-folder": Bad("job.toml: --job.dump_folder: 5 is not a quoted string (expected a folder path)",
+                                {"job.config_file": lambda tmp, dump: toml_file(tmp, "[job]\ndump_folder = 5\n")}),
     # --- model configs (lmlab.models' validation, turned into one line) ---
     "config-no-flag": Bad("--model.config is required", {"model.config": None}),
     "config-missing-file": Bad("no such file", {"model.config": lambda tmp, dump: str(tmp / "nope.json")}),
@@ -416,6 +422,33 @@ def test_every_option_refuses_each_kind_of_bad_value_in_one_line(name, flags, va
     line = err.strip()
     assert line.startswith(f"error: {where}--{name}: ") and f" is {problem}" in line, line
     assert line.endswith(f"(expected {catalogue()[name].domain.expected})"), line
+
+
+# TOML values of another TOML type than the option's (type column of the option table), with the problem named
+WRONG_TOML_TYPES = {
+    "int": (['"1"', "1.0", "true"], "not an integer"),
+    "float": (['"1"', "true"], "not a number"),
+    "bool": (['"true"', "1"], "not true or false"),
+    "str": (["1", "true", '["a"]'], "not a quoted string"),
+    "list": (["1", "true", "[1]"], "not a list of strings"),
+}
+
+
+@pytest.mark.parametrize("name, literal, problem", [
+    pytest.param(opt.name, literal, problem, id=f"{opt.name}={literal}")
+    for opt in catalogue().values() for literal in WRONG_TOML_TYPES[type_name(opt)][0]
+    for problem in [WRONG_TOML_TYPES[type_name(opt)][1]]])
+def test_every_option_refuses_a_toml_value_of_another_type_in_one_line(name, literal, problem, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setattr(lmlab.train, "train", must_not_start)
+    monkeypatch.delenv("LMLAB_EXIT_FILE", raising=False)
+    section, key = name.split(".")
+    toml = tmp_path / "job.toml"
+    toml.write_text(f"[{section}]\n{key} = {literal}\n")
+    code = lmlab.train.main(["--job.config_file", str(toml)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith(f"error: {toml}: --{name}: ") and f" is {problem} (expected " in err, err
 
 
 def test_the_generator_covers_every_option_that_can_be_wrong():

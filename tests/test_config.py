@@ -118,6 +118,46 @@ def test_unknown_toml_key_is_an_error(tmp_path):
         parse_args(["--job.config_file", str(bad)])
 
 
+@pytest.mark.parametrize("text, message", [
+    ('[training]\nsteps = "5"', "--training.steps: '5' is not an integer (expected >= 1)"),
+    ("[training]\nsteps = 5.0", "--training.steps: 5.0 is not an integer (expected >= 1)"),
+    ("[training]\nsteps = true", "--training.steps: true is not an integer (expected >= 1)"),
+    ('[training]\nseed = "42"', "--training.seed: '42' is not an integer (expected none or in [0, 2147483647])"),
+    ('[training]\ncompile = "yes"', "--training.compile: 'yes' is not true or false (expected true or false)"),
+    ("[training]\ncompile = 1", "--training.compile: 1 is not true or false (expected true or false)"),
+    ('[optimizer]\nlr = "1e-3"', "--optimizer.lr: '1e-3' is not a number (expected > 0, finite)"),
+    ("[optimizer]\nlr = false", "--optimizer.lr: false is not a number (expected > 0, finite)"),
+    ("[job]\ndump_folder = 5", "--job.dump_folder: 5 is not a quoted string (expected a folder path)"),
+    ('[job]\ndump_folder = ["a"]', "--job.dump_folder: ['a'] is not a quoted string (expected a folder path)"),
+    ("[activation_checkpoint]\nselective_ac_option = 2",
+     "--activation_checkpoint.selective_ac_option: 2 is not a quoted string (expected op or an integer >= 1)"),
+    ('[checkpoint]\nexclude_from_loading = ["model", 1]', "--checkpoint.exclude_from_loading: ['model', 1] is not "
+     "a list of strings (expected a comma list of model, optimizer, lr_scheduler, dataloader, train_state, rng)"),
+])
+def test_a_toml_value_of_another_type_is_refused_naming_the_file(text, message, tmp_path):
+    """TOML values are typed: the command line's conversions ("5" -> 5, "yes" -> true, 5 -> "5") do not apply."""
+    toml = tmp_path / "job.toml"
+    toml.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--job.config_file", str(toml)])
+    assert str(info.value) == f"{toml}: {message}"
+
+
+def test_toml_values_of_each_type(tmp_path):
+    """An integer is a float option's too; a list is an array of strings or a comma list; "none" is None
+    where none is valid (TOML has no null), as on the command line."""
+    toml = tmp_path / "job.toml"
+    toml.write_text('[job]\ndump_folder = "5"\n[optimizer]\nlr = 1\n[lr_scheduler]\ndecay_ratio = "null"\n'
+                    '[training]\nsteps = 5\ncompile = true\nseed = "none"\n'
+                    '[checkpoint]\nexclude_from_loading = ["optimizer", "rng"]\n')
+    cfg = parse_args(["--job.config_file", str(toml)])
+    assert cfg.job.dump_folder == "5" and cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert (cfg.training.steps, cfg.training.compile, cfg.training.seed) == (5, True, None)
+    assert cfg.lr_scheduler.decay_ratio is None and cfg.checkpoint.exclude_from_loading == ["optimizer", "rng"]
+    toml.write_text('[checkpoint]\nexclude_from_loading = "optimizer,rng"\n')
+    assert parse_args(["--job.config_file", str(toml)]).checkpoint.exclude_from_loading == ["optimizer", "rng"]
+
+
 def test_a_bad_value_from_the_toml_names_the_file_and_the_command_line_overrides_it(tmp_path):
     toml = tmp_path / "job.toml"
     toml.write_text("[optimizer]\nlr = nan\n")

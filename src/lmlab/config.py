@@ -5,7 +5,8 @@ flame's `fla.toml` live in `flame/models/fla.toml`). Flags are `--section.key va
 booleans may be bare (`--training.compile`) or explicit (`--training.compile false`), so a TOML `true` can be
 switched off from the command line (flame could not). Unknown sections or keys (on the command line AND in
 the TOML), wrong types and missing values raise `ConfigError`, whose message is one line naming the key and
-suggesting the nearest valid one; entry points turn it into exit code 2.
+suggesting the nearest valid one; entry points turn it into exit code 2. Command-line values are strings,
+converted to the option's type; a TOML value must already have it (`steps = "5"` is refused: `_from_toml`).
 
 The option catalogue: every option is declared once, in the section dataclasses below, with its type (the
 annotation), its default and its valid values (`option(default, domain)`: `Int(ge=1)`, `Float(gt=0)`,
@@ -596,8 +597,16 @@ def _resolve_key(dotted: str) -> Option:
     return options[dotted]
 
 
+# What a value of each option type is called in an error line (only a TOML value can fail to be a string)
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a quoted string"}
+# The TOML types each option type takes (exact types: a TOML boolean is no integer); a float option takes `lr = 1`
+_TOML_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
 def _bad_type(opt: Option, value: Any, kind: str) -> ConfigError:
-    return ConfigError(f"--{opt.name}: {show(value)} is not {kind} (expected {opt.domain.expected})")
+    # a TOML array or table as Python writes it (show() writes a list as the comma string it stands for)
+    shown = repr(value) if isinstance(value, (list, dict)) else show(value)
+    return ConfigError(f"--{opt.name}: {shown} is not {kind} (expected {opt.domain.expected})")
 
 
 def _integer(text: str) -> int:
@@ -609,44 +618,54 @@ def _integer(text: str) -> int:
         return int(text, 10)
 
 
-def _convert(opt: Option, value: Any) -> Any:
-    """Convert a CLI string (or a TOML value) to the option's type; ConfigError on mismatch."""
-    tp, optional = _optional(opt.type)
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+def _is_none(opt: Option, value: Any) -> bool:
+    """`none` or `null` (any case) for an optional option: None, on the command line and in a TOML (no null there)."""
+    return _optional(opt.type)[1] and isinstance(value, str) and value.lower() in ("none", "null")
+
+
+def _convert(opt: Option, value: str | bool) -> Any:
+    """A command-line value (a string; True for a bare boolean flag) as the option's type; ConfigError if the
+    string is none of that type."""
+    tp, _ = _optional(opt.type)
+    if _is_none(opt, value):
         return None
     if typing.get_origin(tp) is list:
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-        return [str(v) for v in items]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in _TRUE:
-            return True
-        if str(value).lower() in _FALSE:
-            return False
-        raise _bad_type(opt, value, "true or false")
-    if tp is int:
-        if isinstance(value, (bool, float)):
-            raise _bad_type(opt, value, "an integer")
-        try:
-            return int(value) if isinstance(value, int) else _integer(str(value))
-        except ValueError:
-            raise _bad_type(opt, value, "an integer") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise _bad_type(opt, value, "a number")
-        try:
+        return [v for v in value.split(",") if v]
+    if isinstance(value, bool) or tp is str:
+        return value
+    if tp is bool and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    try:
+        if tp is int:
+            return _integer(value)
+        if tp is float:
             return float(value)
-        except (ValueError, TypeError):
-            raise _bad_type(opt, value, "a number") from None
-    if tp is str:
-        if isinstance(value, (dict, list, bool)):
-            raise _bad_type(opt, value, "a string")
-        return str(value)
-    raise AssertionError(f"unhandled config type {tp} for {opt.name}")
+    except ValueError:
+        pass
+    raise _bad_type(opt, value, _KINDS[tp])
 
 
-def _set(cfg: JobConfig, dotted: str, raw: Any) -> None:
+def _from_toml(opt: Option, value: Any) -> Any:
+    """A TOML value as the option's value; ConfigError unless it has the option's TOML type. The command line's
+    conversions do not apply: an integer option takes `5`, not `"5"`, a string option `"5"`, not `5`, a boolean
+    `true`, not `"yes"`. A list option takes an array of strings or a comma list (as on the command line), an
+    optional option `"none"`."""
+    tp, _ = _optional(opt.type)
+    if _is_none(opt, value):
+        return None
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            return _convert(opt, value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise _bad_type(opt, value, "a list of strings")
+    if type(value) not in _TOML_TYPES[tp]:
+        raise _bad_type(opt, value, _KINDS[tp])
+    return float(value) if tp is float else value
+
+
+def _set(cfg: JobConfig, dotted: str, raw: str | bool) -> None:
+    """Set an option from the command line."""
     opt = _resolve_key(dotted)
     section, key = dotted.split(".")
     setattr(getattr(cfg, section), key, _convert(opt, raw))
@@ -705,7 +724,7 @@ def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None =
             raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
         for key, value in values.items():
             try:
-                _set(cfg, f"{section}.{key}", value)
+                setattr(getattr(cfg, section), key, _from_toml(_resolve_key(f"{section}.{key}"), value))
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
             if origins is not None:
