@@ -132,6 +132,9 @@ CASES: dict[str, Bad] = {
     "toml-invalid": Bad("invalid TOML", {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training\n")}),
     "toml-unknown-key": Bad("unknown option --training.batchsize (did you mean training.batch_size?)",
                             {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training]\nbatchsize = 4\n")}),
+    "toml-includes-another": Bad("job.toml: --job.config_file: 'base.toml' is not allowed in a job config (a job config "
+                                 "cannot include another; remove the line)", {"job.config_file": lambda tmp, dump: toml_file(
+                                     tmp, "[job]\nconfig_file = 'base.toml'\n")}),
     "toml-quoted-integer": Bad("job.toml: --training.steps: '5' is not an integer (expected >= 1)",
                                {"job.config_file": lambda tmp, dump: toml_file(tmp, '[training]\nsteps = "5"\n')}),
     "toml-quoted-boolean": Bad("job.toml: --training.compile: 'yes' is not true or false", {
@@ -313,6 +316,8 @@ def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_
     # the recorded config never holds --job.overwrite: rerunning it (the command a stopped run prints) continues
     record = dump / "job_config.toml"
     assert "overwrite = false" in record.read_text()
+    # records written before records left out --job.config_file named the TOML their run started from: one continues
+    record.write_text(record.read_text().replace("[job]\n", '[job]\nconfig_file = "flame/models/fla.toml"\n', 1))
     assert lmlab.train.main(["--job.config_file", str(record), "--training.steps", "3"]) == 0
     assert "resumed from step 2" in capsys.readouterr().out
     assert [r["step"] for r in metrics_lines(dump)] == [1, 2, 3]

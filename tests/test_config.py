@@ -184,6 +184,39 @@ def test_the_recorded_config_never_holds_overwrite():
     assert "overwrite = false" in cfg.record_toml() and cfg.job.overwrite
 
 
+def test_a_job_config_cannot_include_another(tmp_path, monkeypatch):
+    """`[job] config_file` in a TOML would be ignored: refused, unless it names that very file."""
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "job.toml"
+    for named in ("base.toml", str(REPO / "flame/models/fla.toml")):  # a missing file, an existing one
+        toml.write_text(f"[job]\nconfig_file = '{named}'\n[training]\nsteps = 7\n")
+        with pytest.raises(ConfigError) as info:
+            parse_args(["--job.config_file", str(toml)])
+        assert str(info.value) == (f"{toml}: --job.config_file: '{named}' is not allowed in a job config (a job "
+                                   "config cannot include another; remove the line)")
+    for itself in ("job.toml", str(toml)):
+        toml.write_text(f"[job]\nconfig_file = '{itself}'\n[training]\nsteps = 7\n")
+        cfg = parse_args(["--job.config_file", "job.toml"])
+        assert cfg.training.steps == 7 and cfg.job.config_file == "job.toml"
+
+
+def test_a_record_continues_whether_or_not_it_names_the_toml_its_run_started_from(tmp_path, monkeypatch):
+    """Records leave --job.config_file out; records written before named the TOML the run started from in
+    `[job] config_file` (what to_toml still prints): their continue command, `--job.config_file
+    <dump>/job_config.toml`, reads them as before."""
+    monkeypatch.chdir(REPO)
+    run = parse_args(["--job.config_file", "flame/models/fla.toml", "--training.steps", "7"])
+    assert "config_file" not in run.record_toml() and "config_file = " in run.to_toml()
+    record = tmp_path / "dump" / "job_config.toml"
+    record.parent.mkdir()
+    for text in (run.record_toml(), run.to_toml()):  # this record, an earlier one
+        record.write_text(text)
+        continued = parse_args(["--job.config_file", str(record)])
+        assert continued.job.config_file == str(record)
+        continued.job.config_file = run.job.config_file
+        assert continued == run
+
+
 def test_train_sh_rejects_bad_flag_with_exit_code_2(tmp_path):
     result = subprocess.run(
         ["bash", str(REPO / "train.sh"), "--job.dump_folder", str(tmp_path), "--training.seqlen", "8"],

@@ -533,9 +533,11 @@ class JobConfig:
 
     def record_toml(self) -> str:
         """The config a run records in its dump (job_config.toml), which `--job.config_file` continues: without
-        the destructive --job.overwrite, so that rerunning the record never deletes the run."""
+        the destructive --job.overwrite, so that rerunning the record never deletes the run, and without
+        --job.config_file (the record holds every value; a job config includes no other)."""
         record = copy.deepcopy(self)
         record.job.overwrite = False
+        record.job.config_file = None
         return record.to_toml()
 
 
@@ -709,6 +711,19 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+RECORD_NAME = "job_config.toml"  # the config a run records in its dump folder (JobConfig.record_toml)
+
+
+def _check_not_an_include(path: Path, named: str | None) -> None:
+    """A job config cannot include another: ConfigError if its `[job] config_file` names another file (it would
+    be ignored). Exempt: a run's record written before records left the key out, where it named the TOML the run
+    started from (the record holds every value already), so that the record's continue command still works."""
+    if named is None or path.name == RECORD_NAME or Path(named).resolve() == path.resolve():
+        return
+    raise ConfigError(f"--job.config_file: {show(named)} is not allowed in a job config (a job config cannot include "
+                      "another; remove the line)")
+
+
 def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None = None) -> None:
     """Apply a TOML job config onto `cfg`; unknown sections or keys are errors. `origins` records which
     options the file set (dotted name -> path), so that validation can name the file of a bad value."""
@@ -723,12 +738,17 @@ def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None =
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
         for key, value in values.items():
+            name = f"{section}.{key}"
             try:
-                setattr(getattr(cfg, section), key, _from_toml(_resolve_key(f"{section}.{key}"), value))
+                value = _from_toml(_resolve_key(name), value)
+                if name == "job.config_file":
+                    _check_not_an_include(path, value)
+                    continue  # the command line names the file being read
+                setattr(getattr(cfg, section), key, value)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
             if origins is not None:
-                origins[f"{section}.{key}"] = str(path)
+                origins[name] = str(path)
 
 
 def parse_args(argv: list[str]) -> JobConfig:

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 from lmlab.checkpoint import TMP_SUFFIX, complete_steps, free_space, nearest_existing
-from lmlab.config import JobConfig
+from lmlab.config import RECORD_NAME, JobConfig
 from lmlab.distributed import Dist
 from lmlab.errors import UserError
 from lmlab.metrics import METRICS_FILE
@@ -91,7 +91,7 @@ def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
             f"--job.overwrite starts over (it deletes the dump's checkpoints) but --checkpoint.load_step "
             f"{cfg.checkpoint.load_step} resumes from one; drop one of them"
         )
-    saved = dump / "job_config.toml"
+    saved = dump / RECORD_NAME
     if dist.is_main:
         try:
             dump.mkdir(parents=True, exist_ok=True)
