@@ -30,7 +30,11 @@ from lmlab.config import (
 )
 from lmlab.config import Model as ModelOptions
 from lmlab.errors import UserError
-from lmlab.modeling import MODEL_KEYS, TokenIds, check_model_keys, load_model_config, load_tokenizer, token_id_bound
+from lmlab.checkpoint import write_hf
+from lmlab.modeling import (
+    MODEL_KEYS, TokenIds, check_model_keys, family_keys, lmlab_model_types, load_model_config, load_tokenizer,
+    token_id_bound,
+)
 from tiny_run import SMALL_MODEL, metrics_lines, small_args, train_sh
 
 Value = str | None | Callable[[Path, Path], str]  # a callable gets (tmp_path, dump) and returns the value
@@ -160,7 +164,8 @@ CASES: dict[str, Bad] = {
         "model.config": lambda tmp, dump: model_config(tmp, num_v_heads=3)}),
     "config-transformer-head-dims": Bad(
         "must be divisible by the attention num_heads (3)",
-        {"model.config": lambda tmp, dump: model_config(tmp, model_type="transformer", num_heads=3)}),
+        {"model.config": lambda tmp, dump: model_config(tmp, model_type="transformer", num_heads=3, head_dim=None,
+                                                        expand_v=None, conv_size=None)}),  # keys a transformer lacks
     "config-json-not-an-object": Bad("the JSON is a list, expected an object", {
         "model.config": lambda tmp, dump: data_file(tmp, "m.json", b'[{"model_type": "gla"}]')}),
     "config-truncated-json": Bad("invalid JSON", {"model.config": lambda tmp, dump: data_file(
@@ -175,6 +180,8 @@ CASES: dict[str, Bad] = {
         "model.config": lambda tmp, dump: model_config(tmp, num_hidden_layers=-1)}),
     "config-zero-vocab": Bad("model.json: vocab_size: 0 is too small (expected >= 1)", {
         "model.config": lambda tmp, dump: model_config(tmp, vocab_size=0)}),
+    "config-unknown-key": Bad("model.json: unknown key 'conv_sise' for model_type gated_deltanet (did you mean "
+                              "conv_size?)", {"model.config": lambda tmp, dump: model_config(tmp, conv_sise=4)}),
     "config-boolean-as-string": Bad("model.json: use_gate: 'false' is not true or false", {
         "model.config": lambda tmp, dump: model_config(tmp, use_gate="false")}),
     "config-custom-module-missing": Bad("--experimental.custom_model_path no_such_module: cannot import it",
@@ -492,8 +499,10 @@ def bad_model_values(domain) -> list[tuple[object, str]]:
     pytest.param(key, value, problem, id=f"{key}={value!r}")
     for key, domain in MODEL_KEYS.items() for value, problem in bad_model_values(domain)])
 def test_every_model_config_key_refuses_each_kind_of_bad_value_in_one_line(key, value, problem, tmp_path):
+    # a family that knows the key (another's key is refused as unknown first): the small model's, else the first
+    family = next(f for f in [SMALL_MODEL["model_type"], *lmlab_model_types()] if key in family_keys(f))
     path = tmp_path / "model.json"
-    path.write_text(json.dumps({**SMALL_MODEL, key: value}))
+    path.write_text(json.dumps({"model_type": family, "vocab_size": SMALL_MODEL["vocab_size"], key: value}))
     with pytest.raises(UserError) as info:
         load_model_config(str(path))
     message = str(info.value)
@@ -511,10 +520,54 @@ def test_hgrn2_may_leave_num_heads_to_expand_ratio(tmp_path):
         load_model_config(str(path))
 
 
-def test_every_shipped_model_config_passes_the_key_checks():
-    for path in sorted((REPO / "configs").glob("*.json")):
-        values = json.loads(path.read_text())
-        check_model_keys(values, str(path), values["model_type"])
+def test_every_shipped_model_config_loads_and_so_does_its_export(tmp_path):
+    """Every file in configs/ (the paper's hqlt files, verbatim, included) loads as --model.config, keys it
+    does not use included; so does the config.json of lmlab's HF export of it (lmlab.checkpoint.write_hf)."""
+    paths = sorted((REPO / "configs").glob("*.json"))
+    assert len(paths) >= 53
+    for path in paths:
+        config = load_model_config(str(path))
+        write_hf({}, config, None, tmp_path / path.stem, "bfloat16")
+        load_model_config(str(tmp_path / path.stem / "config.json"))
+
+
+def test_a_runs_hf_export_loads_as_model_config(earlier_run):
+    config = load_model_config(str(earlier_run / "config.json"))
+    assert all(getattr(config, key) == value for key, value in SMALL_MODEL.items())
+
+
+@pytest.mark.parametrize("rename, add, message", [
+    ({"chunk_size": "chunk_sise"}, {}, "unknown key 'chunk_sise' for model_type hybrid_qlt (did you mean chunk_size?)"),
+    ({"num_heads": "num_head"}, {}, "unknown key 'num_head' for model_type hybrid_qlt (did you mean num_heads?)"),
+    ({}, {"foo_bar": 1}, "unknown key 'foo_bar' for model_type hybrid_qlt"),
+])
+def test_a_key_its_family_does_not_know_is_refused_with_the_nearest(rename, add, message, tmp_path):
+    """A typo would be stored unused, the model built with the default (chunk_size 64 here, not 1024)."""
+    values = json.loads((REPO / "configs/sync_hqlt_ch1024_dynamic-vector-mixing_noconv_340M.json").read_text())
+    values = {rename.get(key, key): value for key, value in values.items()} | add
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(UserError) as info:
+        load_model_config(str(path))
+    assert str(info.value) == f"--model.config {path}: {message}"
+
+
+def test_known_keys_are_the_familys_transformers_and_the_seeds(tmp_path):
+    """transformers' own keys (what save_pretrained writes, the older torch_dtype), the seed's spellings and
+    transformers' Mamba config load; only a JSON file is checked this strictly: a model folder (as evaluation
+    and `--model.config FOLDER` read) may hold keys of its own, and so may other model types."""
+    values = {**SMALL_MODEL, "architectures": ["GatedDeltaNetForCausalLM"], "torch_dtype": "bfloat16",
+              "transformers_version": "4.48.0", "_name_or_path": "x", "use_cache": True, "pad_token_id": 0}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(values))
+    load_model_config(str(path))
+    from transformers import MambaConfig
+
+    MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8).save_pretrained(tmp_path / "mamba")
+    assert load_model_config(str(tmp_path / "mamba" / "config.json")).norm_eps == 1e-5
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text(json.dumps({**SMALL_MODEL, "foo_bar": 1}))
+    assert load_model_config(str(tmp_path / "folder")).foo_bar == 1
 
 
 def test_other_model_types_get_only_the_core_size_checks(tmp_path):
@@ -525,7 +578,7 @@ def test_other_model_types_get_only_the_core_size_checks(tmp_path):
         check_model_keys({"hidden_size": 0}, "x.json", "openelm")
     path = tmp_path / "llama.json"
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100}))
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100, "foo_bar": 1}))
     assert load_model_config(str(path)).num_attention_heads == 2
 
 

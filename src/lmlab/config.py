@@ -586,7 +586,8 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-def _nearest(name: str, options: list[str]) -> str:
+def nearest(name: str, options: list[str]) -> str:
+    """` (did you mean X?)` for the closest of `options` to a misspelt `name`, "" if none is close."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean {match[0]}?)" if match else ""
 
@@ -595,7 +596,7 @@ def _resolve_key(dotted: str) -> Option:
     """'training.seq_len' -> its Option; ConfigError naming the nearest valid key."""
     options = catalogue()
     if dotted not in options:
-        raise ConfigError(f"unknown option --{dotted}{_nearest(dotted, list(options))}")
+        raise ConfigError(f"unknown option --{dotted}{nearest(dotted, list(options))}")
     return options[dotted]
 
 

@@ -6,7 +6,9 @@ built through fla itself, on CUDA only (fla has no CPU path).
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from lmlab.config import Domain, Flag, Float, Int, Model, show
+from lmlab.config import Domain, Flag, Float, Int, Model, nearest, show
 from lmlab.errors import UserError
 
 
@@ -83,6 +85,33 @@ def check_model_keys(values: dict[str, Any], source: str, model_type: str) -> No
                                 f"(expected {domain.expected})")
 
 
+@functools.cache
+def family_keys(model_type: str) -> frozenset[str]:
+    """The keys a config of lmlab's family `model_type` knows: its config class's parameters (its bases'
+    included), the other keys it takes (`extra_keys`) and those every transformers config may hold (what
+    save_pretrained writes, `torch_dtype` for older files)."""
+    from lmlab.models import FAMILIES
+
+    cls = FAMILIES[model_type][0]
+    keys = {*cls.extra_keys, *PretrainedConfig().to_dict(), "torch_dtype"}
+    for base in cls.__mro__[:cls.__mro__.index(PretrainedConfig)]:
+        keys.update(name for name, p in inspect.signature(base.__init__).parameters.items()
+                    if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return frozenset(keys)
+
+
+def check_known_keys(values: dict[str, Any], source: str, model_type: str) -> None:
+    """UserError naming the first key of a config JSON of an lmlab family that the family does not know, and the
+    nearest known one: transformers would store it unused and the model would be built with the default."""
+    if model_type not in lmlab_model_types():
+        return  # other types' keys are theirs to know
+    known = family_keys(model_type)
+    for key in values:
+        if key not in known:
+            raise UserError(f"--model.config {source}: unknown key {key!r} for model_type {model_type}"
+                            f"{nearest(key, sorted(known))}")
+
+
 def lmlab_model_types() -> list[str]:
     from lmlab.models import MODEL_TYPES
 
@@ -112,6 +141,7 @@ def load_model_config(source: str, *, trust_remote_code: bool = False) -> Pretra
         if not isinstance(model_type, str):
             raise UserError(f"--model.config {source}: model_type: {show(model_type)} is not a string "
                             f"(expected one of {', '.join(lmlab_model_types())})")
+        check_known_keys(values, source, model_type)
         check_model_keys(values, source, model_type)
         _ensure_registered(model_type)
         try:
