@@ -182,6 +182,9 @@ CASES: dict[str, Bad] = {
         "model.config": lambda tmp, dump: model_config(tmp, vocab_size=0)}),
     "config-unknown-key": Bad("model.json: unknown key 'conv_sise' for model_type gated_deltanet (did you mean "
                               "conv_size?)", {"model.config": lambda tmp, dump: model_config(tmp, conv_sise=4)}),
+    "config-token-id-beyond-vocab": Bad("model.json: bos_token_id: 99999 is not below vocab_size 4096 (expected none, "
+                                        "an integer in [0, vocab_size) or a list of them)", {
+        "model.config": lambda tmp, dump: model_config(tmp, bos_token_id=99999)}),
     "config-boolean-as-string": Bad("model.json: use_gate: 'false' is not true or false", {
         "model.config": lambda tmp, dump: model_config(tmp, use_gate="false")}),
     "config-custom-module-missing": Bad("--experimental.custom_model_path no_such_module: cannot import it",
@@ -491,7 +494,9 @@ def bad_model_values(domain) -> list[tuple[object, str]]:
     if isinstance(domain, Flag):
         return [("false", "not true or false"), (1, "not true or false")]
     if isinstance(domain, TokenIds):
-        return [(-1, "not a token id"), ("1", "not a token id"), ([1, "x"], "not a token id"), (True, "not a token id")]
+        vocab_size = SMALL_MODEL["vocab_size"]
+        return [(-1, "not a token id"), ("1", "not a token id"), ([1, "x"], "not a token id"), (True, "not a token id"),
+                (vocab_size, f"not below vocab_size {vocab_size}"), ([2, 99999], f"not below vocab_size {vocab_size}")]
     raise AssertionError(f"no bad values for {type(domain).__name__}")
 
 

@@ -24,17 +24,23 @@ from lmlab.errors import UserError
 
 
 class TokenIds(Domain):
-    """A token id (an integer >= 0), none, or (eos_token_id) a list of ids."""
+    """A token id (an integer >= 0, below the config's vocab_size where it sets one), none, or (eos_token_id)
+    a list of ids. `cfg`: the model config's keys."""
 
     @property
     def expected(self) -> str:
-        return "none, an integer >= 0 or a list of them"
+        return "none, an integer in [0, vocab_size) or a list of them"
 
-    def problem(self, value: Any, cfg: Any = None) -> str | None:
-        ids = value if isinstance(value, list) and value else [value]
-        if value is None or all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    def problem(self, value: Any, cfg: dict[str, Any] | None = None) -> str | None:
+        if value is None:
             return None
-        return "not a token id"
+        ids = value if isinstance(value, list) and value else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            return "not a token id"
+        vocab_size = (cfg or {}).get("vocab_size")  # checked before the token ids (MODEL_KEYS' order)
+        if vocab_size is not None and max(ids) >= vocab_size:
+            return f"not below vocab_size {vocab_size}"
+        return None
 
 
 # The model config keys lmlab's families read, with their valid values (the domains of lmlab.config): a
@@ -79,7 +85,7 @@ def check_model_keys(values: dict[str, Any], source: str, model_type: str) -> No
     for key, domain in MODEL_KEYS.items():
         domain = FAMILY_KEYS.get((model_type, key), domain)
         if key in values and (key in CORE_KEYS or model_type in lmlab_model_types()):
-            problem = domain.problem(values[key], None)
+            problem = domain.problem(values[key], values)  # the config's keys: token ids are below vocab_size
             if problem:
                 raise UserError(f"--model.config {source}: {key}: {show(values[key])} is {problem} "
                                 f"(expected {domain.expected})")
