@@ -26,11 +26,15 @@ import paper_command
 from conftest import REPO
 from lmlab.config import (
     Choice, EveryOrOp, Flag, JobConfig, Number, Only, Option, PerSource, Probs, SubFolder, Subset, Text, catalogue,
-    parse_args, validate,
+    parse_args, type_name, validate,
 )
 from lmlab.config import Model as ModelOptions
 from lmlab.errors import UserError
-from lmlab.modeling import MODEL_KEYS, TokenIds, check_model_keys, load_model_config, load_tokenizer, token_id_bound
+from lmlab.checkpoint import write_hf
+from lmlab.modeling import (
+    MODEL_KEYS, TokenIds, check_model_keys, family_keys, lmlab_model_types, load_model_config, load_tokenizer,
+    token_id_bound,
+)
 from tiny_run import SMALL_MODEL, metrics_lines, small_args, train_sh
 
 Value = str | None | Callable[[Path, Path], str]  # a callable gets (tmp_path, dump) and returns the value
@@ -132,6 +136,15 @@ CASES: dict[str, Bad] = {
     "toml-invalid": Bad("invalid TOML", {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training\n")}),
     "toml-unknown-key": Bad("unknown option --training.batchsize (did you mean training.batch_size?)",
                             {"job.config_file": lambda tmp, dump: toml_file(tmp, "[training]\nbatchsize = 4\n")}),
+    "toml-includes-another": Bad("job.toml: --job.config_file: 'base.toml' is not allowed in a job config (a job config "
+                                 "cannot include another; remove the line)", {"job.config_file": lambda tmp, dump: toml_file(
+                                     tmp, "[job]\nconfig_file = 'base.toml'\n")}),
+    "toml-quoted-integer": Bad("job.toml: --training.steps: '5' is not an integer (expected >= 1)",
+                               {"job.config_file": lambda tmp, dump: toml_file(tmp, '[training]\nsteps = "5"\n')}),
+    "toml-quoted-boolean": Bad("job.toml: --training.compile: 'yes' is not true or false", {
+        "job.config_file": lambda tmp, dump: toml_file(tmp, '[training]\ncompile = "yes"\n')}),
+    "toml-unquoted-folder": Bad("job.toml: --job.dump_folder: 5 is not a quoted string (expected a folder path)",
+                                {"job.config_file": lambda tmp, dump: toml_file(tmp, "[job]\ndump_folder = 5\n")}),
     # --- model configs (lmlab.models' validation, turned into one line) ---
     "config-no-flag": Bad("--model.config is required", {"model.config": None}),
     "config-missing-file": Bad("no such file", {"model.config": lambda tmp, dump: str(tmp / "nope.json")}),
@@ -151,7 +164,8 @@ CASES: dict[str, Bad] = {
         "model.config": lambda tmp, dump: model_config(tmp, num_v_heads=3)}),
     "config-transformer-head-dims": Bad(
         "must be divisible by the attention num_heads (3)",
-        {"model.config": lambda tmp, dump: model_config(tmp, model_type="transformer", num_heads=3)}),
+        {"model.config": lambda tmp, dump: model_config(tmp, model_type="transformer", num_heads=3, head_dim=None,
+                                                        expand_v=None, conv_size=None)}),  # keys a transformer lacks
     "config-json-not-an-object": Bad("the JSON is a list, expected an object", {
         "model.config": lambda tmp, dump: data_file(tmp, "m.json", b'[{"model_type": "gla"}]')}),
     "config-truncated-json": Bad("invalid JSON", {"model.config": lambda tmp, dump: data_file(
@@ -166,6 +180,11 @@ CASES: dict[str, Bad] = {
         "model.config": lambda tmp, dump: model_config(tmp, num_hidden_layers=-1)}),
     "config-zero-vocab": Bad("model.json: vocab_size: 0 is too small (expected >= 1)", {
         "model.config": lambda tmp, dump: model_config(tmp, vocab_size=0)}),
+    "config-unknown-key": Bad("model.json: unknown key 'conv_sise' for model_type gated_deltanet (did you mean "
+                              "conv_size?)", {"model.config": lambda tmp, dump: model_config(tmp, conv_sise=4)}),
+    "config-token-id-beyond-vocab": Bad("model.json: bos_token_id: 99999 is not below vocab_size 4096 (expected none, "
+                                        "an integer in [0, vocab_size) or a list of them)", {
+        "model.config": lambda tmp, dump: model_config(tmp, bos_token_id=99999)}),
     "config-boolean-as-string": Bad("model.json: use_gate: 'false' is not true or false", {
         "model.config": lambda tmp, dump: model_config(tmp, use_gate="false")}),
     "config-custom-module-missing": Bad("--experimental.custom_model_path no_such_module: cannot import it",
@@ -307,6 +326,8 @@ def test_a_dump_folder_is_resumed_with_the_same_config_and_taken_over_only_with_
     # the recorded config never holds --job.overwrite: rerunning it (the command a stopped run prints) continues
     record = dump / "job_config.toml"
     assert "overwrite = false" in record.read_text()
+    # records written before records left out --job.config_file named the TOML their run started from: one continues
+    record.write_text(record.read_text().replace("[job]\n", '[job]\nconfig_file = "flame/models/fla.toml"\n', 1))
     assert lmlab.train.main(["--job.config_file", str(record), "--training.steps", "3"]) == 0
     assert "resumed from step 2" in capsys.readouterr().out
     assert [r["step"] for r in metrics_lines(dump)] == [1, 2, 3]
@@ -418,6 +439,33 @@ def test_every_option_refuses_each_kind_of_bad_value_in_one_line(name, flags, va
     assert line.endswith(f"(expected {catalogue()[name].domain.expected})"), line
 
 
+# TOML values of another TOML type than the option's (type column of the option table), with the problem named
+WRONG_TOML_TYPES = {
+    "int": (['"1"', "1.0", "true"], "not an integer"),
+    "float": (['"1"', "true"], "not a number"),
+    "bool": (['"true"', "1"], "not true or false"),
+    "str": (["1", "true", '["a"]'], "not a quoted string"),
+    "list": (["1", "true", "[1]"], "not a list of strings"),
+}
+
+
+@pytest.mark.parametrize("name, literal, problem", [
+    pytest.param(opt.name, literal, problem, id=f"{opt.name}={literal}")
+    for opt in catalogue().values() for literal in WRONG_TOML_TYPES[type_name(opt)][0]
+    for problem in [WRONG_TOML_TYPES[type_name(opt)][1]]])
+def test_every_option_refuses_a_toml_value_of_another_type_in_one_line(name, literal, problem, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setattr(lmlab.train, "train", must_not_start)
+    monkeypatch.delenv("LMLAB_EXIT_FILE", raising=False)
+    section, key = name.split(".")
+    toml = tmp_path / "job.toml"
+    toml.write_text(f"[{section}]\n{key} = {literal}\n")
+    code = lmlab.train.main(["--job.config_file", str(toml)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith(f"error: {toml}: --{name}: ") and f" is {problem} (expected " in err, err
+
+
 def test_the_generator_covers_every_option_that_can_be_wrong():
     covered = {param.values[0] for param in generated_cases()}
     anything_goes = {o.name for o in catalogue().values() if isinstance(o.domain, Text) and o.domain.empty}
@@ -446,7 +494,9 @@ def bad_model_values(domain) -> list[tuple[object, str]]:
     if isinstance(domain, Flag):
         return [("false", "not true or false"), (1, "not true or false")]
     if isinstance(domain, TokenIds):
-        return [(-1, "not a token id"), ("1", "not a token id"), ([1, "x"], "not a token id"), (True, "not a token id")]
+        vocab_size = SMALL_MODEL["vocab_size"]
+        return [(-1, "not a token id"), ("1", "not a token id"), ([1, "x"], "not a token id"), (True, "not a token id"),
+                (vocab_size, f"not below vocab_size {vocab_size}"), ([2, 99999], f"not below vocab_size {vocab_size}")]
     raise AssertionError(f"no bad values for {type(domain).__name__}")
 
 
@@ -454,8 +504,10 @@ def bad_model_values(domain) -> list[tuple[object, str]]:
     pytest.param(key, value, problem, id=f"{key}={value!r}")
     for key, domain in MODEL_KEYS.items() for value, problem in bad_model_values(domain)])
 def test_every_model_config_key_refuses_each_kind_of_bad_value_in_one_line(key, value, problem, tmp_path):
+    # a family that knows the key (another's key is refused as unknown first): the small model's, else the first
+    family = next(f for f in [SMALL_MODEL["model_type"], *lmlab_model_types()] if key in family_keys(f))
     path = tmp_path / "model.json"
-    path.write_text(json.dumps({**SMALL_MODEL, key: value}))
+    path.write_text(json.dumps({"model_type": family, "vocab_size": SMALL_MODEL["vocab_size"], key: value}))
     with pytest.raises(UserError) as info:
         load_model_config(str(path))
     message = str(info.value)
@@ -473,10 +525,54 @@ def test_hgrn2_may_leave_num_heads_to_expand_ratio(tmp_path):
         load_model_config(str(path))
 
 
-def test_every_shipped_model_config_passes_the_key_checks():
-    for path in sorted((REPO / "configs").glob("*.json")):
-        values = json.loads(path.read_text())
-        check_model_keys(values, str(path), values["model_type"])
+def test_every_shipped_model_config_loads_and_so_does_its_export(tmp_path):
+    """Every file in configs/ (the paper's hqlt files, verbatim, included) loads as --model.config, keys it
+    does not use included; so does the config.json of lmlab's HF export of it (lmlab.checkpoint.write_hf)."""
+    paths = sorted((REPO / "configs").glob("*.json"))
+    assert len(paths) >= 53
+    for path in paths:
+        config = load_model_config(str(path))
+        write_hf({}, config, None, tmp_path / path.stem, "bfloat16")
+        load_model_config(str(tmp_path / path.stem / "config.json"))
+
+
+def test_a_runs_hf_export_loads_as_model_config(earlier_run):
+    config = load_model_config(str(earlier_run / "config.json"))
+    assert all(getattr(config, key) == value for key, value in SMALL_MODEL.items())
+
+
+@pytest.mark.parametrize("rename, add, message", [
+    ({"chunk_size": "chunk_sise"}, {}, "unknown key 'chunk_sise' for model_type hybrid_qlt (did you mean chunk_size?)"),
+    ({"num_heads": "num_head"}, {}, "unknown key 'num_head' for model_type hybrid_qlt (did you mean num_heads?)"),
+    ({}, {"foo_bar": 1}, "unknown key 'foo_bar' for model_type hybrid_qlt"),
+])
+def test_a_key_its_family_does_not_know_is_refused_with_the_nearest(rename, add, message, tmp_path):
+    """A typo would be stored unused, the model built with the default (chunk_size 64 here, not 1024)."""
+    values = json.loads((REPO / "configs/sync_hqlt_ch1024_dynamic-vector-mixing_noconv_340M.json").read_text())
+    values = {rename.get(key, key): value for key, value in values.items()} | add
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(UserError) as info:
+        load_model_config(str(path))
+    assert str(info.value) == f"--model.config {path}: {message}"
+
+
+def test_known_keys_are_the_familys_transformers_and_the_seeds(tmp_path):
+    """transformers' own keys (what save_pretrained writes, the older torch_dtype), the seed's spellings and
+    transformers' Mamba config load; only a JSON file is checked this strictly: a model folder (as evaluation
+    and `--model.config FOLDER` read) may hold keys of its own, and so may other model types."""
+    values = {**SMALL_MODEL, "architectures": ["GatedDeltaNetForCausalLM"], "torch_dtype": "bfloat16",
+              "transformers_version": "4.48.0", "_name_or_path": "x", "use_cache": True, "pad_token_id": 0}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(values))
+    load_model_config(str(path))
+    from transformers import MambaConfig
+
+    MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8).save_pretrained(tmp_path / "mamba")
+    assert load_model_config(str(tmp_path / "mamba" / "config.json")).norm_eps == 1e-5
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text(json.dumps({**SMALL_MODEL, "foo_bar": 1}))
+    assert load_model_config(str(tmp_path / "folder")).foo_bar == 1
 
 
 def test_other_model_types_get_only_the_core_size_checks(tmp_path):
@@ -487,7 +583,7 @@ def test_other_model_types_get_only_the_core_size_checks(tmp_path):
         check_model_keys({"hidden_size": 0}, "x.json", "openelm")
     path = tmp_path / "llama.json"
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100}))
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100, "foo_bar": 1}))
     assert load_model_config(str(path)).num_attention_heads == 2
 
 

@@ -56,6 +56,13 @@ def test_boolean_forms(args, expected):
     assert parse_args(args).training.compile is expected
 
 
+@pytest.mark.parametrize("text, value", [("10", 10), ("010", 10), ("007", 7), ("00", 0), ("1_000", 1000),
+                                         ("0x10", 16), ("0o20", 16), ("0b1010", 10)])
+def test_integer_forms(text, value):
+    """Python's integer forms, and leading zeros as decimal (Python's int(text, 0) refuses 010)."""
+    assert parse_args(["--training.num_workers", text]).training.num_workers == value
+
+
 def test_toml_true_can_be_switched_off(monkeypatch):
     monkeypatch.chdir(REPO)
     base = ["--job.config_file", "flame/models/fla.toml"]
@@ -78,6 +85,8 @@ def test_equals_form_and_negative_numbers():
         (["--training.steps"], "--training.steps is missing its value"),
         (["--training.steps", "--training.seq_len", "3"], "--training.steps is missing its value"),
         (["--training.steps", "many"], "--training.steps: 'many' is not an integer (expected >= 1)"),
+        (["--training.steps", "1.0"], "--training.steps: '1.0' is not an integer (expected >= 1)"),
+        (["--training.steps", "0x"], "--training.steps: '0x' is not an integer (expected >= 1)"),
         (["--optimizer.lr", "fast"], "--optimizer.lr: 'fast' is not a number (expected > 0, finite)"),
         (["--optimizer.lr", "inf"], "--optimizer.lr: inf is not finite (expected > 0, finite)"),
         (["--optimizer.lr", "nan"], "--optimizer.lr: nan is not a number (expected > 0, finite)"),
@@ -109,6 +118,46 @@ def test_unknown_toml_key_is_an_error(tmp_path):
         parse_args(["--job.config_file", str(bad)])
 
 
+@pytest.mark.parametrize("text, message", [
+    ('[training]\nsteps = "5"', "--training.steps: '5' is not an integer (expected >= 1)"),
+    ("[training]\nsteps = 5.0", "--training.steps: 5.0 is not an integer (expected >= 1)"),
+    ("[training]\nsteps = true", "--training.steps: true is not an integer (expected >= 1)"),
+    ('[training]\nseed = "42"', "--training.seed: '42' is not an integer (expected none or in [0, 2147483647])"),
+    ('[training]\ncompile = "yes"', "--training.compile: 'yes' is not true or false (expected true or false)"),
+    ("[training]\ncompile = 1", "--training.compile: 1 is not true or false (expected true or false)"),
+    ('[optimizer]\nlr = "1e-3"', "--optimizer.lr: '1e-3' is not a number (expected > 0, finite)"),
+    ("[optimizer]\nlr = false", "--optimizer.lr: false is not a number (expected > 0, finite)"),
+    ("[job]\ndump_folder = 5", "--job.dump_folder: 5 is not a quoted string (expected a folder path)"),
+    ('[job]\ndump_folder = ["a"]', "--job.dump_folder: ['a'] is not a quoted string (expected a folder path)"),
+    ("[activation_checkpoint]\nselective_ac_option = 2",
+     "--activation_checkpoint.selective_ac_option: 2 is not a quoted string (expected op or an integer >= 1)"),
+    ('[checkpoint]\nexclude_from_loading = ["model", 1]', "--checkpoint.exclude_from_loading: ['model', 1] is not "
+     "a list of strings (expected a comma list of model, optimizer, lr_scheduler, dataloader, train_state, rng)"),
+])
+def test_a_toml_value_of_another_type_is_refused_naming_the_file(text, message, tmp_path):
+    """TOML values are typed: the command line's conversions ("5" -> 5, "yes" -> true, 5 -> "5") do not apply."""
+    toml = tmp_path / "job.toml"
+    toml.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--job.config_file", str(toml)])
+    assert str(info.value) == f"{toml}: {message}"
+
+
+def test_toml_values_of_each_type(tmp_path):
+    """An integer is a float option's too; a list is an array of strings or a comma list; "none" is None
+    where none is valid (TOML has no null), as on the command line."""
+    toml = tmp_path / "job.toml"
+    toml.write_text('[job]\ndump_folder = "5"\n[optimizer]\nlr = 1\n[lr_scheduler]\ndecay_ratio = "null"\n'
+                    '[training]\nsteps = 5\ncompile = true\nseed = "none"\n'
+                    '[checkpoint]\nexclude_from_loading = ["optimizer", "rng"]\n')
+    cfg = parse_args(["--job.config_file", str(toml)])
+    assert cfg.job.dump_folder == "5" and cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert (cfg.training.steps, cfg.training.compile, cfg.training.seed) == (5, True, None)
+    assert cfg.lr_scheduler.decay_ratio is None and cfg.checkpoint.exclude_from_loading == ["optimizer", "rng"]
+    toml.write_text('[checkpoint]\nexclude_from_loading = "optimizer,rng"\n')
+    assert parse_args(["--job.config_file", str(toml)]).checkpoint.exclude_from_loading == ["optimizer", "rng"]
+
+
 def test_a_bad_value_from_the_toml_names_the_file_and_the_command_line_overrides_it(tmp_path):
     toml = tmp_path / "job.toml"
     toml.write_text("[optimizer]\nlr = nan\n")
@@ -133,6 +182,39 @@ def test_the_recorded_config_never_holds_overwrite():
     cfg = parse_args(["--job.overwrite", "--training.steps", "7"])
     assert cfg.job.overwrite and "overwrite = true" in cfg.to_toml()  # what --job.print_args shows
     assert "overwrite = false" in cfg.record_toml() and cfg.job.overwrite
+
+
+def test_a_job_config_cannot_include_another(tmp_path, monkeypatch):
+    """`[job] config_file` in a TOML would be ignored: refused, unless it names that very file."""
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "job.toml"
+    for named in ("base.toml", str(REPO / "flame/models/fla.toml")):  # a missing file, an existing one
+        toml.write_text(f"[job]\nconfig_file = '{named}'\n[training]\nsteps = 7\n")
+        with pytest.raises(ConfigError) as info:
+            parse_args(["--job.config_file", str(toml)])
+        assert str(info.value) == (f"{toml}: --job.config_file: '{named}' is not allowed in a job config (a job "
+                                   "config cannot include another; remove the line)")
+    for itself in ("job.toml", str(toml)):
+        toml.write_text(f"[job]\nconfig_file = '{itself}'\n[training]\nsteps = 7\n")
+        cfg = parse_args(["--job.config_file", "job.toml"])
+        assert cfg.training.steps == 7 and cfg.job.config_file == "job.toml"
+
+
+def test_a_record_continues_whether_or_not_it_names_the_toml_its_run_started_from(tmp_path, monkeypatch):
+    """Records leave --job.config_file out; records written before named the TOML the run started from in
+    `[job] config_file` (what to_toml still prints): their continue command, `--job.config_file
+    <dump>/job_config.toml`, reads them as before."""
+    monkeypatch.chdir(REPO)
+    run = parse_args(["--job.config_file", "flame/models/fla.toml", "--training.steps", "7"])
+    assert "config_file" not in run.record_toml() and "config_file = " in run.to_toml()
+    record = tmp_path / "dump" / "job_config.toml"
+    record.parent.mkdir()
+    for text in (run.record_toml(), run.to_toml()):  # this record, an earlier one
+        record.write_text(text)
+        continued = parse_args(["--job.config_file", str(record)])
+        assert continued.job.config_file == str(record)
+        continued.job.config_file = run.job.config_file
+        assert continued == run
 
 
 def test_train_sh_rejects_bad_flag_with_exit_code_2(tmp_path):

@@ -5,7 +5,8 @@ flame's `fla.toml` live in `flame/models/fla.toml`). Flags are `--section.key va
 booleans may be bare (`--training.compile`) or explicit (`--training.compile false`), so a TOML `true` can be
 switched off from the command line (flame could not). Unknown sections or keys (on the command line AND in
 the TOML), wrong types and missing values raise `ConfigError`, whose message is one line naming the key and
-suggesting the nearest valid one; entry points turn it into exit code 2.
+suggesting the nearest valid one; entry points turn it into exit code 2. Command-line values are strings,
+converted to the option's type; a TOML value must already have it (`steps = "5"` is refused: `_from_toml`).
 
 The option catalogue: every option is declared once, in the section dataclasses below, with its type (the
 annotation), its default and its valid values (`option(default, domain)`: `Int(ge=1)`, `Float(gt=0)`,
@@ -532,9 +533,11 @@ class JobConfig:
 
     def record_toml(self) -> str:
         """The config a run records in its dump (job_config.toml), which `--job.config_file` continues: without
-        the destructive --job.overwrite, so that rerunning the record never deletes the run."""
+        the destructive --job.overwrite, so that rerunning the record never deletes the run, and without
+        --job.config_file (the record holds every value; a job config includes no other)."""
         record = copy.deepcopy(self)
         record.job.overwrite = False
+        record.job.config_file = None
         return record.to_toml()
 
 
@@ -583,7 +586,8 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-def _nearest(name: str, options: list[str]) -> str:
+def nearest(name: str, options: list[str]) -> str:
+    """` (did you mean X?)` for the closest of `options` to a misspelt `name`, "" if none is close."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean {match[0]}?)" if match else ""
 
@@ -592,52 +596,79 @@ def _resolve_key(dotted: str) -> Option:
     """'training.seq_len' -> its Option; ConfigError naming the nearest valid key."""
     options = catalogue()
     if dotted not in options:
-        raise ConfigError(f"unknown option --{dotted}{_nearest(dotted, list(options))}")
+        raise ConfigError(f"unknown option --{dotted}{nearest(dotted, list(options))}")
     return options[dotted]
 
 
+# What a value of each option type is called in an error line (only a TOML value can fail to be a string)
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a quoted string"}
+# The TOML types each option type takes (exact types: a TOML boolean is no integer); a float option takes `lr = 1`
+_TOML_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
 def _bad_type(opt: Option, value: Any, kind: str) -> ConfigError:
-    return ConfigError(f"--{opt.name}: {show(value)} is not {kind} (expected {opt.domain.expected})")
+    # a TOML array or table as Python writes it (show() writes a list as the comma string it stands for)
+    shown = repr(value) if isinstance(value, (list, dict)) else show(value)
+    return ConfigError(f"--{opt.name}: {shown} is not {kind} (expected {opt.domain.expected})")
 
 
-def _convert(opt: Option, value: Any) -> Any:
-    """Convert a CLI string (or a TOML value) to the option's type; ConfigError on mismatch."""
-    tp, optional = _optional(opt.type)
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+def _integer(text: str) -> int:
+    """An integer as Python writes one (10, 0x10, 0o20, 0b1010, 1_000), with leading zeros read as decimal: 010 is
+    10 (Python's base 0 refuses them). ValueError for anything else."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        return int(text, 10)
+
+
+def _is_none(opt: Option, value: Any) -> bool:
+    """`none` or `null` (any case) for an optional option: None, on the command line and in a TOML (no null there)."""
+    return _optional(opt.type)[1] and isinstance(value, str) and value.lower() in ("none", "null")
+
+
+def _convert(opt: Option, value: str | bool) -> Any:
+    """A command-line value (a string; True for a bare boolean flag) as the option's type; ConfigError if the
+    string is none of that type."""
+    tp, _ = _optional(opt.type)
+    if _is_none(opt, value):
         return None
     if typing.get_origin(tp) is list:
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-        return [str(v) for v in items]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in _TRUE:
-            return True
-        if str(value).lower() in _FALSE:
-            return False
-        raise _bad_type(opt, value, "true or false")
-    if tp is int:
-        if isinstance(value, (bool, float)):
-            raise _bad_type(opt, value, "an integer")
-        try:
-            return int(value) if isinstance(value, int) else int(str(value), 0)
-        except ValueError:
-            raise _bad_type(opt, value, "an integer") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise _bad_type(opt, value, "a number")
-        try:
+        return [v for v in value.split(",") if v]
+    if isinstance(value, bool) or tp is str:
+        return value
+    if tp is bool and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    try:
+        if tp is int:
+            return _integer(value)
+        if tp is float:
             return float(value)
-        except (ValueError, TypeError):
-            raise _bad_type(opt, value, "a number") from None
-    if tp is str:
-        if isinstance(value, (dict, list, bool)):
-            raise _bad_type(opt, value, "a string")
-        return str(value)
-    raise AssertionError(f"unhandled config type {tp} for {opt.name}")
+    except ValueError:
+        pass
+    raise _bad_type(opt, value, _KINDS[tp])
 
 
-def _set(cfg: JobConfig, dotted: str, raw: Any) -> None:
+def _from_toml(opt: Option, value: Any) -> Any:
+    """A TOML value as the option's value; ConfigError unless it has the option's TOML type. The command line's
+    conversions do not apply: an integer option takes `5`, not `"5"`, a string option `"5"`, not `5`, a boolean
+    `true`, not `"yes"`. A list option takes an array of strings or a comma list (as on the command line), an
+    optional option `"none"`."""
+    tp, _ = _optional(opt.type)
+    if _is_none(opt, value):
+        return None
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            return _convert(opt, value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise _bad_type(opt, value, "a list of strings")
+    if type(value) not in _TOML_TYPES[tp]:
+        raise _bad_type(opt, value, _KINDS[tp])
+    return float(value) if tp is float else value
+
+
+def _set(cfg: JobConfig, dotted: str, raw: str | bool) -> None:
+    """Set an option from the command line."""
     opt = _resolve_key(dotted)
     section, key = dotted.split(".")
     setattr(getattr(cfg, section), key, _convert(opt, raw))
@@ -681,6 +712,19 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+RECORD_NAME = "job_config.toml"  # the config a run records in its dump folder (JobConfig.record_toml)
+
+
+def _check_not_an_include(path: Path, named: str | None) -> None:
+    """A job config cannot include another: ConfigError if its `[job] config_file` names another file (it would
+    be ignored). Exempt: a run's record written before records left the key out, where it named the TOML the run
+    started from (the record holds every value already), so that the record's continue command still works."""
+    if named is None or path.name == RECORD_NAME or Path(named).resolve() == path.resolve():
+        return
+    raise ConfigError(f"--job.config_file: {show(named)} is not allowed in a job config (a job config cannot include "
+                      "another; remove the line)")
+
+
 def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None = None) -> None:
     """Apply a TOML job config onto `cfg`; unknown sections or keys are errors. `origins` records which
     options the file set (dotted name -> path), so that validation can name the file of a bad value."""
@@ -695,12 +739,17 @@ def load_toml(cfg: JobConfig, path: str | Path, origins: dict[str, str] | None =
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
         for key, value in values.items():
+            name = f"{section}.{key}"
             try:
-                _set(cfg, f"{section}.{key}", value)
+                value = _from_toml(_resolve_key(name), value)
+                if name == "job.config_file":
+                    _check_not_an_include(path, value)
+                    continue  # the command line names the file being read
+                setattr(getattr(cfg, section), key, value)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
             if origins is not None:
-                origins[f"{section}.{key}"] = str(path)
+                origins[name] = str(path)
 
 
 def parse_args(argv: list[str]) -> JobConfig:

@@ -24,7 +24,7 @@ from lmlab import dumplock
 from lmlab.checkpoint import (
     TMP_SUFFIX, complete_steps, free_space, load_step_problem, nearest_existing, read_metadata,
 )
-from lmlab.config import JobConfig
+from lmlab.config import RECORD_NAME, JobConfig
 from lmlab.distributed import Dist
 from lmlab.errors import UserError
 from lmlab.metrics import METRICS_FILE
@@ -100,11 +100,11 @@ def check_dump_contents(cfg: JobConfig) -> None:
     dump = Path(cfg.job.dump_folder).resolve()
     _check_placement(cfg, dump)
     outputs = _run_outputs(cfg, dump)
-    record = dump / dumplock.RUN_RECORD
+    record = dump / RECORD_NAME
     if outputs and not record.is_file():
         named = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
         raise UserError(f"--job.dump_folder {cfg.job.dump_folder} holds {named}, which no lmlab run wrote (no "
-                        f"{dumplock.RUN_RECORD}): this run would replace them; choose an empty or new folder")
+                        f"{RECORD_NAME}): this run would replace them; choose an empty or new folder")
     if cfg.job.overwrite:
         return
     if record.is_file():

@@ -47,10 +47,10 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from lmlab.config import RECORD_NAME
 from lmlab.errors import UserError
 
 LOCK_FILE = ".lmlab.lock"
-RUN_RECORD = "job_config.toml"  # a run's config, which train() writes into its dump once the run starts
 TOKEN_ENV = "LMLAB_DUMP_LOCK"  # set by the launcher for its trainers: the owner's token, or NO_LOCK
 NO_LOCK = "none"  # the filesystem has no locks: the trainers take none either
 AGENT_PID_ENV = "LMLAB_AGENT_PID"  # torchrun's PID, set by lmlab.launch.torchrun for its trainers
@@ -60,7 +60,7 @@ HOST = socket.gethostname()
 
 def holds_a_run(folder: Path) -> bool:
     """Whether `folder` is an lmlab run's dump folder (its lock file or its recorded config)."""
-    return (folder / LOCK_FILE).exists() or (folder / RUN_RECORD).is_file()
+    return (folder / LOCK_FILE).exists() or (folder / RECORD_NAME).is_file()
 
 
 class DumpInUse(UserError):

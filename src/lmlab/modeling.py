@@ -6,7 +6,9 @@ built through fla itself, on CUDA only (fla has no CPU path).
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -17,22 +19,28 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from lmlab.config import Domain, Flag, Float, Int, Model, show
+from lmlab.config import Domain, Flag, Float, Int, Model, nearest, show
 from lmlab.errors import UserError
 
 
 class TokenIds(Domain):
-    """A token id (an integer >= 0), none, or (eos_token_id) a list of ids."""
+    """A token id (an integer >= 0, below the config's vocab_size where it sets one), none, or (eos_token_id)
+    a list of ids. `cfg`: the model config's keys."""
 
     @property
     def expected(self) -> str:
-        return "none, an integer >= 0 or a list of them"
+        return "none, an integer in [0, vocab_size) or a list of them"
 
-    def problem(self, value: Any, cfg: Any = None) -> str | None:
-        ids = value if isinstance(value, list) and value else [value]
-        if value is None or all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    def problem(self, value: Any, cfg: dict[str, Any] | None = None) -> str | None:
+        if value is None:
             return None
-        return "not a token id"
+        ids = value if isinstance(value, list) and value else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            return "not a token id"
+        vocab_size = (cfg or {}).get("vocab_size")  # checked before the token ids (MODEL_KEYS' order)
+        if vocab_size is not None and max(ids) >= vocab_size:
+            return f"not below vocab_size {vocab_size}"
+        return None
 
 
 # The model config keys lmlab's families read, with their valid values (the domains of lmlab.config): a
@@ -77,10 +85,37 @@ def check_model_keys(values: dict[str, Any], source: str, model_type: str) -> No
     for key, domain in MODEL_KEYS.items():
         domain = FAMILY_KEYS.get((model_type, key), domain)
         if key in values and (key in CORE_KEYS or model_type in lmlab_model_types()):
-            problem = domain.problem(values[key], None)
+            problem = domain.problem(values[key], values)  # the config's keys: token ids are below vocab_size
             if problem:
                 raise UserError(f"--model.config {source}: {key}: {show(values[key])} is {problem} "
                                 f"(expected {domain.expected})")
+
+
+@functools.cache
+def family_keys(model_type: str) -> frozenset[str]:
+    """The keys a config of lmlab's family `model_type` knows: its config class's parameters (its bases'
+    included), the other keys it takes (`extra_keys`) and those every transformers config may hold (what
+    save_pretrained writes, `torch_dtype` for older files)."""
+    from lmlab.models import FAMILIES
+
+    cls = FAMILIES[model_type][0]
+    keys = {*cls.extra_keys, *PretrainedConfig().to_dict(), "torch_dtype"}
+    for base in cls.__mro__[:cls.__mro__.index(PretrainedConfig)]:
+        keys.update(name for name, p in inspect.signature(base.__init__).parameters.items()
+                    if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return frozenset(keys)
+
+
+def check_known_keys(values: dict[str, Any], source: str, model_type: str) -> None:
+    """UserError naming the first key of a config JSON of an lmlab family that the family does not know, and the
+    nearest known one: transformers would store it unused and the model would be built with the default."""
+    if model_type not in lmlab_model_types():
+        return  # other types' keys are theirs to know
+    known = family_keys(model_type)
+    for key in values:
+        if key not in known:
+            raise UserError(f"--model.config {source}: unknown key {key!r} for model_type {model_type}"
+                            f"{nearest(key, sorted(known))}")
 
 
 def lmlab_model_types() -> list[str]:
@@ -112,6 +147,7 @@ def load_model_config(source: str, *, trust_remote_code: bool = False) -> Pretra
         if not isinstance(model_type, str):
             raise UserError(f"--model.config {source}: model_type: {show(model_type)} is not a string "
                             f"(expected one of {', '.join(lmlab_model_types())})")
+        check_known_keys(values, source, model_type)
         check_model_keys(values, source, model_type)
         _ensure_registered(model_type)
         try:

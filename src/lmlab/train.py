@@ -26,7 +26,7 @@ import torch
 import lmlab  # noqa: F401  (registers lmlab's model families with transformers' Auto classes)
 from lmlab import dumplock
 from lmlab.checkpoint import Checkpointer, export_hf
-from lmlab.config import JobConfig, parse_args
+from lmlab.config import RECORD_NAME, JobConfig, parse_args
 from lmlab.data import build_dataloader, data_epoch, load_sources
 from lmlab.distributed import DTYPES, Dist, init_distributed, parallelize
 from lmlab.dump import (
@@ -150,7 +150,7 @@ def train(cfg: JobConfig, stop: StopRequested) -> int:
     train_state.step = checkpointer.load(states, fresh=cfg.job.overwrite)
     if cfg.job.overwrite:
         clear_previous_run(cfg, dist)
-    record = dump / dumplock.RUN_RECORD
+    record = dump / RECORD_NAME
     if dist.is_main:
         if checkpointer.loaded_from is None:
             where = "starting from scratch"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -127,6 +127,9 @@ class LmlabConfig(PretrainedConfig):
     """
 
     keys_to_ignore_at_inference = ["past_key_values"]
+    # keys a family takes besides its __init__'s parameters (other spellings it reads, keys the seed's files carry
+    # that it stores unused); a config JSON with any other key is refused (lmlab.modeling.family_keys)
+    extra_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ class DeltaNetConfig(HybridConfig):
     """
 
     model_type = "delta_net"
+    extra_keys = ("norm_first",)
 
     def __init__(
         self,

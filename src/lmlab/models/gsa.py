@@ -40,10 +40,13 @@ class GSAConfig(HybridConfig):
 
     Accepted and ignored, as fla 0.6.0's GSA model ignores them (so fla checkpoints compute the same):
     `use_output_gate` (no output gate is built), `use_norm` (the output is always normalised),
-    `clamp_min`, `clamp_max`. fla's `t2r` feature map (a learned map) is not implemented: refused.
+    `clamp_min`, `clamp_max`; and `share_conv_kernel`, `use_rope` (older fla keys the seed's gsa_340M.json
+    carries, stored unused as in fla 0.6.0). fla's `t2r` feature map (a learned map) is not implemented:
+    refused.
     """
 
     model_type = "gsa"
+    extra_keys = ("share_conv_kernel", "use_rope")
 
     def __init__(
         self,

@@ -62,11 +62,13 @@ class HybridQLTConfig(HybridConfig):
     use_short_conv true, qk_activation "silu" (which the layer refuses: configs must say "identity").
 
     Accepted and ignored, as in the fork: head_dim (the head size is hidden_size · expand_k / num_heads),
-    use_output_norm, max_position_embeddings. lmlab's own keys: `delayed_beta`, `linear_attn_normalizer`
-    (module docstring) and the shared `prenorm_residual_strategy` ("rescale", as the fork initialises).
+    use_output_norm, max_position_embeddings, norm_first (the paper's 340M files carry it). lmlab's own keys:
+    `delayed_beta`, `linear_attn_normalizer` (module docstring) and the shared `prenorm_residual_strategy`
+    ("rescale", as the fork initialises).
     """
 
     model_type = "hybrid_qlt"
+    extra_keys = ("norm_first",)
 
     def __init__(
         self,

@@ -54,10 +54,12 @@ class MambaConfig(LmlabConfig):
     `intermediate_size` is expand · hidden_size (given, it must agree; fla uses it silently).
     `rescale_prenorm_residual` is the initialisation's key (the fork's and fla 0.6.0's: out_proj as
     kaiming-uniform / √num_hidden_layers); lmlab's `prenorm_residual_strategy` follows it.
-    Accepted and ignored: `residual_in_fp32` (fla rounds each block's output back to the weights' dtype).
+    Accepted and ignored: `residual_in_fp32` (fla rounds each block's output back to the weights' dtype),
+    transformers' `use_mambapy` and `use_associative_scan` (its choices of PyTorch path).
     """
 
     model_type = "mamba"
+    extra_keys = (*SEED_KEY_NAMES, "use_mambapy", "use_associative_scan")
 
     def __init__(
         self,

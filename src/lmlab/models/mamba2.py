@@ -70,11 +70,13 @@ class Mamba2Config(PretrainedConfig):
     `num_heads` is expand · hidden_size / head_dim (fla derives it); a given one must agree. Accepted and
     ignored: `chunk_size` (lmlab's dispatcher picks kernels), `residual_in_fp32` (each block's sum is rounded
     once to the model's dtype either way), fuse_norm, fuse_cross_entropy, fuse_linear_cross_entropy,
-    use_l2warp; the seed fork's names of fla's keys (FORK_KEYS) where they agree with them.
+    use_l2warp, the fork's `time_step_rank` (fla's Mamba2 has no dt rank); the seed fork's names of fla's keys
+    (FORK_KEYS) where they agree with them.
     """
 
     model_type = "mamba2"
     keys_to_ignore_at_inference = ["past_key_values"]
+    extra_keys = (*FORK_KEYS, "time_step_rank")  # see LmlabConfig.extra_keys
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ class TransformerConfig(LmlabConfig):
     """
 
     model_type = "transformer"
+    extra_keys = ("attention_bias",)
 
     def __init__(
         self,
