@@ -679,6 +679,8 @@ RESULT_FAULTS = {
     "task-not-an-object": (b'{"results": {"piqa": 0.5}}', "not an lm-eval results file"),
     "config-not-an-object": (b'{"results": {}, "config": "x"}', "not an lm-eval results file"),
     "metric-a-string": (b'{"results": {"piqa": {"acc,none": "high"}}}', "piqa acc,none is 'high', not a number"),
+    "metric-n/a": (b'{"results": {"piqa": {"acc,none": "N/A"}}}', "piqa acc,none is 'N/A', not a number"),
+    "stderr-a-string": (b'{"results": {"piqa": {"acc_stderr,none": "low"}}}', "piqa acc_stderr,none is 'low', not a"),
     "date-not-a-time": (b'{"results": {}, "date": "today"}', "date 'today' is not a timestamp"),
 }
 
