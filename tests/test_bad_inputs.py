@@ -751,6 +751,15 @@ def dcp_step(tmp: Path) -> str:
     return str(step)
 
 
+def test_plot_prints_the_path_it_writes(tmp_path, capsys):
+    """`-o p2`: matplotlib writes p2.png, and that is the path printed."""
+    import lmlab.plot
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.5, "lr": 0.1}\n')
+    assert lmlab.plot.main([str(tmp_path), "-o", str(tmp_path / "p2")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "p2.png") and (tmp_path / "p2.png").is_file()
+
+
 # impossible arguments: (module, argv given tmp_path and a model folder, the problem the line names)
 ARGUMENT_FAULTS = {
     "harness-limit-0": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args", f"pretrained={m}",
@@ -852,6 +861,8 @@ ARGUMENT_FAULTS = {
     "plot-a-model-folder": ("lmlab.plot", lambda tmp, m: [str(m)], "no metrics.jsonl, so not an lmlab dump folder"),
     "plot-missing-folder": ("lmlab.plot", lambda tmp, m: [str(tmp / "no")], "no such folder"),
     "plot-output-nowhere": ("lmlab.plot", lambda tmp, m: [str(m), "-o", str(tmp / "no" / "p.png")], "no folder"),
+    "plot-unknown-format": ("lmlab.plot", lambda tmp, m: [str(m), "-o", str(tmp / "p.xyz")],
+                            "-o <tmp>/p.xyz: matplotlib cannot write .xyz files (expected one of"),
     "convert-path-missing": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(tmp / "no")],
                              "no such folder"),
     "convert-empty-dump": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(m)], "no complete checkpoint"),
