@@ -775,6 +775,8 @@ RESULT_FAULTS = {
     "task-not-an-object": (b'{"results": {"piqa": 0.5}}', "not an lm-eval results file"),
     "config-not-an-object": (b'{"results": {}, "config": "x"}', "not an lm-eval results file"),
     "metric-a-string": (b'{"results": {"piqa": {"acc,none": "high"}}}', "piqa acc,none is 'high', not a number"),
+    "metric-n/a": (b'{"results": {"piqa": {"acc,none": "N/A"}}}', "piqa acc,none is 'N/A', not a number"),
+    "stderr-a-string": (b'{"results": {"piqa": {"acc_stderr,none": "low"}}}', "piqa acc_stderr,none is 'low', not a"),
     "date-not-a-time": (b'{"results": {}, "date": "today"}', "date 'today' is not a timestamp"),
 }
 
@@ -815,6 +817,45 @@ def test_plot_refuses_each_kind_of_broken_metrics_naming_the_file_and_line(fault
     assert str(dump) in err and not (tmp_path / "p.png").exists()
 
 
+def results_folder_taken(tmp: Path, model: Path) -> str:
+    """An --output_path whose subfolder for the model (lm-eval's sanitized name) is a file."""
+    from lm_eval.utils import sanitize_model_name
+
+    (tmp / "out").mkdir()
+    (tmp / "out" / sanitize_model_name(str(model))).write_text("x")
+    return str(tmp / "out")
+
+
+def sparse_model_tokenizer(tmp: Path, model: Path) -> str:
+    """The model's tokenizer with a common token's id moved beyond its vocab_size (an IndexError mid-evaluation)."""
+    folder = tmp / "sparse_tokenizer"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, folder / name)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["Ġthe"] = json.loads((model / "config.json").read_text())["vocab_size"] + 10
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return str(folder)
+
+
+def dcp_step(tmp: Path) -> str:
+    """A training checkpoint's folder (DCP .metadata and the model's config.json), not an HF model."""
+    step = tmp / "dump" / "checkpoint" / "step-20"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    (step / "config.json").write_text('{"model_type": "gated_deltanet"}')
+    return str(step)
+
+
+def test_plot_prints_the_path_it_writes(tmp_path, capsys):
+    """`-o p2`: matplotlib writes p2.png, and that is the path printed."""
+    import lmlab.plot
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.5, "lr": 0.1}\n')
+    assert lmlab.plot.main([str(tmp_path), "-o", str(tmp_path / "p2")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "p2.png") and (tmp_path / "p2.png").is_file()
+
+
 # impossible arguments: (module, argv given tmp_path and a model folder, the problem the line names)
 ARGUMENT_FAULTS = {
     "harness-limit-0": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args", f"pretrained={m}",
@@ -836,7 +877,60 @@ ARGUMENT_FAULTS = {
                              "lm-eval: unrecognized arguments: --shots 3"),
     "harness-hub-id-offline": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
                                                                     "pretrained=someone/no-such-model"],
-                               "no such folder, and the hub is offline"),
+                               "no such folder, and the Hugging Face Hub cannot be reached"),
+    "harness-limit-inf": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--limit", "inf"],
+                          "--limit inf: expected a count >= 1 or a fraction in (0, 1)"),
+    "harness-limit-1e30": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--limit", "1e30"],
+                           "--limit 1e+30: more documents than any task has"),
+    "harness-limit-not-whole": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--limit", "1.5"],
+                                "--limit 1.5: expected a count >= 1"),
+    "harness-num-fewshot-negative": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--num_fewshot", "-1"],
+                                     "--num_fewshot -1: expected a count >= 0"),
+    "harness-empty-tasks": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "", "--model_args", f"pretrained={m}"],
+                            "--tasks: no task named"),
+    "harness-stray-comma": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa,", "--model_args", f"pretrained={m}"],
+                            "--tasks piqa,: an empty task name"),
+    "harness-device-unknown": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
+                                                                    f"pretrained={m}", "--device", "gpu"],
+                               "--device gpu: not a device of this machine (expected one of cpu"),
+    "harness-unknown-model": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model", "hff", "--model_args",
+                                                                   f"pretrained={m}"], "--model hff: no such model type"),
+    "harness-no-pretrained": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args", "dtype=float32"],
+                              "--model_args: no pretrained=MODEL"),
+    "harness-unknown-dtype": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
+                                                                   f"pretrained={m},dtype=float33"],
+                              "--model_args dtype=float33: not a torch dtype"),
+    "harness-stock-missing-folder": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model", "hf-stock",
+                                                                          "--model_args", f"pretrained={tmp}/no"],
+                                     "pretrained=<tmp>/no: no such folder"),
+    "harness-tokenizer-beyond-vocab": ("lmlab.eval.harness", lambda tmp, m: [
+        "--tasks", "piqa", "--model_args", f"pretrained={m},tokenizer={sparse_model_tokenizer(tmp, m)}"],
+        "the tokenizer's token ids go up to 4106 (4096 tokens) but the model's vocab_size is 4096 (--model_args "
+        "pretrained=<tmp>/model); --model_args tokenizer=<tmp>/sparse_tokenizer is not the model's"),
+    "harness-dcp-checkpoint": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
+                                                                    f"pretrained={dcp_step(tmp)}"],
+                               "a DCP training checkpoint, not a Hugging Face model folder; `lmlab convert dcp-to-hf "
+                               "--path <tmp>/dump --step 20 --output DIR`"),
+    "harness-output-path-a-file": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--model_args",
+                                                                        f"pretrained={m}", "--output_path",
+                                                                        data_file(tmp, "f", b"")],
+                                   "--output_path <tmp>/f: <tmp>/f is a file"),
+    "harness-output-path-below-a-file": ("lmlab.eval.harness", lambda tmp, m: [
+        "--tasks", "piqa", "--model_args", f"pretrained={m}", "--output_path", data_file(tmp, "f", b"") + "/r.json"],
+        "<tmp>/f is a file, and the results go into the folder <tmp>/f"),
+    "harness-output-path-model-folder-a-file": ("lmlab.eval.harness", lambda tmp, m: [
+        "--tasks", "piqa", "--model_args", f"pretrained={m}", "--output_path", results_folder_taken(tmp, m)],
+        "is a file, and the results go into the folder <tmp>/out/"),
+    "harness-data-dir-a-file": ("lmlab.eval.harness", lambda tmp, m: ["--tasks", "piqa", "--data_dir",
+                                                                     data_file(tmp, "f", b"")], "f: not a folder"),
+    "harness-based-fda-empty-window": ("lmlab.eval.harness", lambda tmp, m: [
+        "--tasks", "based_fda", "--model_args", f"pretrained={m}", "--metadata",
+        '{"context_length": 10, "answer_length": 50}'],
+        "--metadata context_length 10 leaves no room for the document's text: it must be more than --metadata "
+        "answer_length 50"),
+    "harness-based-fda-window-not-a-number": ("lmlab.eval.harness", lambda tmp, m: [
+        "--tasks", "based_fda", "--model_args", f"pretrained={m}", "--metadata",
+        '{"context_length": "abc", "answer_length": 50}'], "--metadata context_length 'abc': expected an integer"),
     "fda-context-shorter-than-answer": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--context_length", "40",
                                                                          "--answer_length", "50"],
                                         "--context_length 40 leaves no room for the document's text"),
@@ -846,7 +940,16 @@ ARGUMENT_FAULTS = {
     "fda-unknown-task": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "-t", "fda"], "invalid choice: 'fda'"),
     "fda-no-model": ("lmlab.eval.fda", lambda tmp, m: ["-t", "based_fda"], "required: -m/--model"),
     "fda-output-dir-a-file": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--output_dir", data_file(tmp, "f", b"")],
-                              "exists and is not a folder"),
+                              "--output_dir <tmp>/f: <tmp>/f is a file"),
+    "fda-model-folder-a-file": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--output_dir",
+                                                                 results_folder_taken(tmp, m)],
+                                "is a file, and the results go into the folder <tmp>/out/"),
+    "fda-device-unknown": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--device", "gpu"],
+                           "--device gpu: not a device of this machine"),
+    "fda-unknown-dtype": ("lmlab.eval.fda", lambda tmp, m: ["-m", str(m), "--dtype", "float33"],
+                          "--dtype float33: not a torch dtype"),
+    "fda-hub-id-offline": ("lmlab.eval.fda", lambda tmp, m: ["-m", "fla-hub/gla-340M-15B"],
+                           "-m fla-hub/gla-340M-15B: no such folder, and the Hugging Face Hub cannot be reached"),
     "report-missing-path": ("lmlab.eval.report", lambda tmp, m: [str(tmp / "no")], "no such file or folder"),
     "report-no-results": ("lmlab.eval.report", lambda tmp, m: [str(m)], "no results*.json in"),
     "report-csv-nowhere": ("lmlab.eval.report", lambda tmp, m: [str(m), "--csv", str(tmp / "no" / "t.csv")],
@@ -854,6 +957,8 @@ ARGUMENT_FAULTS = {
     "plot-a-model-folder": ("lmlab.plot", lambda tmp, m: [str(m)], "no metrics.jsonl, so not an lmlab dump folder"),
     "plot-missing-folder": ("lmlab.plot", lambda tmp, m: [str(tmp / "no")], "no such folder"),
     "plot-output-nowhere": ("lmlab.plot", lambda tmp, m: [str(m), "-o", str(tmp / "no" / "p.png")], "no folder"),
+    "plot-unknown-format": ("lmlab.plot", lambda tmp, m: [str(m), "-o", str(tmp / "p.xyz")],
+                            "-o <tmp>/p.xyz: matplotlib cannot write .xyz files (expected one of"),
     "convert-path-missing": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(tmp / "no")],
                              "no such folder"),
     "convert-empty-dump": ("lmlab.convert", lambda tmp, m: ["dcp-to-hf", "--path", str(m)], "no complete checkpoint"),
@@ -873,7 +978,7 @@ def test_every_command_refuses_impossible_arguments_in_one_line(name, tmp_path, 
     args = argv(tmp_path, model)
     before = sorted(tmp_path.rglob("*"))
     code, err = run_main(module, args, capsys)
-    check_one_line(code, err, problem)
+    check_one_line(code, err, problem.replace("<tmp>", str(tmp_path)))
     assert sorted(tmp_path.rglob("*")) == before
 
 

@@ -266,15 +266,16 @@ def test_data_parallel_ranks_give_the_one_process_results(work, tmp_path):
             compare(sample["resps"], ours, f"{task}[{sample['doc_id']}]")
 
 
-def test_launch_hf_parallel_runs_one_rank_per_gpu(monkeypatch):
+def test_launch_hf_parallel_runs_one_rank_per_gpu(work, monkeypatch):
     """`-p` with two GPUs runs the form the test above runs on CPU ranks."""
     from lmlab.eval import fda
 
     launched = []
     monkeypatch.setattr(fda.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(fda.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fda.subprocess, "run", lambda command, env: launched.append((command, env))
                         or subprocess.CompletedProcess(command, 3))
-    assert fda.main([*paper_args(PAPER_FDA, "exp/m"), "--device", "cuda"]) == 3  # the ranks' exit code
+    assert fda.main([*paper_args(PAPER_FDA, work["recurrent"]), "--device", "cuda"]) == 3  # the ranks' exit code
     [(command, env)] = launched
     assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
     assert command[5:7] == ["lmlab.eval.harness", "--model"]
@@ -421,3 +422,138 @@ def test_lm_eval_task_index_is_kept_between_commands(monkeypatch, tmp_path, capl
         assert another_installation.read_bytes() == b"kept"
     assert any("overrides existing task" in r.getMessage() and "alpha" in r.getMessage() for r in caplog.records)
     assert _index.TaskIndex.__dict__["build"] is original
+
+
+# --- bad input found before the model loads (tests/test_bad_inputs.py holds the table of impossible arguments) ---
+
+def last_line(capsys) -> str:
+    """The error line (lm-eval's log handlers, set up by an earlier in-process command, may write before it)."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def no_evaluation(monkeypatch) -> list:
+    """lm-eval's run replaced: the arguments it would have been given are recorded, nothing is evaluated."""
+    from lm_eval._cli.harness import HarnessCLI
+
+    given = []
+    monkeypatch.setattr(HarnessCLI, "execute", lambda self, args: given.append(args))
+    return given
+
+
+@pytest.mark.parametrize("command", ["harness", "launch_hf"])
+def test_cuda_on_a_machine_without_it_is_one_line_suggesting_cpu(work, command, monkeypatch, capsys):
+    """The paper's `--device cuda`, verbatim, where PyTorch sees no CUDA (torch asserted deep in the model load)."""
+    from lmlab.eval import fda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    no_evaluation(monkeypatch)
+    if command == "harness":
+        code = harness.main(["--model_args", f"pretrained={work['recurrent']}", "--tasks", "piqa", "--device", "cuda"])
+    else:
+        code = fda.main(["-m", work["recurrent"], "--device", "cuda"])
+    assert code == 2
+    line = last_line(capsys)
+    assert line.startswith("error: --device cuda: CUDA is not available on this machine") and line.endswith(
+        "; use --device cpu")
+
+
+@pytest.mark.parametrize("command, label", [("harness", "--model_args pretrained="), ("launch_hf", "-m ")])
+def test_a_hub_id_without_a_connection_is_one_line_naming_the_option(command, label, monkeypatch, capsys):
+    """Without HF_HUB_OFFLINE and without a connection (the hub's host cannot be reached), an uncached hub id is
+    the same line as offline, naming the option the user wrote, before lm-eval or transformers try the hub."""
+    import datasets
+    import huggingface_hub
+
+    from lmlab.eval import fda
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(harness, "unreachable_reason", lambda url: "cannot connect to huggingface.co: [Errno -3] "
+                                                                   "Temporary failure in name resolution")
+    no_evaluation(monkeypatch)
+    model = "fla-hub/transformer-1.3B-100B"
+    argv = ["--model_args", f"pretrained={model}", "--tasks", "piqa"] if command == "harness" else ["-m", model]
+    assert (harness.main if command == "harness" else fda.main)(argv) == 2
+    assert last_line(capsys) == (f"error: {label}{model}: no such folder, and the Hugging Face Hub cannot be reached "
+                                 "(cannot connect to huggingface.co: [Errno -3] Temporary failure in name resolution) "
+                                 "with no cached copy; pass a local model folder")
+
+
+def test_a_missing_data_folder_from_the_environment_names_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("LMLAB_EVAL_DATA", "/no/such/data")
+    assert harness.main(["--tasks", "piqa"]) == 2
+    assert last_line(capsys) == "error: LMLAB_EVAL_DATA=/no/such/data: no such folder"
+
+
+def test_paths_with_a_tilde_are_expanded_for_lm_eval_too(work, tmp_path, monkeypatch, capsys):
+    """`pretrained=~/m`, `--data_dir=~/data` and `--output_path=~/out` (no shell expands `~` after `=`) name the
+    home folder's, for lmlab's checks and lm-eval alike; task names are taken without the spaces around them."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(work["recurrent"], tmp_path / "m")
+    shutil.copytree(work["data"], tmp_path / "data")
+    given = no_evaluation(monkeypatch)
+    assert harness.main(["--model_args", "pretrained=~/m,tokenizer=~/m", "--tasks", "piqa, arc_easy",
+                         "--data_dir=~/data", "--output_path=~/out"]) == 0
+    [args] = given
+    assert args.model_args["pretrained"] == args.model_args["tokenizer"] == str(tmp_path / "m")
+    assert args.output_path == str(tmp_path / "out") and args.tasks == ["piqa", "arc_easy"]
+    assert f"lmlab: piqa reads {tmp_path}/data/piqa/validation.jsonl" in capsys.readouterr().err
+    from lmlab.eval import fda
+
+    monkeypatch.setattr(harness, "evaluate", lambda argv: given.append(argv) or 1)
+    assert fda.main(["-m", "~/m", "--output_dir", "~/out", "--data_dir", "~/data"]) == 1
+    argv = given[-1]
+    assert f"pretrained={tmp_path}/m," in argv[argv.index("--model_args") + 1]
+    assert argv[argv.index("--output_path") + 1] == str(tmp_path / "out")
+    assert argv[argv.index("--data_dir") + 1] == str(tmp_path / "data")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{"goal": "a", "sol1\n', "validation.jsonl:2: not a JSON line"),
+    (b'{"goal": "a", "sol1": "b", "label": 0}\n', "validation.jsonl:1: no field 'sol2' (the task reads goal, sol1, "
+                                                  "sol2, label)"),
+    (b'["open a jar"]\n', "validation.jsonl:1: not a JSON object (a row of goal, sol1, sol2, label)"),
+], ids=["malformed-line", "missing-field", "not-an-object"])
+def test_broken_local_task_data_is_one_line_naming_the_file(work, content, problem, tmp_path, monkeypatch, capsys):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "validation.jsonl").write_bytes(content)
+    no_evaluation(monkeypatch)
+    assert harness.main(["--model_args", f"pretrained={work['recurrent']}", "--tasks", "piqa",
+                         "--data_dir", str(tmp_path)]) == 2
+    assert last_line(capsys) == f"error: {tmp_path}/piqa/{problem}"
+
+
+def test_an_unknown_model_argument_is_one_line(work, capsys):
+    """Known only when the model is built (from_pretrained passes on what it does not know)."""
+    code = harness.main(["--model_args", f"pretrained={work['recurrent']},foo=1", "--tasks", "piqa", "--limit", "1",
+                         "--device", "cpu", "--data_dir", work["data"]])
+    assert code == 2
+    assert last_line(capsys) == ("error: --model_args foo=1: not an argument of the model (neither lm-eval's model "
+                                 "class nor its from_pretrained takes 'foo')")
+
+
+def test_based_fda_checks_its_window_where_it_computes_it(work):
+    from lmlab.errors import UserError
+
+    with pytest.raises(UserError, match="--metadata context_length 50 leaves no room"):
+        recall.BasedFDA(config={"metadata": {"context_length": 50, "answer_length": 50,
+                                             "pretrained": work["recurrent"]}})
+
+
+@pytest.mark.parametrize("fault, line", [(RuntimeError("boom"), "error: launch_hf.py failed unexpectedly (RuntimeError: "
+                                                                "boom); this is a bug in lmlab"),
+                                         (KeyboardInterrupt(), "error: launch_hf.py: interrupted (Ctrl-C)")])
+def test_launch_hf_names_itself_in_its_bug_and_ctrl_c_lines(work, fault, line, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from lmlab.eval import fda
+
+    def fail(*args):
+        raise fault
+
+    monkeypatch.setattr(harness, "run", fail)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert fda.main(["-m", work["recurrent"], "--output_dir", str(tmp_path / "out")]) in (1, 130)
+    assert last_line(capsys).startswith(line)

@@ -23,11 +23,13 @@ def test_report_table_and_csv(tmp_path, capsys):
               tmp_path / "dump_a" / "model.safetensors")
     steps = [{"step": 1, "tokens_seen": 1000}, {"step": 2, "tokens_seen": 2_500_000_000}]
     (tmp_path / "dump_a" / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
-    harness = {"wikitext": {"word_perplexity,none": 28.391},
+    # lm-eval writes "N/A" for the standard errors it cannot compute: no stderr, not a malformed file
+    harness = {"wikitext": {"word_perplexity,none": 28.391, "word_perplexity_stderr,none": "N/A"},
                "lambada_openai": {"perplexity,none": 42.69, "acc,none": 0.31}, "piqa": {"acc,none": 0.633},
                "hellaswag": {"acc_norm,none": 0.34, "acc,none": 0.3},
                "winogrande": {"acc,none": 0.504}, "arc_easy": {"acc,none": 0.445},
-               "arc_challenge": {"acc_norm,none": 0.242}, "swde": {"contains,none": 0.422},
+               "arc_challenge": {"acc_norm,none": 0.242},
+               "swde": {"contains,none": 0.422, "contains_stderr,none": "N/A"},
                "squad_completion": {"contains,none": 0.221}}
     write_result(tmp_path / "evals" / "old" / "results_1.json", a, {"piqa": {"acc,none": 0.1}}, date=1.0)
     write_result(tmp_path / "evals" / "new" / "results_2.json", a, harness, date=2.0)

@@ -10,6 +10,7 @@ import functools
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -217,15 +218,15 @@ def token_id_bound(tokenizer: PreTrainedTokenizerBase) -> int:
     return max((i for i in ids if isinstance(i, int)), default=-1) + 1
 
 
-def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, source: str) -> None:
-    """UserError unless every token id fits the model's embedding (`vocab_size` rows)."""
+def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, model: str,
+                fix: str | None = None) -> None:
+    """UserError unless every token id fits the model's embedding (`vocab_size` rows). `model`: where the config
+    came from, as the user named it (`--model.config x.json`); `fix`: what to do (default: a larger vocab_size)."""
     bound = token_id_bound(tokenizer)
     if bound > config.vocab_size:
-        raise UserError(
-            f"the tokenizer's token ids go up to {bound - 1} ({len(tokenizer)} tokens) but the model's vocab_size "
-            f"is {config.vocab_size} (--model.config {source}); raise vocab_size to at least {bound} in the model "
-            "config or use a matching tokenizer"
-        )
+        fix = fix or f"raise vocab_size to at least {bound} in the model config or use a matching tokenizer"
+        raise UserError(f"the tokenizer's token ids go up to {bound - 1} ({len(tokenizer)} tokens) but the model's "
+                        f"vocab_size is {config.vocab_size} ({model}); {fix}")
 
 
 def build_model(cfg: Model, *, vocab_size: int, device: torch.device) -> torch.nn.Module:
@@ -264,7 +265,8 @@ def load_tokenizer(cfg: Model) -> PreTrainedTokenizerBase:
     its largest token id, not its token count, must be below the config's vocab_size."""
     tokenizer = _load_tokenizer(cfg)
     if cfg.config is not None:
-        check_vocab(tokenizer, load_model_config(cfg.config, trust_remote_code=cfg.trust_remote_code), cfg.config)
+        check_vocab(tokenizer, load_model_config(cfg.config, trust_remote_code=cfg.trust_remote_code),
+                    f"--model.config {cfg.config}")
     return tokenizer
 
 
@@ -308,6 +310,12 @@ def check_model_folder(folder: Path, label: str, *, tokenizer: bool) -> None:
 
     if not folder.is_dir():
         raise UserError(f"{label}: {'not a folder' if folder.exists() else 'no such folder'}")
+    if (folder / ".metadata").is_file():  # a training checkpoint (DUMP/checkpoint/step-N): weights in DCP's format
+        step = re.fullmatch(r"step-(\d+)", folder.name)
+        where = (f"--path {folder.parent.parent} --step {step[1]}" if step and folder.parent.name == "checkpoint"
+                 else "--path DUMP --step N")
+        raise UserError(f"{label}: a DCP training checkpoint, not a Hugging Face model folder; "
+                        f"`lmlab convert dcp-to-hf {where} --output DIR` writes one from it to evaluate")
     config = folder / "config.json"
     if not config.is_file():
         raise UserError(f"{label}: no config.json, so not a Hugging Face model folder (a dump has one once "

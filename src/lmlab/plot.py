@@ -24,10 +24,19 @@ def run_labels(dumps: list[str | Path]) -> list[str]:
 
 
 def writable_output(output: str | Path) -> Path:
-    """The PNG's path, once its folder is known to exist (UserError otherwise)."""
-    output = Path(output)
+    """The image's path as matplotlib writes it (a name without a suffix gets ".png"), once its folder is known
+    to exist and its suffix a format matplotlib writes (UserError otherwise)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output = Path(output).expanduser()
     if not output.parent.is_dir():
         raise UserError(f"-o {output}: no folder {output.parent} to write it in")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if not output.suffix:
+        return output.with_name(output.name + ".png")
+    if output.suffix[1:].lower() not in formats:
+        raise UserError(f"-o {output}: matplotlib cannot write {output.suffix} files (expected one of "
+                        f"{', '.join('.' + name for name in formats)})")
     return output
 
 

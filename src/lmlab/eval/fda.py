@@ -37,7 +37,6 @@ from transformers import PreTrainedTokenizerBase
 from lmlab.errors import ArgumentParser, UserError, command
 from lmlab.eval import harness
 from lmlab.eval.lm import tokenizer_threads
-from lmlab.modeling import check_model_folder, is_local_path
 
 
 def keep_doc(doc: dict[str, Any]) -> bool:
@@ -97,22 +96,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def text_window(context_length: object, answer_length: object,
+                names: tuple[str, str] = ("--context_length", "--answer_length")) -> int:
+    """The prompt's window of text in tokens, `context_length - answer_length`; UserError (naming the options
+    as `names`) unless both are integers and the window is not empty. launch_hf.py's flags and based_fda's
+    `--metadata` (which may hold any JSON) go through it."""
+    for name, value in zip(names, (context_length, answer_length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} {value!r}: expected an integer number of tokens")
+    if answer_length < 1:
+        raise UserError(f"{names[1]} {answer_length}: expected an integer >= 1")
+    if context_length <= answer_length:
+        raise UserError(f"{names[0]} {context_length} leaves no room for the document's text: it must be "
+                        f"more than {names[1]} {answer_length} (the window is their difference)")
+    return context_length - answer_length
+
+
+def metadata_window(metadata: dict[str, Any]) -> int:
+    """based_fda's window from lm-eval's `--metadata` (default: the paper's 1000 - 50 tokens)."""
+    return text_window(metadata.get("context_length", 1000), metadata.get("answer_length", 50),
+                       ("--metadata context_length", "--metadata answer_length"))
+
+
 def check_arguments(args: argparse.Namespace) -> None:
-    """The window must leave room for the context, and the counts must be counts (before any model loads)."""
+    """The window must leave room for the context, the counts must be counts, the device and dtype usable, every
+    model loadable and its results' folder writable (before any model loads). Paths are taken with `~` expanded."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected an integer >= 1")
     if args.limit == 0 or args.limit < -1:
         raise UserError(f"--limit {args.limit}: expected -1 (all documents) or a count >= 1")
-    if args.answer_length < 1:
-        raise UserError(f"--answer_length {args.answer_length}: expected an integer >= 1")
-    if args.context_length <= args.answer_length:
-        raise UserError(f"--context_length {args.context_length} leaves no room for the document's text: it must be "
-                        f"more than --answer_length {args.answer_length} (the window is their difference)")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
+    text_window(args.context_length, args.answer_length)
+    harness.check_device(args.device)
+    harness.check_dtype(args.dtype, f"--dtype {args.dtype}")
+    args.output_dir = harness.expanded(args.output_dir)
+    args.data_dir = harness.local_data_dir(args.data_dir)
+    args.model = [harness.expanded(model) for model in args.model]
     for model in args.model:  # all of them before the first is evaluated
-        if is_local_path(model):
-            check_model_folder(Path(model).expanduser(), f"-m {model}", tokenizer=True)
+        harness.check_model_source(model, f"-m {model}", tokenizer=True)
+        harness.check_output_path(args.output_dir, model, "--output_dir")
 
 
 def harness_args(args: argparse.Namespace, model: str) -> list[str]:
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                        "-m", "lmlab.eval.harness", *hargs]
             code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
         else:
-            code = harness.main(hargs)
+            code = harness.evaluate(hargs)  # its errors are launch_hf.py's
         if code:
             return code
         out = Path(args.output_dir) / sanitize_model_name(model)

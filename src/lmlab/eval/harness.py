@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import math
 import os
 import re
 import sys
@@ -47,12 +49,13 @@ import huggingface_hub
 import lm_eval
 import torch
 import yaml
+from lm_eval.utils import sanitize_model_name
 
 import lmlab.models
 from lmlab.errors import UserError, command
 from lmlab.eval.bootstrap import vectorised_bootstrap
 from lmlab.eval.task_index import lm_eval_tasks_cached
-from lmlab.modeling import check_model_folder, is_local_path
+from lmlab.modeling import check_model_folder, check_vocab, is_local_path
 from lmlab.network import unreachable_reason
 
 DATA_ENV = "LMLAB_EVAL_DATA"
@@ -67,27 +70,34 @@ class TaskData:
     hub: str  # the dataset the task loads from the hub
     definition: Path  # the yaml that defines the task
     splits: tuple[str, ...]  # the task's splits, the evaluated one first
+    fields: tuple[str, ...]  # what the task reads from each row (README's "Offline data" table)
     folder: str = ""  # under --data_dir; default: the task's name
 
 
+ARC = ("question", "choices", "answerKey")
+RECALL = ("text", "value")
 TASKS = {
     "wikitext": TaskData("EleutherAI/wikitext_document_level", LM_EVAL_TASKS / "wikitext/wikitext.yaml",
-                         ("test", "train", "validation")),
+                         ("test", "train", "validation"), ("page",)),
     "lambada_openai": TaskData("EleutherAI/lambada_openai", LM_EVAL_TASKS / "lambada/lambada_openai.yaml",
-                               ("test",)),
-    "piqa": TaskData("baber/piqa", LM_EVAL_TASKS / "piqa/piqa.yaml", ("validation", "train")),
-    "hellaswag": TaskData("Rowan/hellaswag", LM_EVAL_TASKS / "hellaswag/hellaswag.yaml", ("validation", "train")),
+                               ("test",), ("text",)),
+    "piqa": TaskData("baber/piqa", LM_EVAL_TASKS / "piqa/piqa.yaml", ("validation", "train"),
+                     ("goal", "sol1", "sol2", "label")),
+    "hellaswag": TaskData("Rowan/hellaswag", LM_EVAL_TASKS / "hellaswag/hellaswag.yaml", ("validation", "train"),
+                          ("activity_label", "ctx_a", "ctx_b", "endings", "label")),
     "winogrande": TaskData("allenai/winogrande", LM_EVAL_TASKS / "winogrande/default.yaml",
-                           ("validation", "train")),
-    "arc_easy": TaskData("allenai/ai2_arc", LM_EVAL_TASKS / "arc/arc_easy.yaml", ("test", "train", "validation")),
+                           ("validation", "train"), ("sentence", "option1", "option2", "answer")),
+    "arc_easy": TaskData("allenai/ai2_arc", LM_EVAL_TASKS / "arc/arc_easy.yaml", ("test", "train", "validation"), ARC),
     "arc_challenge": TaskData("allenai/ai2_arc", LM_EVAL_TASKS / "arc/arc_challenge.yaml",
-                              ("test", "train", "validation")),
-    "squad_completion": TaskData("hazyresearch/based-squad", TASKS_DIR / "squad_completion.yaml", ("validation",)),
+                              ("test", "train", "validation"), ARC),
+    "squad_completion": TaskData("hazyresearch/based-squad", TASKS_DIR / "squad_completion.yaml", ("validation",),
+                                 RECALL),
     "squad_completion_stock": TaskData("hazyresearch/based-squad", TASKS_DIR / "squad_completion_stock.yaml",
-                                       ("validation",), "squad_completion"),
-    "swde": TaskData("hazyresearch/based-swde-v2", TASKS_DIR / "swde.yaml", ("validation",)),
-    "fda": TaskData("hazyresearch/based-fda", TASKS_DIR / "fda.yaml", ("validation",)),
-    "based_fda": TaskData("hazyresearch/based-fda", TASKS_DIR / "based_fda.yaml", ("validation",), "fda"),
+                                       ("validation",), RECALL, "squad_completion"),
+    "swde": TaskData("hazyresearch/based-swde-v2", TASKS_DIR / "swde.yaml", ("validation",), RECALL),
+    "fda": TaskData("hazyresearch/based-fda", TASKS_DIR / "fda.yaml", ("validation",), ("text", "key", "value")),
+    "based_fda": TaskData("hazyresearch/based-fda", TASKS_DIR / "based_fda.yaml", ("validation",),
+                          ("text", "key", "value"), "fda"),
 }
 
 
@@ -104,11 +114,43 @@ def write_local_tasks(data_dir: str, out: Path) -> None:
         if files[data.splits[0]] is None:
             continue
         found = {split: str(path) for split, path in files.items() if path is not None}
+        for path in found.values():
+            check_rows(Path(path), data.fields)
         override = {"task": task, "dataset_path": "parquet" if found[data.splits[0]].endswith(".parquet") else "json",
                     "dataset_name": None, "dataset_kwargs": {"data_files": found}}
         override |= {SPLIT_KEYS[split]: None for split, path in files.items() if path is None}
         (out / f"{task}.yaml").write_text(yaml.safe_dump({"include": str(data.definition), **override}))
         print(f"lmlab: {task} reads {', '.join(found.values())}", file=sys.stderr)
+
+
+def check_rows(path: Path, fields: tuple[str, ...]) -> None:
+    """UserError naming `path` (and the line or field) unless every row is a JSON object with the task's fields:
+    lm-eval would fail later without naming the file (datasets' DatasetGenerationError, a Jinja UndefinedError)."""
+    if path.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
+
+        try:
+            columns = pyarrow.parquet.read_schema(path).names
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: not a parquet file ({exc})") from None
+        missing = [name for name in fields if name not in columns]
+        if missing:
+            raise UserError(f"{path}: no column {missing[0]!r} (the task reads {', '.join(fields)})")
+        return
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:  # invalid JSON or UTF-8
+                raise UserError(f"{path}:{number}: not a JSON line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: not a JSON object (a row of {', '.join(fields)})")
+            missing = [name for name in fields if name not in row]
+            if missing:
+                raise UserError(f"{path}:{number}: no field {missing[0]!r} (the task reads {', '.join(fields)})")
 
 
 def missing_data(exc: OSError, tasks: list[str], data_dir: str | None) -> UserError | None:
@@ -200,36 +242,156 @@ def pop_option(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def check_arguments(args: Any, data_dir: str | None) -> None:
-    """What lm-eval would find out late or not at all, before a model or task loads: --limit and --batch_size
-    in range, --data_dir a folder, an `hf` model's local folder loadable (lmlab.modeling.check_model_folder)
-    and its lmlab model args (token_budget, state_memory_gib) valid."""
-    if not getattr(args, "tasks", None):
+# lm-eval's HF model class under lmlab's names (LmlabLM) and its own (`hf-stock`): the model args checked here
+HF_MODELS = ("hf", "hf-auto", "huggingface", "hf-stock")
+DTYPE_ARGS = ("dtype", "softmax_dtype", "mixed_precision_dtype")  # HFLM turns each into getattr(torch, value)
+MAX_LIMIT = 2**63 - 1  # lm-eval slices each task's documents with the count: a C integer
+
+
+def local_data_dir(flag: str | None) -> str | None:
+    """The local task data folder: `--data_dir` (`flag`), else $LMLAB_EVAL_DATA, `~` expanded; UserError naming
+    where it came from unless it is a folder (with a network, its tasks would quietly come from the hub)."""
+    label = f"--data_dir {flag}" if flag is not None else f"{DATA_ENV}={os.environ.get(DATA_ENV)}"
+    value = flag if flag is not None else os.environ.get(DATA_ENV)
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{label}: {'not a folder' if folder.exists() else 'no such folder'}")
+    return str(folder)
+
+
+def check_device(device: str | None) -> None:
+    """UserError unless `device` is one HFLM places the model on here: it falls back to another device silently
+    (`gpu`, `cpu:0`) and fails deep in torch for CUDA on a machine without it."""
+    if device is None:
+        return
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (PyTorch {torch.__version__} "
+                        "sees no CUDA device); use --device cpu")
+    valid = ["cpu"]  # HFLM's own list of devices, less those this machine lacks
+    if torch.cuda.is_available():
+        valid += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        valid += ["mps", "mps:0"]
+    for kind in ("npu", "xpu", "hpu"):
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            valid += [f"{kind}:{i}" for i in range(module.device_count())]
+    if device not in valid:
+        raise UserError(f"--device {device}: not a device of this machine (expected one of {', '.join(valid)})")
+
+
+def check_dtype(value: object, label: str) -> None:
+    """UserError unless `value` is "auto" or the name of a torch dtype (HFLM takes getattr(torch, value))."""
+    if value != "auto" and not isinstance(getattr(torch, str(value), None), torch.dtype):
+        raise UserError(f"{label}: not a torch dtype (expected e.g. float32, bfloat16, float16 or auto)")
+
+
+def check_model_source(model: str, label: str, *, tokenizer: bool) -> None:
+    """A model folder loadable (lmlab.modeling.check_model_folder), or a hub id that is cached or can be
+    downloaded now (`label`: the option as the user wrote it)."""
+    if is_local_path(model):
+        check_model_folder(Path(model).expanduser(), label, tokenizer=tokenizer)
+        return
+    if huggingface_hub.try_to_load_from_cache(model, "config.json") is None:
+        reason = hub_unreachable_reason()
+        if reason is not None:
+            raise UserError(f"{label}: no such folder, and the Hugging Face Hub cannot be reached ({reason}) with no "
+                            "cached copy; pass a local model folder")
+
+
+def check_output_path(output_path: str, model_name: str | None, label: str) -> None:
+    """UserError unless lm-eval can write its results where `output_path` says (EvaluationTracker: a path ending
+    in .json names files beside it, in its folder; any other path is a folder that gets a subfolder per model,
+    the model's name sanitized): lm-eval would evaluate everything, then only log that it could not save."""
+    path = Path(output_path)
+    folder = path.parent if path.suffix == ".json" else path / sanitize_model_name(model_name) if model_name else path
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise UserError(f"{label} {output_path}: {existing} is a file, and the results go into the folder "
+                                f"{folder}; name another path")
+            return
+
+
+def expanded(path: Any) -> Any:
+    """`~` expanded in a path given as text (lm-eval and transformers take it literally)."""
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
+def check_arguments(args: Any) -> None:
+    """What lm-eval would find out late, or not at all, before a model or task loads: task names, --limit,
+    --num_fewshot, --batch_size and --device in range, the results' folder writable, a known --model, and an HF
+    model's arguments: pretrained= a loadable folder (lmlab.modeling.check_model_folder) or a reachable hub id,
+    a tokenizer= whose ids fit the model, dtypes, lmlab's own (token_budget, state_memory_gib), based_fda's
+    window. Paths are taken with `~` expanded, for lm-eval too."""
+    # lm-eval splits --tasks at commas only: "piqa, arc_easy" would look for " arc_easy"
+    args.tasks = [task.strip() for task in getattr(args, "tasks", None) or []]
+    if not any(args.tasks):
         raise UserError("--tasks: no task named (e.g. --tasks piqa,arc_easy; `lm-eval ls tasks` lists them)")
-    if args.limit is not None and not args.limit > 0:
-        raise UserError(f"--limit {args.limit:g}: expected a count >= 1 or a fraction in (0, 1) of each task's documents")
+    if not all(args.tasks):
+        raise UserError(f"--tasks {','.join(args.tasks)}: an empty task name (a stray comma?)")
+    if args.limit is not None:
+        limit = args.limit
+        if not (0 < limit < 1 or math.isfinite(limit) and limit >= 1 and limit.is_integer()):
+            raise UserError(f"--limit {limit:g}: expected a count >= 1 or a fraction in (0, 1) of each task's "
+                            "documents")
+        if limit > MAX_LIMIT:
+            raise UserError(f"--limit {limit:g}: more documents than any task has; leave --limit out for all of them")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num_fewshot {args.num_fewshot}: expected a count >= 0 of examples")
     batch_size = str(getattr(args, "batch_size", 1))
     if not (batch_size.isdigit() and int(batch_size) >= 1 or re.fullmatch(r"auto(:[1-9]\d*)?", batch_size)):
         raise UserError(f"--batch_size {batch_size}: expected an integer >= 1, 'auto' or 'auto:N'")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UserError(f"--data_dir {data_dir}: no such folder")
-    model_args = args.model_args or {}
-    if (args.model or "hf") == "hf":
-        pretrained, tokenizer = model_args.get("pretrained"), model_args.get("tokenizer")
-        if isinstance(pretrained, str) and is_local_path(pretrained):
-            check_model_folder(Path(pretrained).expanduser(), f"--model_args pretrained={pretrained}",
-                               tokenizer=tokenizer is None)
-        elif isinstance(pretrained, str) and huggingface_hub.constants.HF_HUB_OFFLINE \
-                and huggingface_hub.try_to_load_from_cache(pretrained, "config.json") is None:
-            raise UserError(f"--model_args pretrained={pretrained}: no such folder, and the hub is offline "
-                            "(HF_HUB_OFFLINE) with no cached copy")
-        if isinstance(tokenizer, str) and is_local_path(tokenizer) and not Path(tokenizer).expanduser().is_dir():
-            raise UserError(f"--model_args tokenizer={tokenizer}: no such folder")
-        from lmlab.eval.lm import positive_gib, positive_tokens  # lmlab's own model args, checked as LmlabLM does
+    check_device(args.device)
+    import lm_eval.models  # noqa: F401  (registers lm-eval's model names)
+    from lm_eval.api.registry import model_registry
 
-        for name, check in (("token_budget", positive_tokens), ("state_memory_gib", positive_gib)):
-            if name in model_args:
-                check(model_args[name])
+    model, model_args = args.model or "hf", args.model_args or {}
+    if model not in model_registry:
+        raise UserError(f"--model {model}: no such model type (lm-eval's and lmlab's: "
+                        f"{', '.join(sorted(model_registry.keys()))})")
+    if model in HF_MODELS:
+        for key in ("pretrained", "tokenizer"):
+            if key in model_args:
+                model_args[key] = expanded(model_args[key])
+        check_hf_model_args(model_args)
+    if args.output_path:
+        from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+        args.output_path = expanded(args.output_path)
+        check_output_path(args.output_path, GeneralConfigTracker._get_model_name(model_args), "--output_path")
+    if "based_fda" in args.tasks:  # its window, before the model loads (the task checks it again when built)
+        from lmlab.eval.fda import metadata_window
+
+        metadata_window(args.metadata or {})
+
+
+def check_hf_model_args(model_args: dict[str, Any]) -> None:
+    """--model_args of lm-eval's HF model class (see check_arguments)."""
+    pretrained, tokenizer = model_args.get("pretrained"), model_args.get("tokenizer")
+    if not isinstance(pretrained, str):
+        raise UserError("--model_args: no pretrained=MODEL (a model folder or a hub id; e.g. "
+                        "--model_args pretrained=exp/mymodel,dtype=bfloat16)")
+    for key in DTYPE_ARGS:
+        if key in model_args:
+            check_dtype(model_args[key], f"--model_args {key}={model_args[key]}")
+    check_model_source(pretrained, f"--model_args pretrained={pretrained}", tokenizer=tokenizer is None)
+    if isinstance(tokenizer, str) and is_local_path(tokenizer):
+        if not Path(tokenizer).is_dir():
+            raise UserError(f"--model_args tokenizer={tokenizer}: no such folder")
+        if is_local_path(pretrained):  # its ids must fit the model's embedding, as train.sh checks
+            from transformers import AutoConfig, AutoTokenizer
+
+            check_vocab(AutoTokenizer.from_pretrained(tokenizer), AutoConfig.from_pretrained(pretrained),
+                        f"--model_args pretrained={pretrained}",
+                        f"--model_args tokenizer={tokenizer} is not the model's; name the tokenizer it was trained with")
+    from lmlab.eval.lm import positive_gib, positive_tokens  # lmlab's own model args, checked as LmlabLM does
+
+    for name, check in (("token_budget", positive_tokens), ("state_memory_gib", positive_gib)):
+        if name in model_args:
+            check(model_args[name])
 
 
 def _raise_user_error(message: str) -> NoReturn:
@@ -243,6 +405,18 @@ def lm_eval_user_error(exc: ValueError) -> UserError | None:
     if frames and "lm_eval/config/" in Path(frames[-1].filename).as_posix():
         return UserError(f"lm-eval: {exc}")
     return None
+
+
+def unknown_model_arg(exc: TypeError, model_args: dict[str, Any]) -> UserError | None:
+    """A --model_args key that neither lm-eval's model class nor the model's from_pretrained takes: the model
+    class's constructor refuses it ("got an unexpected keyword argument 'foo'"). Known only there, since
+    from_pretrained passes on what it does not know (config overrides, loading options)."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if match is None or match[1] not in model_args:
+        return None
+    key = match[1]
+    return UserError(f"--model_args {key}={model_args[key]}: not an argument of the model (neither lm-eval's model "
+                     f"class nor its from_pretrained takes {key!r})")
 
 
 def run(argv: list[str], data_dir: str | None) -> None:
@@ -261,7 +435,7 @@ def run(argv: list[str], data_dir: str | None) -> None:
     finally:
         sys.argv = saved
     if args.command == "run":
-        check_arguments(args, data_dir)
+        check_arguments(args)
     error = unreachable_data(getattr(args, "tasks", None) or [], data_dir)
     if error is not None:
         raise error
@@ -285,6 +459,11 @@ def run(argv: list[str], data_dir: str | None) -> None:
             raise error from None
         except ValueError as exc:
             error = lm_eval_user_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        except TypeError as exc:
+            error = unknown_model_arg(exc, getattr(args, "model_args", None) or {})
             if error is None:
                 raise
             raise error from None
@@ -333,10 +512,11 @@ def templates_compiled_once() -> Iterator[None]:
         utils.apply_template = original
 
 
-@command("python -m evals.harness")
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    data_dir = pop_option(argv, "--data_dir") or os.environ.get(DATA_ENV)
+def evaluate(argv: list[str]) -> int:
+    """The command's work, for `main` and for launch_hf.py, which runs it under its own name (its errors are
+    launch_hf.py's)."""
+    argv = list(argv)
+    data_dir = local_data_dir(pop_option(argv, "--data_dir"))
     try:
         with bars_throttled_in_logs(), templates_compiled_once(), vectorised_bootstrap(), lm_eval_tasks_cached():
             run(argv, data_dir)
@@ -345,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
             print(LMLAB_HELP)
         raise
     return 0
+
+
+@command("python -m evals.harness")
+def main(argv: list[str] | None = None) -> int:
+    return evaluate(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":  # for torchrun (launch_hf.py -p): python -m torch.distributed.run -m lmlab.eval.harness

@@ -74,7 +74,7 @@ class BasedFDA(FDA):
         # set before lm-eval's constructor, which already reads the documents
         meta = (config or {}).get("metadata", {})
         self.cutting_context = bool(meta.get("cutting_context", True))
-        self.window = int(meta.get("context_length", 1000)) - int(meta.get("answer_length", 50))
+        self.window = fda.metadata_window(meta)
         source = meta.get("tokenizer") or meta.get("pretrained")
         if self.cutting_context and not isinstance(source, str):
             raise UserError("based_fda measures its window with the model's tokenizer: pass "
