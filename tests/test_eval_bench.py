@@ -113,8 +113,9 @@ def test_divergence_finds_where_two_generations_part_and_the_margin_there(tiny_m
     assert part["leaves"] == "theirs" and part["step"] == 3 and part["ranks"] == {"ours": 0, "theirs": 1}
 
 
-def test_eval_bench_runs_fda_in_the_asked_dtype(tiny_model, tmp_path):
+def test_eval_bench_runs_fda_in_the_asked_dtype(tiny_model, tmp_path, monkeypatch):
     """launch_hf.py defaults to bfloat16 on a GPU: a float32 comparison must ask for float32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # launch_hf.py checks --device cuda
     for dtype in ("float32", "bfloat16"):
         argv = eval_bench.fda_command(tiny_model, tmp_path / "out", 1, 5, "cuda", dtype)
         assert eval_bench.fda.parse_args(argv).dtype == dtype

@@ -525,6 +525,17 @@ def test_broken_local_task_data_is_one_line_naming_the_file(work, content, probl
     assert last_line(capsys) == f"error: {tmp_path}/piqa/{problem}"
 
 
+def test_few_shot_examples_never_come_from_the_evaluated_split(work, tmp_path, monkeypatch, capsys):
+    """Local data without piqa's train split: lm-eval would draw the examples from validation, the hub never."""
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "validation.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n')
+    no_evaluation(monkeypatch)
+    assert harness.main(["--model_args", f"pretrained={work['recurrent']}", "--tasks", "piqa", "--num_fewshot", "1",
+                         "--data_dir", str(tmp_path)]) == 2
+    assert last_line(capsys) == (f"error: --num_fewshot 1: piqa takes its examples from its train split, and "
+                                 f"{tmp_path}/piqa has no train.jsonl or train.parquet; add it, or use --num_fewshot 0")
+
+
 def test_an_unknown_model_argument_is_one_line(work, capsys):
     """Known only when the model is built (from_pretrained passes on what it does not know)."""
     code = harness.main(["--model_args", f"pretrained={work['recurrent']},foo=1", "--tasks", "piqa", "--limit", "1",

@@ -33,7 +33,8 @@ def test_report_table_and_csv(tmp_path, capsys):
                "squad_completion": {"contains,none": 0.221}}
     write_result(tmp_path / "evals" / "old" / "results_1.json", a, {"piqa": {"acc,none": 0.1}}, date=1.0)
     write_result(tmp_path / "evals" / "new" / "results_2.json", a, harness, date=2.0)
-    write_result(tmp_path / "fda_out" / "results_3.json", a, {"based_fda": {"contains,none": 0.214}}, date=3.0)
+    # the same model written another way: one row
+    write_result(tmp_path / "fda_out" / "results_3.json", a + "/", {"based_fda": {"contains,none": 0.214}}, date=3.0)
     write_result(tmp_path / "b.json", b, {"piqa": {"acc,none": 0.5}, "fda": {"contains,none": 0.1}}, date=4.0,
                  params=373_900_000)
 

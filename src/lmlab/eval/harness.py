@@ -123,6 +123,18 @@ def write_local_tasks(data_dir: str, out: Path) -> None:
         print(f"lmlab: {task} reads {', '.join(found.values())}", file=sys.stderr)
 
 
+def check_fewshot_data(tasks: list[str], data_dir: str, num_fewshot: int) -> None:
+    """UserError for a task read from `data_dir` whose few-shot examples come from a train split it lacks: lm-eval
+    would draw them from the evaluated split instead, which a run on the hub's data never does."""
+    for task in tasks:
+        data = TASKS.get(task)
+        if data and "train" in data.splits and local_file(data_dir, task, data.splits[0]) \
+                and not local_file(data_dir, task, "train"):
+            folder = Path(data_dir) / (data.folder or task)
+            raise UserError(f"--num_fewshot {num_fewshot}: {task} takes its examples from its train split, and "
+                            f"{folder} has no train.jsonl or train.parquet; add it, or use --num_fewshot 0")
+
+
 def check_rows(path: Path, fields: tuple[str, ...]) -> None:
     """UserError naming `path` (and the line or field) unless every row is a JSON object with the task's fields:
     lm-eval would fail later without naming the file (datasets' DatasetGenerationError, a Jinja UndefinedError)."""
@@ -436,6 +448,8 @@ def run(argv: list[str], data_dir: str | None) -> None:
         sys.argv = saved
     if args.command == "run":
         check_arguments(args)
+        if data_dir and args.num_fewshot:
+            check_fewshot_data(args.tasks, data_dir, args.num_fewshot)
     error = unreachable_data(getattr(args, "tasks", None) or [], data_dir)
     if error is not None:
         raise error

@@ -1,9 +1,9 @@
 """`lmlab report RESULTS... [--csv PATH]`: one Markdown table row per model, in the paper's column order.
 
 RESULTS are lm-eval results JSON files or folders searched for `results*.json` (`python -m evals.harness
---output_path`, `launch_hf.py --output_dir`, a dump folder). A model is its `pretrained` model argument;
-when several files hold the same task for a model, the newest (lm-eval's `date`) counts, and a line on stderr
-says which file that is and which it replaced.
+--output_path`, `launch_hf.py --output_dir`, a dump folder). A model is its `pretrained` model argument (`run/`
+and `./run` are `run`); when several files hold the same task for a model, the newest (lm-eval's `date`)
+counts, and a line on stderr says which file that is and which it replaced.
 Columns: Wiki ppl (word_perplexity), LMB ppl, LMB acc, PIQA acc, Hella acc_norm, Wino acc, ARC-e acc,
 ARC-c acc_norm, Avg (mean of those six accuracies), SWDE, SQuAD (squad_completion), FDA (based_fda, the
 JRT protocol; lm-eval's `fda` marked "*" when only that was run) — `contains`; accuracies in %.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,12 @@ def result_files(paths: list[str]) -> list[Path]:
 
 
 def model_name(result: dict[str, Any]) -> str:
+    """The model a results file is of: its `pretrained` argument, written one way (`run/` and `./run` are `run`)."""
     args = result.get("config", {}).get("model_args")
     if isinstance(args, str):  # older lm-eval: "pretrained=...,dtype=..."
         args = dict(item.split("=", 1) for item in args.split(",") if "=" in item)
-    return (args or {}).get("pretrained") or result.get("model_name") or "?"
+    name = (args or {}).get("pretrained") or result.get("model_name")
+    return os.path.normpath(name) if isinstance(name, str) else "?"
 
 
 def read_result(path: Path) -> dict[str, Any]:
