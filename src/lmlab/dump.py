@@ -106,6 +106,9 @@ def check_dump_contents(cfg: JobConfig) -> None:
         raise UserError(f"--job.dump_folder {cfg.job.dump_folder} holds {named}, which no lmlab run wrote (no "
                         f"{RECORD_NAME}): this run would replace them; choose an empty or new folder")
     if cfg.job.overwrite:
+        if cfg.checkpoint.load_step >= 0:
+            raise UserError(f"--job.overwrite starts over (it deletes the dump's checkpoints) but "
+                            f"--checkpoint.load_step {cfg.checkpoint.load_step} resumes from one; drop one of them")
         return
     if record.is_file():
         try:
@@ -172,11 +175,6 @@ def prepare_dump_folder(cfg: JobConfig, dist: Dist) -> Path:
     """Check the paths and what the dump holds (`check_dump_contents`), then create the dump folder (train()
     records the config once it starts). Deletes nothing: `--job.overwrite`'s deletion is `clear_previous_run`."""
     dump = Path(cfg.job.dump_folder)
-    if cfg.job.overwrite and cfg.checkpoint.load_step >= 0:
-        raise UserError(
-            f"--job.overwrite starts over (it deletes the dump's checkpoints) but --checkpoint.load_step "
-            f"{cfg.checkpoint.load_step} resumes from one; drop one of them"
-        )
     if dist.is_main:
         check_dump_contents(cfg)
         try:
