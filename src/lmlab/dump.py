@@ -97,9 +97,9 @@ def check_dump_contents(cfg: JobConfig) -> None:
     - without --job.overwrite, that run is this one (the same model and data config), and one that saved
       weights (checkpoints or an export) is resumed, not started over: checkpointing on, a complete step to
       load, not past --training.steps."""
-    dump = Path(cfg.job.dump_folder).resolve()
+    dump, paths = Path(cfg.job.dump_folder).resolve(), dump_paths(cfg)
     _check_placement(cfg, dump)
-    outputs = _run_outputs(cfg, dump)
+    outputs = _run_outputs(paths, dump)
     record = dump / RECORD_NAME
     if outputs and not record.is_file():
         named = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
@@ -119,7 +119,7 @@ def check_dump_contents(cfg: JobConfig) -> None:
         if difference:
             raise UserError(f"{dump} holds a different run ({difference}; see {record}); use another "
                             "--job.dump_folder, or --job.overwrite to start over there")
-    checkpoints = dump_paths(cfg)["--checkpoint.folder"]
+    checkpoints = paths["--checkpoint.folder"]
     steps = complete_steps(checkpoints)
     load_step = cfg.checkpoint.load_step
     if load_step >= 0:
@@ -160,10 +160,9 @@ def _check_placement(cfg: JobConfig, dump: Path) -> None:
                             "subfolders: the run's outputs would become data; choose a folder outside it")
 
 
-def _run_outputs(cfg: JobConfig, dump: Path) -> list[str]:
+def _run_outputs(paths: dict[str, Path], dump: Path) -> list[str]:
     """The files and folders of `dump` that a run writes (checkpoints, metrics, tensorboard events, the HF
-    export), as paths relative to it."""
-    paths = dump_paths(cfg)
+    export; `paths`: `dump_paths`), as paths relative to it."""
     found = [paths["the metrics file"], *(dump / name for name in HF_EXPORT_FILES)]
     found += sorted(paths["--metrics.save_tb_folder"].glob(_TB_EVENTS))
     checkpoints = paths["--checkpoint.folder"]
