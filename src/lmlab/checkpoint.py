@@ -246,7 +246,7 @@ def _model_config_json(model: nn.Module) -> str | None:
 def complete_steps(folder: Path) -> list[int]:
     """The steps of the complete checkpoints in `folder`, oldest first: `step-N` directories with DCP's
     `.metadata` and a readable lmlab.json of step N (see `incomplete_reason`)."""
-    return sorted(step for step, path in _step_dirs(folder) if incomplete_reason(path, step) is None)
+    return sorted(step for step, path in step_dirs(folder) if incomplete_reason(path, step) is None)
 
 
 def load_step_problem(folder: Path, step: int) -> str | None:
@@ -288,7 +288,8 @@ def check_same_model(path: Path, model: nn.Module) -> None:
         )
 
 
-def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
+def step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N` directory in `folder`, complete or not."""
     if not folder.is_dir():
         return []
     found = ((_STEP_DIR.fullmatch(p.name), p) for p in folder.iterdir() if p.is_dir())
@@ -462,7 +463,7 @@ class Checkpointer:
         what is wrong with it) and DCP checkpoints that other programs wrote (`load` refuses those)."""
         for leftover in self.folder.glob(f"*{TMP_SUFFIX}") if self.folder.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
-        for step, path in _step_dirs(self.folder):
+        for step, path in step_dirs(self.folder):
             reason = incomplete_reason(path, step)
             if reason is None or step == self.cfg.load_step or _foreign(path) or dumplock.holds_a_run(path):
                 continue  # another run's dump folder is never an incomplete save of this one's
@@ -595,7 +596,7 @@ class Checkpointer:
             )
         steps = [] if fresh else self.steps()
         if not fresh:
-            for _, path in _step_dirs(self.folder):
+            for _, path in step_dirs(self.folder):
                 if _foreign(path):
                     raise UserError(
                         f"{path} is a checkpoint that lmlab did not write (no {META_FILE}; e.g. flame's): move it out "

@@ -15,14 +15,13 @@ metrics.jsonl and the HF export's files. Nothing else in the dump, and nothing o
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tomllib
 from pathlib import Path
 
 from lmlab import dumplock
 from lmlab.checkpoint import (
-    TMP_SUFFIX, complete_steps, free_space, load_step_problem, nearest_existing, read_metadata,
+    TMP_SUFFIX, complete_steps, free_space, load_step_problem, nearest_existing, read_metadata, step_dirs,
 )
 from lmlab.config import RECORD_NAME, JobConfig
 from lmlab.distributed import Dist
@@ -33,7 +32,6 @@ LOGS = "logs"  # train.sh tees each rank's output there
 # What write_hf puts into the dump (config, weights, the tokenizer files save_pretrained writes).
 HF_EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-_STEP = re.compile(r"step-\d+")
 _TB_EVENTS = "events.out.tfevents.*"
 
 
@@ -166,7 +164,7 @@ def _run_outputs(paths: dict[str, Path], dump: Path) -> list[str]:
     found = [paths["the metrics file"], *(dump / name for name in HF_EXPORT_FILES)]
     found += sorted(paths["--metrics.save_tb_folder"].glob(_TB_EVENTS))
     checkpoints = paths["--checkpoint.folder"]
-    found += sorted(p for p in checkpoints.iterdir() if _STEP.fullmatch(p.name)) if checkpoints.is_dir() else []
+    found += [path for _, path in sorted(step_dirs(checkpoints))]
     return [str(path.relative_to(dump)) for path in found if path.exists()]
 
 
@@ -206,8 +204,8 @@ def clear_previous_run(cfg: JobConfig, dist: Dist) -> None:
                 for leftover in checkpoints.glob(f"*{TMP_SUFFIX}"):
                     if leftover.is_dir() and not leftover.is_symlink():
                         shutil.rmtree(leftover)
-                for old in sorted(checkpoints.iterdir()):
-                    if old.is_dir() and not old.is_symlink() and _STEP.fullmatch(old.name):
+                for _, old in sorted(step_dirs(checkpoints)):
+                    if not old.is_symlink():
                         shutil.rmtree(old.rename(old.with_name(old.name + ".deleted" + TMP_SUFFIX)))
             for name in HF_EXPORT_FILES:  # the weights first: a half-deleted export is no loadable model
                 (dump / name).unlink(missing_ok=True)
